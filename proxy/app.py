@@ -1,0 +1,108 @@
+"""Wires the stages and owns the long-lived objects (client pool, key caches, tunnel) through the
+ASGI lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from .auth import AuthService
+from .config import Settings
+from .cors import Cors
+from .ops.admin import AdminApp
+from .ops.metrics import Metrics
+from .pipeline import Pipeline
+from .relay.headers import HeaderPolicy
+from .relay.http import Forwarder
+from .relay.upstream import new_session
+from .relay.websocket import Tunnel
+from .routing import RouteTable
+from .types import Receive, Scope, Send
+
+log = logging.getLogger("authproxy.app")
+
+
+class App:
+    """The sidecar: the public ASGI app (with lifespan) and its admin app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        # Everything that can fail on a bad configuration is built here, before serving.
+        self.headers = HeaderPolicy(settings)
+        self.routes = RouteTable(settings.routes)
+        self.cors = Cors(settings, self.metrics)
+        self.forwarder = Forwarder(settings.upstream.url, settings.server.max_body_bytes,
+                                   self.headers)
+        self.admin = AdminApp(self.metrics, self.readiness)
+        self.pipeline: Pipeline | None = None
+        self.auth: AuthService | None = None
+        self.tunnel: Tunnel | None = None
+        self.started = False
+        self.draining = False
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "started": self.started,
+            "keys_loaded": self.auth is not None and self.auth.ready,
+            "not_draining": not self.draining,
+        }
+
+    def begin_drain(self) -> None:
+        """SIGTERM: readiness fails, new requests get 503, WebSockets close after the drain."""
+        self.draining = True
+        if self.pipeline is not None:
+            self.pipeline.draining = True
+        if self.tunnel is not None:
+            self.tunnel.begin_drain()
+
+    async def startup(self) -> None:
+        session = new_session(self.settings.upstream)
+        self.forwarder.session = session
+        self.auth = AuthService(self.settings, self.metrics, session)
+        await self.auth.start()
+        self.tunnel = Tunnel(self.settings, self.metrics, self.auth, self.headers)
+        await self.tunnel.start()
+        self.pipeline = Pipeline(
+            self.settings, routes=self.routes, cors=self.cors, auth=self.auth,
+            headers=self.headers, forwarder=self.forwarder, tunnel=self.tunnel,
+            metrics=self.metrics,
+        )
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.auth.reload_keys)
+        self.started = True
+
+    async def shutdown(self) -> None:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.tunnel is not None:
+            await self.tunnel.stop()
+        if self.auth is not None:
+            await self.auth.stop()
+        if self.forwarder.session is not None:
+            await self.forwarder.session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        assert self.pipeline is not None, "the lifespan has not started"
+        await self.pipeline(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("startup failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

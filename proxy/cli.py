@@ -1,0 +1,107 @@
+"""The `authproxy` command: serve, check-config, hash-key, explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from . import config
+from .errors import ConfigError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="authproxy", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the sidecar")
+    serve.add_argument("--config", help="config file (default: $AUTHPROXY_CONFIG, ./config.toml)")
+
+    check = commands.add_parser("check-config", help="validate a config and summarise it")
+    check.add_argument("--config")
+
+    hash_key = commands.add_parser("hash-key", help="make an API key (or hash KEY) and its record")
+    hash_key.add_argument("key", nargs="?", help="an existing key to hash (default: a new one)")
+    hash_key.add_argument("--id", default="my-key", help="the key id for the TOML record")
+
+    explain = commands.add_parser("explain", help="show how a request would be judged")
+    explain.add_argument("--config")
+    explain.add_argument("method")
+    explain.add_argument("target", help="path with optional query, e.g. /api/models?x=1")
+    explain.add_argument("-H", "--header", action="append", default=[],
+                         help="'Name: value' (repeatable)")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config)
+        if args.command == "check-config":
+            return _check_config(args.config)
+        if args.command == "hash-key":
+            return _hash_key(args.key, args.id)
+        if args.command == "explain":
+            return _explain(args.config, args.method, args.target, args.header)
+    except ConfigError as exc:
+        print(f"authproxy: config error: {exc}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def _check_config(path: str | None) -> int:
+    from .app import App
+
+    settings = config.load(path)
+    App(settings)  # builds every stage: secrets present, policies compile
+    print(f"config OK: {path or config.default_path()}")
+    print(f"  listen {settings.server.listen}, admin {settings.admin.listen}, "
+          f"upstream {settings.upstream.url}")
+    print(f"  routes ({len(settings.routes)}):")
+    for i, r in enumerate(settings.routes):
+        methods = ",".join(r.methods) if r.methods else "*"
+        auth = "public" if r.public else " | ".join(r.auth)
+        scopes = f" scopes={' '.join(r.scopes)}" if r.scopes else ""
+        optional = " (optional)" if r.auth_optional else ""
+        print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}")
+    providers = settings.auth.jwt.providers
+    print(f"  jwt providers ({len(providers)}): "
+          + (", ".join(f"{p.name} ({p.issuer}; {', '.join(p.algorithms)})" for p in providers)
+             or "none"))
+    keys = settings.auth.api_keys
+    print(f"  api keys: {len(keys.keys)} inline"
+          + (f", file {keys.keys_file}" if keys.keys_file else "")
+          + f", header {keys.header}")
+    print(f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
+          f" (credentials {'on' if settings.cors.allow_credentials else 'off'})")
+    return 0
+
+
+def _hash_key(key: str | None, key_id: str) -> int:
+    from .auth.apikeys import key_record, new_key
+
+    if key is None:
+        key = new_key()
+        print(f"key (give this to the client; it is not stored anywhere): {key}")
+    print(key_record(key_id, key))
+    return 0
+
+
+def _explain(path: str | None, method: str, target: str, raw_headers: list[str]) -> int:
+    from .ops.explain import explain
+
+    settings = config.load(path)
+    headers = []
+    for h in raw_headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise ConfigError("-H", f"expected 'Name: value', got {h!r}")
+        headers.append((name.strip(), value.strip()))
+    ok, report = asyncio.run(explain(settings, method.upper(), target, headers))
+    print(report)
+    return 0 if ok else 1
+
+
+def _serve(path: str | None) -> int:
+    from .server import serve
+
+    return serve(config.load(path))

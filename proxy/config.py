@@ -1,0 +1,614 @@
+"""The settings tree: `config.toml` plus `AUTHPROXY__*` overrides, validated once, immutable after.
+
+`load(path)` is the only entry point. Every problem becomes a `ConfigError` whose message is one line
+naming the key, e.g. ``routes[2].auth: unknown method 'jtw'``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import ConfigError
+
+ENV_PREFIX = "AUTHPROXY__"
+AUTH_METHODS = ("jwt", "api_key")
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 9110 header name / method
+_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected 'host:port', got {value!r}")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """`'127.0.0.1:8000'` -> `('127.0.0.1', 8000)`; `'[::1]:8000'` -> `('::1', 8000)`."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class ServerSettings(_Frozen):
+    """The public listener."""
+
+    listen: HostPort = "127.0.0.1:8000"
+    trusted_proxies: tuple[str, ...] = ()
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
+    preserve_host: bool = False
+    graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, cidr in enumerate(value):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"[{i}] is not a CIDR: {cidr!r}") from None
+        return value
+
+    def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return tuple(ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies)
+
+
+class AdminSettings(_Frozen):
+    """The admin listener: /healthz, /readyz, /metrics."""
+
+    listen: HostPort = "127.0.0.1:8001"
+
+
+class UpstreamSettings(_Frozen):
+    """Where requests go."""
+
+    url: str = "http://127.0.0.1:9000"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    read_timeout_s: float = Field(default=60.0, gt=0)
+    max_connections: int = Field(default=256, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        if parts.query or parts.fragment or parts.username:
+            raise ValueError("the upstream URL may not carry a query, fragment or userinfo")
+        return value.rstrip("/")
+
+
+class CorsSettings(_Frozen):
+    """Cross-origin policy; a route may carry its own, merged over this one."""
+
+    allow_origins: tuple[str, ...] = ()
+    allow_credentials: bool = False
+    allow_methods: tuple[str, ...] = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+    allow_headers: tuple[str, ...] = ()
+    expose_headers: tuple[str, ...] = ()
+    max_age_s: int = Field(default=600, ge=0)
+    allow_private_network: bool = False
+    reject_disallowed_origins: bool = True
+    log_refusals: Literal["debug", "info", "warning", "off"] = "info"
+
+    @field_validator("allow_methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for m in value:
+            if m != "*" and not _TOKEN.match(m):
+                raise ValueError(f"not an HTTP method: {m!r}")
+        return tuple(m.upper() for m in value)
+
+    @field_validator("allow_headers", "expose_headers")
+    @classmethod
+    def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for h in value:
+            if h != "*" and not _TOKEN.match(h):
+                raise ValueError(f"not a header name: {h!r}")
+        return value
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for i, origin in enumerate(value):
+            if origin in ("*", "null"):
+                continue
+            parts = urlsplit(origin)
+            host = parts.hostname or ""
+            if (
+                parts.scheme not in ("http", "https")
+                or not host
+                or parts.path not in ("", "/")
+                or parts.query
+                or parts.fragment
+                or parts.username is not None
+                or ("*" in host and not (host.startswith("*.") and "*" not in host[2:]))
+            ):
+                raise ValueError(
+                    f"[{i}] {origin!r} is not an origin (scheme://host[:port], "
+                    "optionally scheme://*.domain)"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _wildcard_with_credentials(self) -> CorsSettings:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError(
+                "allow_origins = ['*'] cannot be combined with allow_credentials = true "
+                "(browsers refuse it); list the origins"
+            )
+        return self
+
+
+class JwtProviderSettings(_Frozen):
+    """One trusted token issuer."""
+
+    name: str = Field(min_length=1)
+    issuer: str = Field(min_length=1)
+    audiences: tuple[str, ...] = Field(min_length=1)
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    public_key_file: str | None = None
+    secret_env: str | None = None
+    algorithms: tuple[str, ...] = Field(min_length=1)
+    leeway_s: int = Field(default=30, ge=0, le=600)
+    required_claims: tuple[str, ...] = ()
+    max_lifetime_s: int | None = Field(default=None, gt=0)
+    typ: str | None = None
+    claim_headers: dict[str, str] = {}
+    scope_claim: str | None = None
+    jwks_refresh_s: float = Field(default=300.0, ge=5)
+    jwks_min_refresh_s: float = Field(default=30.0, ge=0)
+    jwks_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for alg in value:
+            if alg.lower() == "none":
+                raise ValueError("'none' is never accepted")
+            if alg not in HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS:
+                known = ", ".join(sorted(HMAC_ALGORITHMS | ASYMMETRIC_ALGORITHMS))
+                raise ValueError(f"unknown algorithm {alg!r} (known: {known})")
+        hs = set(value) & HMAC_ALGORITHMS
+        if hs and set(value) - HMAC_ALGORITHMS:
+            raise ValueError(
+                "a provider may not mix HS* with asymmetric algorithms (algorithm confusion)"
+            )
+        return value
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _jwks_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("claim_headers")
+    @classmethod
+    def _claim_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for header in value:
+            if not _TOKEN.match(header):
+                raise ValueError(f"not a header name: {header!r}")
+            if header.lower().startswith("x-auth-"):
+                raise ValueError(f"{header!r}: X-Auth-* headers are set by the sidecar itself")
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtProviderSettings:
+        sources = [
+            k for k in ("jwks_url", "jwks_file", "public_key_file", "secret_env")
+            if getattr(self, k) is not None
+        ]
+        if len(sources) != 1:
+            raise ValueError(
+                "exactly one of jwks_url, jwks_file, public_key_file, secret_env is required"
+                + (f" (got {', '.join(sources)})" if sources else "")
+            )
+        hmac = set(self.algorithms) <= HMAC_ALGORITHMS
+        if self.secret_env is not None and not hmac:
+            raise ValueError("secret_env is for HS* algorithms only")
+        if self.secret_env is None and hmac:
+            raise ValueError("HS* algorithms need secret_env (a shared secret)")
+        return self
+
+
+class JwtSettings(_Frozen):
+    """JWT verification."""
+
+    providers: tuple[JwtProviderSettings, ...] = ()
+    max_token_bytes: int = Field(default=8192, ge=256)
+    cache_size: int = Field(default=10_000, ge=0)
+
+    @model_validator(mode="after")
+    def _unique(self) -> JwtSettings:
+        for attr in ("name", "issuer"):
+            seen: set[str] = set()
+            for p in self.providers:
+                if getattr(p, attr) in seen:
+                    raise ValueError(f"two providers share the {attr} {getattr(p, attr)!r}")
+                seen.add(getattr(p, attr))
+        return self
+
+
+class ApiKeySettings(_Frozen):
+    """One API key, stored as the SHA-256 of the key."""
+
+    id: str = Field(min_length=1)
+    sha256: str
+    scopes: tuple[str, ...] = ()
+    expires: datetime | None = None
+    disabled: bool = False
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("expected 64 hex digits (the SHA-256 of the key; see authproxy hash-key)")
+        return value.lower()
+
+    @field_validator("expires")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone offset, e.g. 2027-01-01T00:00:00Z")
+        return value.astimezone(UTC) if value else None
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_scopes(value)
+
+
+class ApiKeysSettings(_Frozen):
+    """API keys: inline and/or from `keys_file` (a TOML file of `[[keys]]`)."""
+
+    header: str = "X-API-Key"
+    keys: tuple[ApiKeySettings, ...] = ()
+    keys_file: str | None = None
+    watch_interval_s: float = Field(default=2.0, ge=0)
+
+    @field_validator("header")
+    @classmethod
+    def _header(cls, value: str) -> str:
+        if not _TOKEN.match(value):
+            raise ValueError(f"not a header name: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> ApiKeysSettings:
+        _unique_key_ids(self.keys)
+        return self
+
+
+class AuthSettings(_Frozen):
+    """Authentication methods."""
+
+    jwt: JwtSettings = Field(default_factory=JwtSettings)
+    api_keys: ApiKeysSettings = Field(default_factory=ApiKeysSettings)
+    forward_credentials: bool = False
+    token_cookie: str | None = None
+
+
+class RouteSettings(_Frozen):
+    """One `[[routes]]` entry: first match wins."""
+
+    path: str
+    methods: tuple[str, ...] = ()
+    auth: tuple[str, ...]
+    scopes: tuple[str, ...] = ()
+    auth_optional: bool = False
+    cors: CorsSettings | None = None
+    websocket: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") and value != "*":
+            raise ValueError(f"must start with '/', got {value!r}")
+        if "*" in value[:-1]:
+            raise ValueError(f"'*' is only allowed at the end, got {value!r}")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for m in value:
+            if not _TOKEN.match(m):
+                raise ValueError(f"not an HTTP method: {m!r}")
+        return tuple(m.upper() for m in value)
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth(cls, value: Any) -> tuple[str, ...]:
+        if value == "public":
+            return ("public",)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple) or not value:
+            raise ValueError('expected "public" or a non-empty list of methods, e.g. ["jwt"]')
+        for method in value:
+            if method == "public":
+                raise ValueError('"public" cannot be combined with other methods')
+            if method not in AUTH_METHODS:
+                raise ValueError(
+                    f"unknown method {method!r} (known: public, {', '.join(AUTH_METHODS)})"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return tuple(value)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return _check_scopes(value)
+
+    @property
+    def public(self) -> bool:
+        return self.auth == ("public",)
+
+    @model_validator(mode="after")
+    def _public_without_scopes(self) -> RouteSettings:
+        if self.public and self.scopes:
+            raise ValueError("a public route cannot require scopes")
+        return self
+
+
+class WebSocketSettings(_Frozen):
+    """WebSocket tunnel limits."""
+
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1)
+    idle_timeout_s: float = Field(default=0.0, ge=0)  # 0: no idle timeout
+    max_connection_lifetime_s: float = Field(default=0.0, ge=0)  # 0: unlimited
+    max_connections: int = Field(default=10_000, ge=1)
+    max_connections_per_identity: int = Field(default=0, ge=0)  # 0: unlimited
+    drain_s: float = Field(default=5.0, ge=0)
+    ping_interval_s: float = Field(default=20.0, ge=0)
+    queue_messages: int = Field(default=16, ge=1)
+
+
+class IdentitySettings(_Frozen):
+    """How the caller's identity is told to the upstream."""
+
+    sign: bool = False
+    secret_env: str | None = None
+
+    @model_validator(mode="after")
+    def _secret(self) -> IdentitySettings:
+        if self.sign and not self.secret_env:
+            raise ValueError("sign = true needs secret_env (the name of the shared secret's variable)")
+        return self
+
+
+class LoggingSettings(_Frozen):
+    """Log output: JSON lines on stdout."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+
+class Settings(_Frozen):
+    """The whole configuration."""
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    upstream: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    cors: CorsSettings = Field(default_factory=CorsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    routes: tuple[RouteSettings, ...] = ()
+    websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _methods_configured(self) -> Settings:
+        for i, route in enumerate(self.routes):
+            if "jwt" in route.auth and not self.auth.jwt.providers:
+                raise _KeyedError(f"routes[{i}].auth", "uses 'jwt' but no [[auth.jwt.providers]]")
+        if self.server.listen == self.admin.listen:
+            raise _KeyedError("admin.listen", "must differ from server.listen")
+        return self
+
+
+class _KeyedError(ValueError):
+    """A cross-field error that knows its full key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _check_scopes(value: tuple[str, ...]) -> tuple[str, ...]:
+    for s in value:
+        if not _SCOPE.match(s):
+            raise ValueError(f"not a scope token: {s!r}")
+    return value
+
+
+def _unique_key_ids(keys: tuple[ApiKeySettings, ...]) -> None:
+    seen: set[str] = set()
+    for key in keys:
+        if key.id in seen:
+            raise ValueError(f"two keys share the id {key.id!r}")
+        seen.add(key.id)
+
+
+# --- loading -----------------------------------------------------------------------------------
+
+
+def _env_value(raw: str) -> Any:
+    """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Apply `AUTHPROXY__SECTION__KEY=value` overrides (list items by index: `ROUTES__0__AUTH`)."""
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name == "AUTHPROXY_CONFIG":
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "malformed override name")
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            key: Any = int(part) if part.isdigit() and isinstance(node, list) else part
+            if isinstance(node, list):
+                if not isinstance(key, int) or key >= len(node):
+                    raise ConfigError(name, f"no list item {part!r} to override")
+            elif not isinstance(node, dict):
+                raise ConfigError(name, f"{'.'.join(parts[:depth])} is not a table")
+            if last:
+                node[key] = _env_value(environ[name])
+            else:
+                if isinstance(node, dict) and key not in node:
+                    node[key] = {}
+                node = node[key]
+    return data
+
+
+def _merge_route_cors(data: dict[str, Any]) -> None:
+    """A route's `cors` table inherits every key it does not set from the global `[cors]`."""
+    base = data.get("cors", {})
+    routes = data.get("routes", [])
+    if not isinstance(base, dict) or not isinstance(routes, list):
+        return
+    for route in routes:
+        if isinstance(route, dict) and isinstance(route.get("cors"), dict):
+            route["cors"] = {**base, **route["cors"]}
+
+
+def _key(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "tagged-", "list[", "tuple[", "literal[")):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(error["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if kind in ("string_type", "int_type", "int_parsing", "float_type", "float_parsing",
+                "bool_type", "bool_parsing", "tuple_type", "list_type", "dict_type",
+                "model_type", "datetime_type", "datetime_parsing", "datetime_from_date_parsing"):
+        msg += f" (got {error.get('input')!r})"
+    return msg
+
+
+def from_dict(data: Mapping[str, Any]) -> Settings:
+    """Validate a parsed document; errors become one-line `ConfigError`s."""
+    raw = _deepcopy(dict(data))
+    _merge_route_cors(raw)
+    try:
+        return Settings.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        ctx_error = error.get("ctx", {}).get("error")
+        if isinstance(ctx_error, _KeyedError):
+            raise ConfigError(ctx_error.key, ctx_error.message) from None
+        raise ConfigError(_key(tuple(error["loc"])) or "config", _message(error)) from None
+
+
+def _deepcopy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _deepcopy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deepcopy(v) for v in value]
+    return value
+
+
+def default_path(environ: Mapping[str, str] | None = None) -> str:
+    """`$AUTHPROXY_CONFIG`, then `./config.toml`."""
+    environ = os.environ if environ is None else environ
+    return environ.get("AUTHPROXY_CONFIG") or "config.toml"
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is a `ConfigError`."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file not found") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read, override from the environment, validate. The result never changes."""
+    environ = os.environ if environ is None else environ
+    path = path or default_path(environ)
+    data = apply_env(read_toml(path), environ)
+    settings = from_dict(data)
+    # Relative file paths in the config are relative to the config file, not the working directory.
+    return _resolve_paths(settings, Path(path).resolve().parent)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str((base / p) if not os.path.isabs(p) else Path(p))
+
+    providers = tuple(
+        p.model_copy(update={"jwks_file": rel(p.jwks_file),
+                             "public_key_file": rel(p.public_key_file)})
+        for p in settings.auth.jwt.providers
+    )
+    jwt = settings.auth.jwt.model_copy(update={"providers": providers})
+    api_keys = settings.auth.api_keys.model_copy(
+        update={"keys_file": rel(settings.auth.api_keys.keys_file)}
+    )
+    auth = settings.auth.model_copy(update={"jwt": jwt, "api_keys": api_keys})
+    return settings.model_copy(update={"auth": auth})
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,23 @@
+"""Who the caller is, as decided by authentication; travels through the pipeline unchanged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated caller."""
+
+    method: Literal["jwt", "api_key"]
+    subject: str
+    scopes: frozenset[str] = frozenset()
+    issuer: str | None = None
+    # Unix time after which the credential is no longer valid (JWT `exp`, API key `expires`);
+    # a WebSocket authenticated with it is closed then.
+    expires_at: float | None = None
+    # The JWT provider's name or the API key's id: what a revocation is announced under.
+    credential_id: str | None = None
+    # Extra upstream headers mapped from claims (`claim_headers`), already validated names.
+    claim_headers: tuple[tuple[str, str], ...] = ()

@@ -1,0 +1,149 @@
+"""What crosses the hop: request headers to the upstream, response headers to the client.
+
+Removed both ways: hop-by-hop headers (RFC 9110 7.6.1) and every header the `Connection` header
+names. Removed from requests: whatever a client could use to impersonate someone to the upstream
+(`X-Auth-*`, the configured claim headers, forwarding headers from untrusted peers) and credentials
+unless `auth.forward_credentials`. Then the sidecar adds its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+from collections.abc import Iterable
+
+from ..config import Settings
+from ..errors import ConfigError
+from ..identity import Identity
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
+        b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"http2-settings",
+    }
+)
+_FORWARDING = frozenset(
+    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
+     b"forwarded", b"x-real-ip"}
+)
+# Handshake headers that belong to one WebSocket hop; the tunnel negotiates its own upstream.
+WEBSOCKET_HANDSHAKE = frozenset(
+    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
+     b"sec-websocket-protocol", b"sec-websocket-accept"}
+)
+SIGNATURE_HEADER = "X-Auth-Signature"
+
+
+def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    """Header names listed in any `Connection` header, lower-cased."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return named
+
+
+def identity_signature(secret: bytes, request_id: str, identity: Identity | None) -> str:
+    """HMAC-SHA256 over the identity headers and request id, hex; see README "Signed identity"."""
+    if identity is None:
+        fields = [request_id, "", "", "", ""]
+    else:
+        fields = [
+            request_id, identity.method, identity.subject, " ".join(sorted(identity.scopes)),
+            identity.issuer or "",
+        ]
+    message = "\n".join(fields).encode("utf-8")
+    return "v1=" + hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+class HeaderPolicy:
+    """The header rules, compiled once from the settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._trusted = settings.server.trusted_networks()
+        self._preserve_host = settings.server.preserve_host
+        drop = set(HOP_BY_HOP) | _FORWARDING | {b"host", b"x-request-id", b"expect"}
+        if not settings.auth.forward_credentials:
+            drop |= {b"authorization", settings.auth.api_keys.header.lower().encode()}
+        for provider in settings.auth.jwt.providers:
+            drop |= {h.lower().encode() for h in provider.claim_headers}
+        self._drop = frozenset(drop)
+        self._drop_ws = self._drop | WEBSOCKET_HANDSHAKE
+        self._secret: bytes | None = None
+        if settings.identity.sign:
+            env = settings.identity.secret_env or ""
+            secret = os.environ.get(env)
+            if not secret:
+                raise ConfigError("identity.secret_env", f"environment variable {env} is not set")
+            self._secret = secret.encode()
+
+    def trusted(self, peer: str | None) -> bool:
+        if not self._trusted or not peer:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in net for net in self._trusted)
+
+    def upstream_request(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        peer: str | None,
+        scheme: str,
+        request_id: str,
+        identity: Identity | None,
+        websocket: bool = False,
+    ) -> list[tuple[str, str]]:
+        """The headers sent upstream, as latin-1 strings for the HTTP client."""
+        drop = self._drop_ws if websocket else self._drop
+        named = connection_named(headers)
+        trusted = self.trusted(peer)
+        out: list[tuple[str, str]] = []
+        host = xff = xfp = xfh = None
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            if name in drop or name in named or name.startswith(b"x-auth-"):
+                if trusted:
+                    if name == b"x-forwarded-for":
+                        xff = value if xff is None else xff + b", " + value
+                    elif name == b"x-forwarded-proto":
+                        xfp = value
+                    elif name == b"x-forwarded-host":
+                        xfh = value
+                    elif name in (b"forwarded", b"x-real-ip", b"x-forwarded-port"):
+                        out.append((name.decode("latin-1"), value.decode("latin-1")))
+                continue
+            out.append((name.decode("latin-1"), value.decode("latin-1")))
+        client = peer or ""
+        out.append(("x-forwarded-for", f"{xff.decode('latin-1')}, {client}" if xff else client))
+        out.append(("x-forwarded-proto", xfp.decode("latin-1") if xfp else scheme))
+        if xfh or host:
+            out.append(("x-forwarded-host", (xfh or host or b"").decode("latin-1")))
+        if self._preserve_host and host:
+            out.append(("host", host.decode("latin-1")))
+        out.append(("x-request-id", request_id))
+        if identity is not None:
+            out.append(("x-auth-subject", identity.subject))
+            out.append(("x-auth-method", identity.method))
+            out.append(("x-auth-scopes", " ".join(sorted(identity.scopes))))
+            if identity.issuer:
+                out.append(("x-auth-issuer", identity.issuer))
+            out.extend(identity.claim_headers)
+        if self._secret is not None:
+            out.append((SIGNATURE_HEADER, identity_signature(self._secret, request_id, identity)))
+        return out
+
+    @staticmethod
+    def downstream_response(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """The upstream's response headers without hop-by-hop ones, names lower-cased."""
+        pairs = [(name.lower(), value) for name, value in headers]
+        named = connection_named(pairs)
+        return [
+            (name, value) for name, value in pairs
+            if name not in HOP_BY_HOP and name not in named and name != b"x-request-id"
+        ]

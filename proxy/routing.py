@@ -1,0 +1,54 @@
+"""The route table: ordered `[[routes]]`, first match wins, compiled at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import RouteSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route."""
+
+    index: int
+    settings: RouteSettings
+    prefix: str | None  # "/api/" for "/api/*"; None for an exact pattern
+    exact: str | None
+    methods: frozenset[str]  # empty: every method
+
+    @property
+    def name(self) -> str:
+        return f"routes[{self.index}] {self.settings.path}"
+
+    def matches(self, path: str, method: str) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.prefix is not None:
+            return path.startswith(self.prefix)
+        return path == self.exact
+
+
+class RouteTable:
+    """Finds the first route matching a judged path and method."""
+
+    def __init__(self, routes: tuple[RouteSettings, ...]) -> None:
+        compiled = []
+        for i, r in enumerate(routes):
+            # "/api/*" matches "/api/" and everything below it, not "/api" itself; "*" everything.
+            prefix = r.path[:-1] if r.path.endswith("*") else None
+            if r.path == "*":
+                prefix = "/"
+            methods = set(r.methods)
+            if "GET" in methods:
+                methods.add("HEAD")  # RFC 9110 9.3.2: HEAD is GET without the body
+            compiled.append(
+                Route(i, r, prefix, None if prefix is not None else r.path, frozenset(methods))
+            )
+        self.routes: tuple[Route, ...] = tuple(compiled)
+
+    def match(self, path: str, method: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(path, method):
+                return route
+        return None

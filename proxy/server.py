@@ -1,0 +1,88 @@
+"""Runs the app on uvicorn: the public listener and the admin listener in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Generator
+from types import FrameType
+from typing import Any
+
+import uvicorn
+import uvloop
+
+from .app import App
+from .config import Settings, split_listen
+from .ops import logs
+
+
+class QuietServer(uvicorn.Server):
+    """The admin server: the public server owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+class DrainingServer(uvicorn.Server):
+    """The public server: on SIGTERM or SIGINT the app starts draining before uvicorn closes."""
+
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.should_exit:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
+        super().handle_exit(sig, frame)
+
+
+def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvicorn.Config]:
+    """The public and admin listeners' uvicorn configurations."""
+    host, port = split_listen(settings.server.listen)
+    admin_host, admin_port = split_listen(settings.admin.listen)
+    ws = settings.websocket
+    # uvicorn's own proxy-headers handling trusts 127.0.0.1; forwarding headers are decided in
+    # relay/headers.py against server.trusted_proxies instead.
+    common: dict[str, Any] = dict(
+        loop="none", http="httptools", proxy_headers=False, server_header=False,
+        date_header=False, log_config=None, access_log=False,
+    )
+    public = uvicorn.Config(
+        app, host=host, port=port, lifespan="on", ws="websockets-sansio",
+        ws_max_size=ws.max_message_bytes,
+        ws_ping_interval=ws.ping_interval_s or None, ws_ping_timeout=ws.ping_interval_s or None,
+        timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
+        h11_max_incomplete_event_size=settings.server.max_header_bytes,
+        **common,
+    )
+    admin = uvicorn.Config(app.admin, host=admin_host, port=admin_port, lifespan="off",
+                           ws="none", **common)
+    return public, admin
+
+
+def serve(settings: Settings) -> int:
+    """Serve until SIGTERM/SIGINT; in-flight requests finish, new ones are refused."""
+    logs.configure(settings.logging.level)
+    app = App(settings)
+    public_config, admin_config = uvicorn_configs(app, settings)
+    public = DrainingServer(public_config, app.begin_drain)
+    admin = QuietServer(admin_config)
+
+    async def run() -> None:
+        admin_task = asyncio.create_task(admin.serve())
+        try:
+            await public.serve()
+        finally:
+            admin.should_exit = True
+            await admin_task
+
+    logging.getLogger("authproxy").info(
+        "authproxy starting",
+        extra={"fields": {"listen": settings.server.listen, "admin": settings.admin.listen,
+                          "upstream": settings.upstream.url}},
+    )
+    uvloop.run(run())
+    return 0 if public.started else 1

@@ -1,0 +1,50 @@
+"""The route table: first match wins, exact and trailing-* patterns, methods."""
+
+from __future__ import annotations
+
+from proxy import config
+from proxy.routing import RouteTable
+
+
+def table(*routes: dict[str, object]) -> RouteTable:
+    return RouteTable(config.from_dict({"routes": list(routes)}).routes)
+
+
+def test_first_match_wins() -> None:
+    t = table({"path": "/api/admin/*", "auth": ["api_key"]},
+              {"path": "/api/*", "auth": "public"})
+    first = t.match("/api/admin/users", "GET")
+    second = t.match("/api/models", "GET")
+    assert first is not None and first.index == 0
+    assert second is not None and second.index == 1
+
+
+def test_prefix_pattern_covers_below_not_the_bare_prefix() -> None:
+    t = table({"path": "/api/*", "auth": "public"})
+    assert t.match("/api/", "GET") is not None
+    assert t.match("/api/a/b/c", "GET") is not None
+    assert t.match("/api", "GET") is None
+    assert t.match("/apix/y", "GET") is None
+
+
+def test_exact_pattern_matches_only_itself() -> None:
+    t = table({"path": "/ws", "auth": "public"})
+    assert t.match("/ws", "GET") is not None
+    assert t.match("/ws/", "GET") is None
+    assert t.match("/wsx", "GET") is None
+
+
+def test_star_alone_matches_everything() -> None:
+    t = table({"path": "*", "auth": "public"})
+    assert t.match("/anything/at/all", "DELETE") is not None
+
+
+def test_methods_restrict_and_get_implies_head() -> None:
+    t = table({"path": "/api/*", "methods": ["get"], "auth": "public"})
+    assert t.match("/api/x", "GET") is not None
+    assert t.match("/api/x", "HEAD") is not None
+    assert t.match("/api/x", "POST") is None
+
+
+def test_no_route_is_none() -> None:
+    assert table().match("/", "GET") is None
