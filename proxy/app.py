@@ -34,8 +34,9 @@ class App:
         self.headers = HeaderPolicy(settings)
         self.routes = RouteTable(settings.routes)
         self.cors = Cors(settings, self.metrics)
-        self.forwarder = Forwarder(settings.upstream.url, settings.server.max_body_bytes,
-                                   self.headers)
+        self.forwarder = Forwarder(
+            settings.upstream.url, settings.server.max_body_bytes, self.headers
+        )
         self.admin = AdminApp(self.metrics, self.readiness)
         self.pipeline: Pipeline | None = None
         self.auth: AuthService | None = None
@@ -66,8 +67,13 @@ class App:
         self.tunnel = Tunnel(self.settings, self.metrics, self.auth, self.headers)
         await self.tunnel.start()
         self.pipeline = Pipeline(
-            self.settings, routes=self.routes, cors=self.cors, auth=self.auth,
-            headers=self.headers, forwarder=self.forwarder, tunnel=self.tunnel,
+            self.settings,
+            routes=self.routes,
+            cors=self.cors,
+            auth=self.auth,
+            headers=self.headers,
+            forwarder=self.forwarder,
+            tunnel=self.tunnel,
             metrics=self.metrics,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

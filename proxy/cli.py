@@ -29,8 +29,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument("--config")
     explain.add_argument("method")
     explain.add_argument("target", help="path with optional query, e.g. /api/models?x=1")
-    explain.add_argument("-H", "--header", action="append", default=[],
-                         help="'Name: value' (repeatable)")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], help="'Name: value' (repeatable)"
+    )
 
     args = parser.parse_args(argv)
     try:
@@ -54,8 +55,10 @@ def _check_config(path: str | None) -> int:
     settings = config.load(path)
     App(settings)  # builds every stage: secrets present, policies compile
     print(f"config OK: {path or config.default_path()}")
-    print(f"  listen {settings.server.listen}, admin {settings.admin.listen}, "
-          f"upstream {settings.upstream.url}")
+    print(
+        f"  listen {settings.server.listen}, admin {settings.admin.listen}, "
+        f"upstream {settings.upstream.url}"
+    )
     print(f"  routes ({len(settings.routes)}):")
     for i, r in enumerate(settings.routes):
         methods = ",".join(r.methods) if r.methods else "*"
@@ -64,15 +67,23 @@ def _check_config(path: str | None) -> int:
         optional = " (optional)" if r.auth_optional else ""
         print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}")
     providers = settings.auth.jwt.providers
-    print(f"  jwt providers ({len(providers)}): "
-          + (", ".join(f"{p.name} ({p.issuer}; {', '.join(p.algorithms)})" for p in providers)
-             or "none"))
+    print(
+        f"  jwt providers ({len(providers)}): "
+        + (
+            ", ".join(f"{p.name} ({p.issuer}; {', '.join(p.algorithms)})" for p in providers)
+            or "none"
+        )
+    )
     keys = settings.auth.api_keys
-    print(f"  api keys: {len(keys.keys)} inline"
-          + (f", file {keys.keys_file}" if keys.keys_file else "")
-          + f", header {keys.header}")
-    print(f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
-          f" (credentials {'on' if settings.cors.allow_credentials else 'off'})")
+    print(
+        f"  api keys: {len(keys.keys)} inline"
+        + (f", file {keys.keys_file}" if keys.keys_file else "")
+        + f", header {keys.header}"
+    )
+    print(
+        f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
+        f" (credentials {'on' if settings.cors.allow_credentials else 'off'})"
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 """The settings tree: `config.toml` plus `AUTHPROXY__*` overrides, validated once, immutable after.
 
-`load(path)` is the only entry point. Every problem becomes a `ConfigError` whose message is one line
-naming the key, e.g. ``routes[2].auth: unknown method 'jtw'``.
+`load(path)` is the only entry point. Every problem becomes a `ConfigError` whose message is one
+line naming the key, e.g. ``routes[2].auth: unknown method 'jtw'``.
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ class JwtProviderSettings(_Frozen):
     @model_validator(mode="after")
     def _one_key_source(self) -> JwtProviderSettings:
         sources = [
-            k for k in ("jwks_url", "jwks_file", "public_key_file", "secret_env")
+            k
+            for k in ("jwks_url", "jwks_file", "public_key_file", "secret_env")
             if getattr(self, k) is not None
         ]
         if len(sources) != 1:
@@ -275,7 +276,9 @@ class ApiKeySettings(_Frozen):
     @classmethod
     def _sha256(cls, value: str) -> str:
         if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-            raise ValueError("expected 64 hex digits (the SHA-256 of the key; see authproxy hash-key)")
+            raise ValueError(
+                "expected 64 hex digits (the SHA-256 of the key; see authproxy hash-key)"
+            )
         return value.lower()
 
     @field_validator("expires")
@@ -407,7 +410,9 @@ class IdentitySettings(_Frozen):
     @model_validator(mode="after")
     def _secret(self) -> IdentitySettings:
         if self.sign and not self.secret_env:
-            raise ValueError("sign = true needs secret_env (the name of the shared secret's variable)")
+            raise ValueError(
+                "sign = true needs secret_env (the name of the shared secret's variable)"
+            )
         return self
 
 
@@ -481,7 +486,7 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
     for name in sorted(environ):
         if not name.startswith(ENV_PREFIX) or name == "AUTHPROXY_CONFIG":
             continue
-        parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
         if not all(parts):
             raise ConfigError(name, "malformed override name")
         node: Any = data
@@ -534,10 +539,23 @@ def _message(error: Any) -> str:
     msg = str(error["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
-            msg = msg[len(prefix):]
-    if kind in ("string_type", "int_type", "int_parsing", "float_type", "float_parsing",
-                "bool_type", "bool_parsing", "tuple_type", "list_type", "dict_type",
-                "model_type", "datetime_type", "datetime_parsing", "datetime_from_date_parsing"):
+            msg = msg[len(prefix) :]
+    if kind in (
+        "string_type",
+        "int_type",
+        "int_parsing",
+        "float_type",
+        "float_parsing",
+        "bool_type",
+        "bool_parsing",
+        "tuple_type",
+        "list_type",
+        "dict_type",
+        "model_type",
+        "datetime_type",
+        "datetime_parsing",
+        "datetime_from_date_parsing",
+    ):
         msg += f" (got {error.get('input')!r})"
     return msg
 
@@ -598,8 +616,9 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         return None if p is None else str((base / p) if not os.path.isabs(p) else Path(p))
 
     providers = tuple(
-        p.model_copy(update={"jwks_file": rel(p.jwks_file),
-                             "public_key_file": rel(p.public_key_file)})
+        p.model_copy(
+            update={"jwks_file": rel(p.jwks_file), "public_key_file": rel(p.public_key_file)}
+        )
         for p in settings.auth.jwt.providers
     )
     jwt = settings.auth.jwt.model_copy(update={"providers": providers})

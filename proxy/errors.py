@@ -1,7 +1,7 @@
 """The one exception hierarchy of authproxy, and the one place that renders it.
 
     ConfigError                 a bad configuration: names the key, never served to a client
-    ProxyError                  anything the sidecar answers itself (JSON error body, or a close code)
+    ProxyError                  what the sidecar answers itself (JSON error body, or a close code)
      ├── BadRequest             400 bad_request
      ├── Unauthorized           401 unauthorized (+ WWW-Authenticate on JWT routes)
      ├── Forbidden              403 forbidden
@@ -113,7 +113,8 @@ class InsufficientScope(Forbidden):
                 "insufficient_scope", message, scope=" ".join(required)
             )
         super().__init__(
-            message, details={"missing_scopes": missing, "required_scopes": required},
+            message,
+            details={"missing_scopes": missing, "required_scopes": required},
             headers=headers,
         )
 
@@ -173,13 +174,16 @@ class GatewayTimeout(ProxyError):
 
 def _quote(value: str) -> str:
     # RFC 6750 auth-param values are quoted-strings: drop what cannot appear inside one.
-    return '"' + value.replace("\\", "").replace('"', "'").replace("\r", " ").replace(
-        "\n", " "
-    ) + '"'
+    return (
+        '"' + value.replace("\\", "").replace('"', "'").replace("\r", " ").replace("\n", " ") + '"'
+    )
 
 
 def bearer_challenge(
-    error: str | None, description: str | None = None, *, scope: str | None = None,
+    error: str | None,
+    description: str | None = None,
+    *,
+    scope: str | None = None,
     realm: str | None = None,
 ) -> str:
     """A `WWW-Authenticate: Bearer ...` value (RFC 6750 section 3)."""

@@ -70,8 +70,9 @@ class Request:
                 if _SANE_REQUEST_ID.match(candidate):
                     request_id = candidate
             elif name == b"content-length":
-                if not value.isdigit() or (r.content_length is not None
-                                           and r.content_length != int(value)):
+                if not value.isdigit() or (
+                    r.content_length is not None and r.content_length != int(value)
+                ):
                     raise BadRequest("invalid Content-Length")
                 r.content_length = int(value)
             elif name == b"access-control-request-method":
@@ -123,12 +124,14 @@ class Pipeline:
 
     async def _authenticate(self, scope: Scope, r: Request, *, websocket: bool) -> None:
         assert r.route is not None
-        r.credentials = self.auth.extract(r.headers, scope.get("query_string", b""),
-                                          websocket=websocket)
+        r.credentials = self.auth.extract(
+            r.headers, scope.get("query_string", b""), websocket=websocket
+        )
         r.identity = await self.auth.authenticate(r.route.settings, r.credentials)
 
-    def _log(self, scope: Scope, r: Request, status: int, exchange: Exchange | None,
-             **extra: Any) -> None:
+    def _log(
+        self, scope: Scope, r: Request, status: int, exchange: Exchange | None, **extra: Any
+    ) -> None:
         duration = time.perf_counter() - r.started
         route = r.route.name if r.route else "-"
         self.metrics.requests.labels(route, str(status)).inc()
@@ -171,19 +174,20 @@ class Pipeline:
         policy: CorsPolicy | None = None
         exchange = Exchange()
         try:
-            preflight = (method == "OPTIONS" and r.origin is not None
-                         and r.acr_method is not None)
+            preflight = method == "OPTIONS" and r.origin is not None and r.acr_method is not None
             try:
                 r.path, r.raw_path = judge_path(scope.get("raw_path") or scope["path"].encode())
-                r.route = self.routes.match(r.path, r.acr_method if preflight else method)
+                r.route = self.routes.match(
+                    r.path, (r.acr_method or method) if preflight else method
+                )
                 policy = self.cors.policy(r.route.index if r.route else None)
                 if preflight:
                     assert r.origin is not None and r.acr_method is not None
-                    headers = policy.preflight(r.origin, r.acr_method, r.acr_headers,
-                                               r.acr_private_network)
+                    headers = policy.preflight(
+                        r.origin, r.acr_method, r.acr_headers, r.acr_private_network
+                    )
                     headers.append((b"x-request-id", r.request_id.encode()))
-                    await send({"type": "http.response.start", "status": 204,
-                                "headers": headers})
+                    await send({"type": "http.response.start", "status": 204, "headers": headers})
                     await send({"type": "http.response.body", "body": b""})
                     exchange.status = 204
                     return
@@ -192,13 +196,17 @@ class Pipeline:
                 if self.draining:
                     raise ServiceUnavailable("the sidecar is shutting down", retry_after_s=5)
                 if r.route is None:
-                    raise NotFound("no route matches this path",
-                                   details={"path": r.path, "method": method})
+                    raise NotFound(
+                        "no route matches this path", details={"path": r.path, "method": method}
+                    )
                 await self._authenticate(scope, r, websocket=False)
                 assert r.credentials is not None
                 upstream_headers = self.headers.upstream_request(
-                    r.headers, peer=_peer(scope), scheme=scope["scheme"],
-                    request_id=r.request_id, identity=r.identity,
+                    r.headers,
+                    peer=_peer(scope),
+                    scheme=scope["scheme"],
+                    request_id=r.request_id,
+                    identity=r.identity,
                 )
                 origin = r.origin
                 request_id = r.request_id.encode()
@@ -209,9 +217,14 @@ class Pipeline:
                     return cors.response_headers(origin, h)
 
                 await self.forwarder.forward(
-                    scope, receive, send, raw_path=r.raw_path,
-                    query=r.credentials.clean_query, headers=upstream_headers,
-                    content_length=r.content_length, response_headers=response_headers,
+                    scope,
+                    receive,
+                    send,
+                    raw_path=r.raw_path,
+                    query=r.credentials.clean_query,
+                    headers=upstream_headers,
+                    content_length=r.content_length,
+                    response_headers=response_headers,
                     exchange=exchange,
                 )
             except ProxyError as exc:
@@ -219,21 +232,29 @@ class Pipeline:
                 if exc.status >= 500:
                     self.metrics.upstream_errors.labels(exc.details.get("reason", exc.code)).inc()
                 await self._reply_error(send, r, exc, None if preflight else policy)
-                self._log(scope, r, exc.status, exchange, error=exc.code,
-                          reason=exc.details.get("reason"))
+                self._log(
+                    scope, r, exc.status, exchange, error=exc.code, reason=exc.details.get("reason")
+                )
                 return
             except UpstreamAborted as exc:
                 self.metrics.upstream_errors.labels("aborted_mid_response").inc()
-                self._log(scope, r, exchange.status, exchange, error="upstream_aborted",
-                          reason=str(exc))
+                self._log(
+                    scope, r, exchange.status, exchange, error="upstream_aborted", reason=str(exc)
+                )
                 raise
-            self._log(scope, r, exchange.status, exchange,
-                      **({"client_gone": True} if exchange.client_gone else {}))
+            self._log(
+                scope,
+                r,
+                exchange.status,
+                exchange,
+                **({"client_gone": True} if exchange.client_gone else {}),
+            )
         finally:
             logs.request_id_var.reset(token)
 
-    async def _reply_error(self, send: Send, r: Request, exc: ProxyError,
-                           policy: CorsPolicy | None) -> None:
+    async def _reply_error(
+        self, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None
+    ) -> None:
         status, headers, body = render(exc, r.request_id)
         if policy is not None:
             headers = policy.response_headers(r.origin, headers)
@@ -265,41 +286,63 @@ class Pipeline:
                 if self.draining:
                     raise ServiceUnavailable("the sidecar is shutting down", retry_after_s=5)
                 if r.route is None:
-                    raise NotFound("no route matches this path",
-                                   details={"path": r.path, "method": "GET"})
+                    raise NotFound(
+                        "no route matches this path", details={"path": r.path, "method": "GET"}
+                    )
                 await self._authenticate(scope, r, websocket=True)
             except ProxyError as exc:
                 await self._deny(scope, send, r, exc, policy)
-                self._log(scope, r, exc.status, None, error=exc.code,
-                          reason=exc.details.get("reason"), websocket=True)
+                self._log(
+                    scope,
+                    r,
+                    exc.status,
+                    None,
+                    error=exc.code,
+                    reason=exc.details.get("reason"),
+                    websocket=True,
+                )
                 return
             assert r.route is not None and r.credentials is not None
             upstream_headers = self.headers.upstream_request(
-                r.headers, peer=_peer(scope), scheme=scope["scheme"], request_id=r.request_id,
-                identity=r.identity, websocket=True,
+                r.headers,
+                peer=_peer(scope),
+                scheme=scope["scheme"],
+                request_id=r.request_id,
+                identity=r.identity,
+                websocket=True,
             )
 
             async def deny(exc: ProxyError) -> None:
                 await self._deny(scope, send, r, exc, policy)
 
             await self.tunnel.run(
-                scope, receive, send, request_id=r.request_id, route=r.route,
-                identity=r.identity, credentials=r.credentials, raw_path=r.raw_path,
-                upstream_headers=upstream_headers, deny=deny, origin=r.origin,
+                scope,
+                receive,
+                send,
+                request_id=r.request_id,
+                route=r.route,
+                identity=r.identity,
+                credentials=r.credentials,
+                raw_path=r.raw_path,
+                upstream_headers=upstream_headers,
+                deny=deny,
+                origin=r.origin,
                 started=r.started,
             )
         finally:
             logs.request_id_var.reset(token)
 
-    async def _deny(self, scope: Scope, send: Send, r: Request, exc: ProxyError,
-                    policy: CorsPolicy | None) -> None:
+    async def _deny(
+        self, scope: Scope, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None
+    ) -> None:
         """Refuse a WebSocket handshake with a real HTTP status and the JSON error body."""
         if "websocket.http.response" in scope.get("extensions", {}):
             status, headers, body = render(exc, r.request_id)
             if policy is not None:
                 headers = policy.response_headers(r.origin, headers)
-            await send({"type": "websocket.http.response.start", "status": status,
-                        "headers": headers})
+            await send(
+                {"type": "websocket.http.response.start", "status": status, "headers": headers}
+            )
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": exc.close_code})

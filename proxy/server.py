@@ -47,19 +47,30 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
     # uvicorn's own proxy-headers handling trusts 127.0.0.1; forwarding headers are decided in
     # relay/headers.py against server.trusted_proxies instead.
     common: dict[str, Any] = dict(
-        loop="none", http="httptools", proxy_headers=False, server_header=False,
-        date_header=False, log_config=None, access_log=False,
+        loop="none",
+        http="httptools",
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        log_config=None,
+        access_log=False,
     )
     public = uvicorn.Config(
-        app, host=host, port=port, lifespan="on", ws="websockets-sansio",
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        ws="websockets-sansio",
         ws_max_size=ws.max_message_bytes,
-        ws_ping_interval=ws.ping_interval_s or None, ws_ping_timeout=ws.ping_interval_s or None,
+        ws_ping_interval=ws.ping_interval_s or None,
+        ws_ping_timeout=ws.ping_interval_s or None,
         timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
         h11_max_incomplete_event_size=settings.server.max_header_bytes,
         **common,
     )
-    admin = uvicorn.Config(app.admin, host=admin_host, port=admin_port, lifespan="off",
-                           ws="none", **common)
+    admin = uvicorn.Config(
+        app.admin, host=admin_host, port=admin_port, lifespan="off", ws="none", **common
+    )
     return public, admin
 
 
@@ -81,8 +92,13 @@ def serve(settings: Settings) -> int:
 
     logging.getLogger("authproxy").info(
         "authproxy starting",
-        extra={"fields": {"listen": settings.server.listen, "admin": settings.admin.listen,
-                          "upstream": settings.upstream.url}},
+        extra={
+            "fields": {
+                "listen": settings.server.listen,
+                "admin": settings.admin.listen,
+                "upstream": settings.upstream.url,
+            }
+        },
     )
     uvloop.run(run())
     return 0 if public.started else 1

@@ -10,27 +10,52 @@ from proxy.errors import BadRequest
 from proxy.paths import judge_path
 
 
-@pytest.mark.parametrize(("raw", "judged", "sent"), [
-    (b"/api/models", "/api/models", b"/api/models"),
-    (b"/api/models/", "/api/models/", b"/api/models/"),
-    (b"/%61pi/models", "/api/models", b"/api/models"),
-    (b"/api/caf%C3%A9", "/api/caf\u00e9", b"/api/caf%C3%A9"),
-    (b"/api/a%20b", "/api/a b", b"/api/a%20b"),
-    (b"/api/a;b=c", "/api/a;b=c", b"/api/a;b=c"),
-    (b"/api/%7Euser", "/api/~user", b"/api/~user"),
-    (b"/api/..x/.y", "/api/..x/.y", b"/api/..x/.y"),
-])
-def test_safe_paths_are_judged_decoded_and_sent_canonically(raw: bytes, judged: str,
-                                                             sent: bytes) -> None:
+@pytest.mark.parametrize(
+    ("raw", "judged", "sent"),
+    [
+        (b"/api/models", "/api/models", b"/api/models"),
+        (b"/api/models/", "/api/models/", b"/api/models/"),
+        (b"/%61pi/models", "/api/models", b"/api/models"),
+        (b"/api/caf%C3%A9", "/api/caf\u00e9", b"/api/caf%C3%A9"),
+        (b"/api/a%20b", "/api/a b", b"/api/a%20b"),
+        (b"/api/a;b=c", "/api/a;b=c", b"/api/a;b=c"),
+        (b"/api/%7Euser", "/api/~user", b"/api/~user"),
+        (b"/api/..x/.y", "/api/..x/.y", b"/api/..x/.y"),
+    ],
+)
+def test_safe_paths_are_judged_decoded_and_sent_canonically(
+    raw: bytes, judged: str, sent: bytes
+) -> None:
     assert judge_path(raw) == (judged, sent)
 
 
-@pytest.mark.parametrize("raw", [
-    b"/api/../admin", b"/api/./x", b"/api/..", b"/api/.", b"/..", b"/api/%2e%2e/admin",
-    b"/api/%2E./admin", b"/api%2fadmin", b"/api%2Fadmin", b"/api%5cadmin", b"/api\\admin",
-    b"/api//admin", b"//admin", b"/api/%00", b"/api/%0a", b"/api/%ff", b"/api/%C3",
-    b"/api/%252e%252e/admin", b"/api/%252fadmin", b"/api/%255cadmin", b"api/x", b"*",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/api/../admin",
+        b"/api/./x",
+        b"/api/..",
+        b"/api/.",
+        b"/..",
+        b"/api/%2e%2e/admin",
+        b"/api/%2E./admin",
+        b"/api%2fadmin",
+        b"/api%2Fadmin",
+        b"/api%5cadmin",
+        b"/api\\admin",
+        b"/api//admin",
+        b"//admin",
+        b"/api/%00",
+        b"/api/%0a",
+        b"/api/%ff",
+        b"/api/%C3",
+        b"/api/%252e%252e/admin",
+        b"/api/%252fadmin",
+        b"/api/%255cadmin",
+        b"api/x",
+        b"*",
+    ],
+)
 def test_ambiguous_paths_are_refused(raw: bytes) -> None:
     with pytest.raises(BadRequest):
         judge_path(raw)

@@ -11,8 +11,7 @@ def table(*routes: dict[str, object]) -> RouteTable:
 
 
 def test_first_match_wins() -> None:
-    t = table({"path": "/api/admin/*", "auth": ["api_key"]},
-              {"path": "/api/*", "auth": "public"})
+    t = table({"path": "/api/admin/*", "auth": ["api_key"]}, {"path": "/api/*", "auth": "public"})
     first = t.match("/api/admin/users", "GET")
     second = t.match("/api/models", "GET")
     assert first is not None and first.index == 0

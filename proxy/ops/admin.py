@@ -28,16 +28,23 @@ class AdminApp:
             body = json.dumps({"status": "ready" if ready else "not_ready", "checks": checks})
             await _reply(send, 200 if ready else 503, b"application/json", body.encode())
         elif path == "/metrics":
-            await _reply(send, 200, b"text/plain; version=0.0.4; charset=utf-8",
-                         self._metrics.render())
+            await _reply(
+                send, 200, b"text/plain; version=0.0.4; charset=utf-8", self._metrics.render()
+            )
         else:
             await _reply(send, 404, b"application/json", b'{"error":"not_found"}')
 
 
 async def _reply(send: Send, status: int, content_type: bytes, body: bytes) -> None:
-    await send({
-        "type": "http.response.start", "status": status,
-        "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
-                    (b"cache-control", b"no-store")],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                (b"cache-control", b"no-store"),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -14,42 +14,69 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "authproxy_requests", "Requests answered, by route, method class and status.",
-            ["route", "status"], registry=r,
+            "authproxy_requests",
+            "Requests answered, by route, method class and status.",
+            ["route", "status"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "authproxy_request_duration_seconds", "Time from request to response end.",
-            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+            "authproxy_request_duration_seconds",
+            "Time from request to response end.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.upstream_errors = Counter(
-            "authproxy_upstream_errors", "Upstream failures, by kind.", ["kind"], registry=r,
+            "authproxy_upstream_errors",
+            "Upstream failures, by kind.",
+            ["kind"],
+            registry=r,
         )
         self.auth = Counter(
-            "authproxy_auth", "Authentication outcomes, by method and result.",
-            ["method", "result"], registry=r,
+            "authproxy_auth",
+            "Authentication outcomes, by method and result.",
+            ["method", "result"],
+            registry=r,
         )
         self.jwt_cache = Counter(
-            "authproxy_jwt_cache", "Verified-token cache lookups.", ["result"], registry=r,
+            "authproxy_jwt_cache",
+            "Verified-token cache lookups.",
+            ["result"],
+            registry=r,
         )
         self.jwks_fetches = Counter(
-            "authproxy_jwks_fetches", "JWKS fetches, by provider and result.",
-            ["provider", "result"], registry=r,
+            "authproxy_jwks_fetches",
+            "JWKS fetches, by provider and result.",
+            ["provider", "result"],
+            registry=r,
         )
         self.jwks_stale = Gauge(
-            "authproxy_jwks_stale", "1 while a provider's keys are served stale after a failed refresh.",
-            ["provider"], registry=r,
+            "authproxy_jwks_stale",
+            "1 while a provider's keys are served stale after a failed refresh.",
+            ["provider"],
+            registry=r,
         )
         self.api_key_reloads = Counter(
-            "authproxy_api_key_reloads", "API key set reloads, by result.", ["result"], registry=r,
+            "authproxy_api_key_reloads",
+            "API key set reloads, by result.",
+            ["result"],
+            registry=r,
         )
         self.cors_refusals = Counter(
-            "authproxy_cors_refusals", "Requests refused for CORS, by reason.", ["reason"], registry=r,
+            "authproxy_cors_refusals",
+            "Requests refused for CORS, by reason.",
+            ["reason"],
+            registry=r,
         )
         self.websockets_open = Gauge(
-            "authproxy_websockets_open", "WebSocket sessions open now.", registry=r,
+            "authproxy_websockets_open",
+            "WebSocket sessions open now.",
+            registry=r,
         )
         self.websocket_closes = Counter(
-            "authproxy_websocket_closes", "WebSocket sessions ended, by close code.", ["code"],
+            "authproxy_websocket_closes",
+            "WebSocket sessions ended, by close code.",
+            ["code"],
             registry=r,
         )
 

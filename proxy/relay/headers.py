@@ -20,18 +20,37 @@ from ..identity import Identity
 
 HOP_BY_HOP = frozenset(
     {
-        b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding",
-        b"upgrade", b"proxy-authenticate", b"proxy-authorization", b"http2-settings",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"http2-settings",
     }
 )
 _FORWARDING = frozenset(
-    {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-port",
-     b"forwarded", b"x-real-ip"}
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"forwarded",
+        b"x-real-ip",
+    }
 )
 # Handshake headers that belong to one WebSocket hop; the tunnel negotiates its own upstream.
 WEBSOCKET_HANDSHAKE = frozenset(
-    {b"sec-websocket-key", b"sec-websocket-version", b"sec-websocket-extensions",
-     b"sec-websocket-protocol", b"sec-websocket-accept"}
+    {
+        b"sec-websocket-key",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"sec-websocket-protocol",
+        b"sec-websocket-accept",
+    }
 )
 SIGNATURE_HEADER = "X-Auth-Signature"
 
@@ -51,7 +70,10 @@ def identity_signature(secret: bytes, request_id: str, identity: Identity | None
         fields = [request_id, "", "", "", ""]
     else:
         fields = [
-            request_id, identity.method, identity.subject, " ".join(sorted(identity.scopes)),
+            request_id,
+            identity.method,
+            identity.subject,
+            " ".join(sorted(identity.scopes)),
             identity.issuer or "",
         ]
     message = "\n".join(fields).encode("utf-8")
@@ -144,6 +166,7 @@ class HeaderPolicy:
         pairs = [(name.lower(), value) for name, value in headers]
         named = connection_named(pairs)
         return [
-            (name, value) for name, value in pairs
+            (name, value)
+            for name, value in pairs
             if name not in HOP_BY_HOP and name not in named and name != b"x-request-id"
         ]

@@ -1,4 +1,4 @@
-"""REST forwarding: the request body streams up, the response streams back, nothing is buffered whole.
+"""REST forwarding: the request body streams up, the response streams back, nothing buffered whole.
 
 Raw ASGI on purpose: Starlette's StreamingResponse watches for disconnects in a way that races with
 reading the request body under uvicorn, which hangs an echo.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from ..errors import PayloadTooLarge, ProxyError
-from ..types import Receive, Scope, Send
+from ..types import Message, Receive, Scope, Send
 from .headers import HeaderPolicy
 from .upstream import translate, upstream_url
 
@@ -62,8 +62,10 @@ class _Body:
             self._exchange.bytes_in += len(chunk)
             if self._exchange.bytes_in > self._limit:
                 self.too_large = True
-                raise PayloadTooLarge("the request body is larger than the limit",
-                                      details={"limit_bytes": self._limit})
+                raise PayloadTooLarge(
+                    "the request body is larger than the limit",
+                    details={"limit_bytes": self._limit},
+                )
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
@@ -96,8 +98,9 @@ class Forwarder:
         """Forward; raises ProxyError before the response starts, UpstreamAborted after."""
         assert self.session is not None, "the app's lifespan has not started"
         if content_length is not None and content_length > self._limit:
-            raise PayloadTooLarge("the request body is larger than the limit",
-                                  details={"limit_bytes": self._limit})
+            raise PayloadTooLarge(
+                "the request body is larger than the limit", details={"limit_bytes": self._limit}
+            )
         first = await receive()
         if first["type"] == "http.disconnect":
             exchange.client_gone = True
@@ -105,8 +108,9 @@ class Forwarder:
         chunk: bytes = first.get("body", b"")
         exchange.bytes_in = len(chunk)
         if exchange.bytes_in > self._limit:
-            raise PayloadTooLarge("the request body is larger than the limit",
-                                  details={"limit_bytes": self._limit})
+            raise PayloadTooLarge(
+                "the request body is larger than the limit", details={"limit_bytes": self._limit}
+            )
         body: _Body | None = None
         data: bytes | _Body | None
         if first.get("more_body", False):
@@ -117,8 +121,13 @@ class Forwarder:
         url = upstream_url(self._base, raw_path, query)
         try:
             response = await self.session.request(
-                scope["method"], url, headers=headers, data=data, allow_redirects=False,
-                compress=None, auto_decompress=False,
+                scope["method"],
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+                auto_decompress=False,
             )
         except ProxyError:
             raise
@@ -126,8 +135,10 @@ class Forwarder:
             return
         except Exception as exc:
             if body is not None and body.too_large:
-                raise PayloadTooLarge("the request body is larger than the limit",
-                                      details={"limit_bytes": self._limit}) from None
+                raise PayloadTooLarge(
+                    "the request body is larger than the limit",
+                    details={"limit_bytes": self._limit},
+                ) from None
             if exchange.client_gone:
                 return
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
@@ -155,12 +166,12 @@ class Forwarder:
         # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         content = response.content
-        watcher: asyncio.Future[object] | None = None
+        watcher: asyncio.Future[Message] | None = None
         try:
             while True:
                 try:
                     chunk = await content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     raise UpstreamAborted(translate(exc).message) from exc
                 more = not content.at_eof()
                 if chunk or not more:

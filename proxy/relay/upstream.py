@@ -53,15 +53,18 @@ def upstream_url(base: str, raw_path: bytes, query: bytes) -> URL:
 def translate(exc: BaseException) -> ProxyError:
     """An aiohttp or timeout error as the sidecar's own error."""
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return GatewayTimeout("the upstream did not accept the connection in time",
-                              details={"reason": "connect_timeout"})
+        return GatewayTimeout(
+            "the upstream did not accept the connection in time",
+            details={"reason": "connect_timeout"},
+        )
     if isinstance(exc, asyncio.TimeoutError):
-        return GatewayTimeout("the upstream did not answer in time",
-                              details={"reason": "read_timeout"})
+        return GatewayTimeout(
+            "the upstream did not answer in time", details={"reason": "read_timeout"}
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return BadGateway("the upstream is unreachable", details={"reason": "connect_failed"})
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return BadGateway("the upstream closed the connection",
-                          details={"reason": "upstream_disconnected"})
-    return BadGateway("the upstream sent an invalid response",
-                      details={"reason": "upstream_error"})
+        return BadGateway(
+            "the upstream closed the connection", details={"reason": "upstream_disconnected"}
+        )
+    return BadGateway("the upstream sent an invalid response", details={"reason": "upstream_error"})

@@ -20,9 +20,11 @@ from tests.support.servers import Process, Sidecar, free_port, start_sidecar
 from tests.support.upstreams import _pattern
 
 
-@pytest.fixture
-def sidecar(tmp_path: Path, upstream: Process) -> Iterator[Sidecar]:
-    s = start_sidecar(tmp_path, upstream.port, server="max_body_bytes = 1048576")
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory, upstream: Process) -> Iterator[Sidecar]:
+    s = start_sidecar(
+        tmp_path_factory.mktemp("sidecar"), upstream.port, server="max_body_bytes = 1048576"
+    )
     yield s
     s.stop()
 
@@ -62,29 +64,49 @@ def test_path_is_sent_in_the_canonical_form_that_was_judged(sidecar: Sidecar) ->
 
 
 def test_hop_by_hop_and_connection_named_headers_are_removed(sidecar: Sidecar) -> None:
-    r = raw_request(sidecar.port, b"/echo/h", headers=[
-        (b"Connection", b"keep-alive, X-Private-Hop, X-Auth-Subject"),
-        (b"X-Private-Hop", b"secret"),
-        (b"Keep-Alive", b"timeout=5"),
-        (b"TE", b"trailers"),
-        (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
-        (b"Trailer", b"X-Checksum"),
-        (b"X-Kept", b"yes"),
-    ])
+    r = raw_request(
+        sidecar.port,
+        b"/echo/h",
+        headers=[
+            (b"Connection", b"keep-alive, X-Private-Hop, X-Auth-Subject"),
+            (b"X-Private-Hop", b"secret"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"TE", b"trailers"),
+            (b"Proxy-Authorization", b"Basic Zm9vOmJhcg=="),
+            (b"Trailer", b"X-Checksum"),
+            (b"X-Kept", b"yes"),
+        ],
+    )
     seen = received_headers(r.json())
-    for gone in ("connection", "x-private-hop", "keep-alive", "te", "proxy-authorization",
-                 "trailer", "x-auth-subject"):
+    for gone in (
+        "connection",
+        "x-private-hop",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "trailer",
+        "x-auth-subject",
+    ):
         assert gone not in seen, gone
     assert seen["x-kept"] == ["yes"]
 
 
 def test_spoofed_identity_and_forwarding_headers_never_reach_the_upstream(sidecar: Sidecar) -> None:
-    r = httpx.get(f"{sidecar.url}/echo/spoof", headers={
-        "X-Auth-Subject": "admin@example.com", "X-Auth-Method": "jwt",
-        "X-Auth-Scopes": "models:write", "X-Auth-Issuer": "evil", "x-auth-anything": "1",
-        "X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "https",
-        "X-Forwarded-Host": "evil.example", "Forwarded": "for=6.6.6.6", "X-Real-IP": "6.6.6.6",
-    })
+    r = httpx.get(
+        f"{sidecar.url}/echo/spoof",
+        headers={
+            "X-Auth-Subject": "admin@example.com",
+            "X-Auth-Method": "jwt",
+            "X-Auth-Scopes": "models:write",
+            "X-Auth-Issuer": "evil",
+            "x-auth-anything": "1",
+            "X-Forwarded-For": "6.6.6.6",
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-Host": "evil.example",
+            "Forwarded": "for=6.6.6.6",
+            "X-Real-IP": "6.6.6.6",
+        },
+    )
     seen = received_headers(r.json())
     assert not [k for k in seen if k.startswith("x-auth-")]
     assert seen["x-forwarded-for"] == ["127.0.0.1"]
@@ -96,9 +118,14 @@ def test_spoofed_identity_and_forwarding_headers_never_reach_the_upstream(sideca
 def test_trusted_proxy_forwarding_headers_are_extended(tmp_path: Path, upstream: Process) -> None:
     s = start_sidecar(tmp_path, upstream.port, server='trusted_proxies = ["127.0.0.0/8"]')
     try:
-        r = httpx.get(f"{s.url}/echo/t", headers={
-            "X-Forwarded-For": "203.0.113.7", "X-Forwarded-Proto": "https",
-            "X-Forwarded-Host": "app.example.com"})
+        r = httpx.get(
+            f"{s.url}/echo/t",
+            headers={
+                "X-Forwarded-For": "203.0.113.7",
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "app.example.com",
+            },
+        )
         seen = received_headers(r.json())
         assert seen["x-forwarded-for"] == ["203.0.113.7, 127.0.0.1"]
         assert seen["x-forwarded-proto"] == ["https"]
@@ -211,12 +238,25 @@ def test_chunked_body_over_the_limit_is_413(sidecar: Sidecar) -> None:
     assert_error(r, 413, "payload_too_large")
 
 
-@pytest.mark.parametrize("target", [
-    b"/echo/../secret", b"/echo/./x", b"/echo/%2e%2e/secret", b"/echo/%2E%2e/secret",
-    b"/echo%2fsecret", b"/echo%2Fsecret", b"/echo%5csecret", b"/echo\\secret",
-    b"/echo//secret", b"/echo/%00", b"/echo/%ff", b"/echo/%252e%252e/x", b"/echo/..",
-    b"/echo/%252fx",
-])
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/echo/../secret",
+        b"/echo/./x",
+        b"/echo/%2e%2e/secret",
+        b"/echo/%2E%2e/secret",
+        b"/echo%2fsecret",
+        b"/echo%2Fsecret",
+        b"/echo%5csecret",
+        b"/echo\\secret",
+        b"/echo//secret",
+        b"/echo/%00",
+        b"/echo/%ff",
+        b"/echo/%252e%252e/x",
+        b"/echo/..",
+        b"/echo/%252fx",
+    ],
+)
 def test_unsafe_paths_are_refused_with_400(sidecar: Sidecar, target: bytes) -> None:
     r = raw_request(sidecar.port, target)
     assert r.status == 400, (target, r.status, r.body)
@@ -224,11 +264,15 @@ def test_unsafe_paths_are_refused_with_400(sidecar: Sidecar, target: bytes) -> N
 
 
 def test_no_matching_route_is_404(tmp_path: Path, upstream: Process) -> None:
-    s = start_sidecar(tmp_path, upstream.port, body="""
+    s = start_sidecar(
+        tmp_path,
+        upstream.port,
+        body="""
         [[routes]]
         path = "/api/*"
         auth = "public"
-        """)
+        """,
+    )
     try:
         assert httpx.get(f"{s.url}/api/x").status_code == 200
         body = assert_error(httpx.get(f"{s.url}/other"), 404, "not_found")
@@ -240,12 +284,16 @@ def test_no_matching_route_is_404(tmp_path: Path, upstream: Process) -> None:
 
 
 def test_route_methods_restrict_the_match(tmp_path: Path, upstream: Process) -> None:
-    s = start_sidecar(tmp_path, upstream.port, body="""
+    s = start_sidecar(
+        tmp_path,
+        upstream.port,
+        body="""
         [[routes]]
         path = "/echo/*"
         methods = ["GET"]
         auth = "public"
-        """)
+        """,
+    )
     try:
         assert httpx.get(f"{s.url}/echo/x").status_code == 200
         assert httpx.head(f"{s.url}/echo/x").status_code == 200
@@ -282,8 +330,9 @@ def test_100_mb_upload_streams_with_flat_memory(tmp_path: Path, upstream: Proces
         sampler = threading.Thread(target=sample)
         sampler.start()
         try:
-            r = httpx.post(f"{s.url}/upload", content=body(),
-                           headers={"content-length": str(size)}, timeout=60)
+            r = httpx.post(
+                f"{s.url}/upload", content=body(), headers={"content-length": str(size)}, timeout=60
+            )
         finally:
             stop.set()
             sampler.join()
@@ -350,16 +399,29 @@ def test_admin_endpoints_live_on_the_admin_listener_only(sidecar: Sidecar) -> No
 def test_one_json_access_line_per_request_without_credentials(sidecar: Sidecar) -> None:
     import json
 
-    httpx.get(f"{sidecar.url}/echo/log?token=supersecret&x=1",
-              headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer sekret.tok.en"})
+    httpx.get(
+        f"{sidecar.url}/echo/log?token=supersecret&x=1",
+        headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer sekret.tok.en"},
+    )
     time.sleep(0.2)
     lines = [json.loads(line) for line in sidecar.output().splitlines() if line.startswith("{")]
-    access = [line for line in lines if line.get("request_id") == "log-check-1"
-              and line.get("message") == "request"]
+    access = [
+        line
+        for line in lines
+        if line.get("request_id") == "log-check-1" and line.get("message") == "request"
+    ]
     assert len(access) == 1
     entry = access[0]
     assert entry["status"] == 200 and entry["path"] == "/echo/log"
-    for key in ("method", "duration_ms", "bytes_in", "bytes_out", "upstream_status", "origin",
-                "auth_method", "subject"):
+    for key in (
+        "method",
+        "duration_ms",
+        "bytes_in",
+        "bytes_out",
+        "upstream_status",
+        "origin",
+        "auth_method",
+        "subject",
+    ):
         assert key in entry
     assert "supersecret" not in sidecar.output() and "sekret" not in sidecar.output()

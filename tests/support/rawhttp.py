@@ -24,10 +24,18 @@ class RawResponse:
         return json.loads(self.body)
 
 
-def raw_request(port: int, target: bytes, method: bytes = b"GET",
-                headers: list[tuple[bytes, bytes]] | None = None, body: bytes = b"") -> RawResponse:
-    lines = [method + b" " + target + b" HTTP/1.1", b"Host: 127.0.0.1:%d" % port,
-             b"Connection: close"]
+def raw_request(
+    port: int,
+    target: bytes,
+    method: bytes = b"GET",
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+) -> RawResponse:
+    lines = [
+        method + b" " + target + b" HTTP/1.1",
+        b"Host: 127.0.0.1:%d" % port,
+        b"Connection: close",
+    ]
     for k, v in headers or []:
         lines.append(k + b": " + v)
     if body:
@@ -54,6 +62,6 @@ def raw_request(port: int, target: bytes, method: bytes = b"GET",
             if size == 0:
                 break
             out += rest[:size]
-            rest = rest[size + 2:]
+            rest = rest[size + 2 :]
         rest = bytes(out)
     return RawResponse(int(status_line.split()[1]), response_headers, rest)

@@ -61,12 +61,18 @@ class Process:
         return self.proc.returncode
 
 
-def spawn(args: Sequence[str], log_path: Path, port: int, env: dict[str, str] | None = None,
-          wait: bool = True) -> Process:
+def spawn(
+    args: Sequence[str],
+    log_path: Path,
+    port: int,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> Process:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    log = open(log_path, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(list(args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env=full_env)
+    with open(log_path, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(
+            list(args), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=full_env
+        )
     process = Process(proc, log_path, port)
     if wait:
         try:
@@ -77,15 +83,31 @@ def spawn(args: Sequence[str], log_path: Path, port: int, env: dict[str, str] | 
     return process
 
 
-def start_upstream(app: str, tmp_path: Path, port: int | None = None,
-                   extra_args: Sequence[str] = ()) -> Process:
+def start_upstream(
+    app: str, tmp_path: Path, port: int | None = None, extra_args: Sequence[str] = ()
+) -> Process:
     """Run an ASGI app ("module:attr") on uvicorn."""
     port = port or free_port()
     name = app.replace(":", "_").replace(".", "_")
     return spawn(
-        [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning", "--no-access-log", "--lifespan", "off", *extra_args],
-        tmp_path / f"upstream-{name}-{port}.log", port,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            app,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+            "--lifespan",
+            "off",
+            *extra_args,
+        ],
+        tmp_path / f"upstream-{name}-{port}.log",
+        port,
     )
 
 
@@ -125,8 +147,14 @@ auth = "public"
 """
 
 
-def sidecar_config(upstream_port: int, port: int, admin_port: int, body: str = "",
-                   server: str = "", upstream: str = "") -> str:
+def sidecar_config(
+    upstream_port: int,
+    port: int,
+    admin_port: int,
+    body: str = "",
+    server: str = "",
+    upstream: str = "",
+) -> str:
     """A config with listeners and upstream filled in. `server`/`upstream` add keys to those
     tables; `body` adds other tables and routes (a public catch-all route when it has none)."""
     body = textwrap.dedent(body)
@@ -138,15 +166,26 @@ def sidecar_config(upstream_port: int, port: int, admin_port: int, body: str = "
     return text + body + ("" if "[[routes]]" in body else DEFAULT_ROUTES)
 
 
-def start_sidecar(tmp_path: Path, upstream_port: int, body: str = "", *, server: str = "",
-                  upstream: str = "", env: dict[str, str] | None = None,
-                  wait_ready: bool = True) -> Sidecar:
+def start_sidecar(
+    tmp_path: Path,
+    upstream_port: int,
+    body: str = "",
+    *,
+    server: str = "",
+    upstream: str = "",
+    env: dict[str, str] | None = None,
+    wait_ready: bool = True,
+) -> Sidecar:
     """Write a config and run the sidecar on fresh ports; waits until it listens."""
     port, admin_port = free_port(), free_port()
     config_path = tmp_path / f"authproxy-{port}.toml"
     config_path.write_text(sidecar_config(upstream_port, port, admin_port, body, server, upstream))
-    process = spawn([sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
-                    tmp_path / f"sidecar-{port}.log", port, env=env)
+    process = spawn(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
+        tmp_path / f"sidecar-{port}.log",
+        port,
+        env=env,
+    )
     sidecar = Sidecar(process, port, admin_port, config_path)
     if wait_ready:
         deadline = time.monotonic() + 10

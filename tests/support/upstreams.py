@@ -11,11 +11,24 @@ from urllib.parse import parse_qs
 Scope = dict[str, Any]
 
 
-async def _reply(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
-                 content_type: bytes = b"application/json") -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type),
-                            (b"content-length", str(len(body)).encode()), *headers]})
+async def _reply(
+    send: Any,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+    content_type: bytes = b"application/json",
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -53,18 +66,28 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         data = _pattern(size)
         step = 1 << 16
         for i in range(0, size, step):
-            await send({"type": "http.response.body", "body": data[i:i + step], "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": data[i : i + step], "more_body": True}
+            )
         await send({"type": "http.response.body", "body": b""})
         return
     if path == "/sse":
         n = int(query.get("n", ["3"])[0])
         delay = float(query.get("delay", ["0.3"])[0])
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"),
-                                (b"cache-control", b"no-cache")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-cache"),
+                ],
+            }
+        )
         for i in range(n):
-            await send({"type": "http.response.body", "body": f"data: {i}\n\n".encode(),
-                        "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True}
+            )
             await asyncio.sleep(delay)
         await send({"type": "http.response.body", "body": b""})
         return
@@ -75,8 +98,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     if path.startswith("/status/"):
         status = int(path.rsplit("/", 1)[1])
         if status in (204, 304):
-            await send({"type": "http.response.start", "status": status,
-                        "headers": [(b"etag", b'"v1"')]})
+            await send(
+                {"type": "http.response.start", "status": status, "headers": [(b"etag", b'"v1"')]}
+            )
             await send({"type": "http.response.body", "body": b""})
         else:
             await _reply(send, status, b'{"status":%d}' % status)
@@ -85,18 +109,30 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         await _reply(send, 302, b"", [(b"location", b"/echo/target")])
         return
     if path == "/cors":
-        await _reply(send, 200, b"{}", [
-            (b"access-control-allow-origin", b"*"),
-            (b"access-control-allow-credentials", b"true"),
-            (b"access-control-expose-headers", b"X-Secret"),
-            (b"vary", b"Accept-Encoding"),
-        ])
+        await _reply(
+            send,
+            200,
+            b"{}",
+            [
+                (b"access-control-allow-origin", b"*"),
+                (b"access-control-allow-credentials", b"true"),
+                (b"access-control-expose-headers", b"X-Secret"),
+                (b"vary", b"Accept-Encoding"),
+            ],
+        )
         return
     if path == "/hop":
-        await _reply(send, 200, b"{}", [
-            (b"connection", b"x-upstream-private"), (b"x-upstream-private", b"1"),
-            (b"keep-alive", b"timeout=5"), (b"x-total-count", b"42"),
-        ])
+        await _reply(
+            send,
+            200,
+            b"{}",
+            [
+                (b"connection", b"x-upstream-private"),
+                (b"x-upstream-private", b"1"),
+                (b"keep-alive", b"timeout=5"),
+                (b"x-total-count", b"42"),
+            ],
+        )
         return
     body = bytearray()
     while True:
