@@ -1,9 +1,9 @@
 """The path rule: the path the policy judges is exactly the path the upstream receives.
 
 A request path is percent-decoded once, judged, and re-encoded canonically for the upstream. Any
-path whose meaning could differ between us and an upstream (dot-segments, empty segments, encoded slashes
-or backslashes, encoded percent-escapes of those, NUL and control characters, invalid UTF-8) is
-refused with 400 instead of being guessed at.
+path whose meaning could differ between us and an upstream (dot-segments, empty segments, encoded
+slashes or backslashes, encoded percent-escapes of those, NUL and control characters, invalid UTF-8)
+is refused with 400 instead of being guessed at.
 """
 
 from __future__ import annotations

@@ -1,0 +1,108 @@
+"""The `authproxy` command line, run as a real process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from tests.support.servers import ROOT, free_port, sidecar_config, wait_for_port
+
+AUTHPROXY = [sys.executable, "-m", "proxy"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*AUTHPROXY, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60
+    )
+
+
+def test_check_config_summarises_a_good_config() -> None:
+    result = run("check-config", "--config", str(ROOT / "config.toml"))
+    assert result.returncode == 0, result.stderr
+    assert "routes (5)" in result.stdout
+    assert "demo (http://127.0.0.1:9000" in result.stdout
+    assert "http://localhost:5173" in result.stdout
+
+
+def test_check_config_names_the_bad_key_in_one_line_and_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[[routes]]\npath = "/a"\nauth = "public"\n'
+        '[[routes]]\npath = "/b"\nauth = "public"\n'
+        '[[routes]]\npath = "/c"\nauth = ["jtw"]\n'
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "authproxy: config error: routes[2].auth: unknown method 'jtw' "
+        "(known: public, jwt, api_key)"
+    ]
+    assert "Traceback" not in result.stderr
+
+
+def test_check_config_reads_the_config_path_from_the_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nlisten = 'bad'\n")
+    result = run("check-config", env={**os.environ, "AUTHPROXY_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert "server.listen" in result.stderr
+
+
+def test_hash_key_prints_a_new_key_and_its_record() -> None:
+    result = run("hash-key", "--id", "ci-bot")
+    assert result.returncode == 0
+    key = re.search(r"key .*: (\S+)", result.stdout)
+    assert key is not None
+    digest = hashlib.sha256(key.group(1).encode()).hexdigest()
+    assert f'sha256 = "{digest}"' in result.stdout
+    assert 'id = "ci-bot"' in result.stdout
+
+
+def test_hash_key_hashes_a_given_key_without_echoing_it_as_new() -> None:
+    result = run("hash-key", "my-existing-key", "--id", "old")
+    assert result.returncode == 0
+    assert hashlib.sha256(b"my-existing-key").hexdigest() in result.stdout
+
+
+def test_the_dockerfile_command_and_healthcheck_work_outside_docker(tmp_path: Path) -> None:
+    """docker build cannot run here: run the image's CMD and HEALTHCHECK as they are written."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
+    health = json.loads(
+        re.search(r"CMD (\[.*\])$", dockerfile.split("HEALTHCHECK", 1)[1], re.M).group(1)
+    )  # type: ignore[union-attr]
+    env_default = re.search(r"AUTHPROXY_CONFIG=(\S+)", dockerfile).group(1)  # type: ignore[union-attr]
+    assert env_default == "/etc/authproxy/config.toml"
+    assert cmd[0] == "authproxy"
+    port, admin_port = free_port(), free_port()
+    config = tmp_path / "config.toml"
+    config.write_text(sidecar_config(free_port(), port, admin_port))
+    exe = shutil.which("authproxy", path=str(Path(sys.executable).parent))
+    assert exe, "the console script is installed"
+    proc = subprocess.Popen(
+        [exe, *cmd[1:]],
+        env={**os.environ, "AUTHPROXY_CONFIG": str(config)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, proc)  # type: ignore[arg-type]
+        assert health[0] == "python"
+        # The image's admin listener is :8001; this one runs on a free port.
+        probe = [arg.replace(":8001/", f":{admin_port}/") for arg in health[1:]]
+        assert probe != health[1:]
+        check = subprocess.run([sys.executable, *probe], timeout=10)
+        assert check.returncode == 0, shlex.join(health)
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
