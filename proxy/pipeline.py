@@ -109,6 +109,8 @@ class Pipeline:
         self.tunnel = tunnel
         self.metrics = metrics
         self.draining = False
+        # Metric children by (route, status): labels() per request costs more than the increment.
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -134,8 +136,14 @@ class Pipeline:
     ) -> None:
         duration = time.perf_counter() - r.started
         route = r.route.name if r.route else "-"
-        self.metrics.requests.labels(route, str(status)).inc()
-        self.metrics.request_seconds.labels(route).observe(duration)
+        series = self._series.get((route, status))
+        if series is None:
+            series = self._series[(route, status)] = (
+                self.metrics.requests.labels(route, str(status)),
+                self.metrics.request_seconds.labels(route),
+            )
+        series[0].inc()
+        series[1].observe(duration)
         if not self.settings.logging.access_log:
             return
         query = r.credentials.clean_query if r.credentials else b""
@@ -190,6 +198,7 @@ class Pipeline:
                     await send({"type": "http.response.start", "status": 204, "headers": headers})
                     await send({"type": "http.response.body", "body": b""})
                     exchange.status = 204
+                    self._log(scope, r, 204, exchange, preflight=True)
                     return
                 if r.origin is not None:
                     policy.refuse_actual(r.origin, same_origin=self._same_origin(scope, r))

@@ -1,0 +1,159 @@
+"""`python -m upstream_demo` and the demo page server."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from upstream_demo.__main__ import parse_args
+from upstream_demo.app import create_web_app
+
+PAGE_IDS = [
+    "username",
+    "password",
+    "login-button",
+    "logout-button",
+    "models-table",
+    "ws-state",
+    "events",
+    "error",
+    "user",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_parse_args_defaults() -> None:
+    args = parse_args([])
+    assert (args.host, args.port, args.web_port) == ("127.0.0.1", 9000, 5173)
+    assert args.event_interval == 3.0
+    assert args.api_url == "http://localhost:8000"
+    assert args.ws_url == "ws://localhost:8000/ws"
+    assert args.issuer == "http://127.0.0.1:9000"
+    assert args.token_ttl == 300
+    assert args.key_rotation_s == 3600.0
+    assert args.key_grace_s is None  # create_app turns this into 2 x token ttl
+
+
+def test_parse_args_issuer_follows_the_port_unless_given() -> None:
+    assert parse_args(["--port", "9100"]).issuer == "http://127.0.0.1:9100"
+    assert parse_args(["--issuer", "https://idp.test"]).issuer == "https://idp.test"
+    args = parse_args(["--event-interval", "0.5", "--key-grace-s", "60", "--web-port", "0"])
+    assert (args.event_interval, args.key_grace_s, args.web_port) == (0.5, 60.0, 0)
+
+
+def test_parse_args_refuses_a_non_positive_token_ttl(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--token-ttl", "0"])
+    assert exc.value.code == 2
+    assert "--token-ttl" in capsys.readouterr().err
+
+
+@pytest.fixture
+async def web() -> AsyncIterator[httpx.AsyncClient]:
+    app = create_web_app(api_url="http://sidecar.test:8000/", ws_url="ws://sidecar.test:8000/ws")
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://page"
+    ) as http:
+        yield http
+
+
+async def test_the_page_gets_its_urls_from_a_generated_config_js(web: httpx.AsyncClient) -> None:
+    response = await web.get("/config.js")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/javascript")
+    assert response.headers["cache-control"] == "no-store"
+    prefix = "window.AUTHPROXY_CONFIG = "
+    assert response.text.startswith(prefix)
+    config = json.loads(response.text.removeprefix(prefix).strip().rstrip(";"))
+    assert config == {"apiUrl": "http://sidecar.test:8000", "wsUrl": "ws://sidecar.test:8000/ws"}
+
+
+async def test_the_page_has_the_element_ids_tests_rely_on(web: httpx.AsyncClient) -> None:
+    response = await web.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    ids = set(re.findall(r'\bid="([^"]+)"', response.text))
+    assert set(PAGE_IDS) <= ids
+    assert '<script src="/config.js"></script>' in response.text
+    for asset in ("/app.js", "/style.css"):
+        assert (await web.get(asset)).status_code == 200
+
+
+def wait_for(url: str, timeout: float = 10.0) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=1.0)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_python_m_upstream_demo_serves_backend_and_page_and_stops_cleanly(
+    sig: signal.Signals,
+) -> None:
+    port, web_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "upstream_demo",
+            f"--port={port}",
+            f"--web-port={web_port}",
+            "--api-url=http://api.test:8000",
+            "--event-interval=0.2",
+            "--log-level=warning",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+        assert "http://api.test:8000" in wait_for(f"http://127.0.0.1:{web_port}/config.js").text
+        oidc = httpx.get(f"http://127.0.0.1:{port}/.well-known/openid-configuration").json()
+        assert oidc["issuer"] == f"http://127.0.0.1:{port}"
+        process.send_signal(sig)
+        out, err = process.communicate(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, err
+    assert f"http://127.0.0.1:{web_port}" in out
+    assert "Traceback" not in err
+
+
+def test_python_m_upstream_demo_exits_1_when_its_port_is_taken() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "upstream_demo", f"--port={port}", "--web-port=0"],
+            cwd=Path(__file__).resolve().parents[2],
+            capture_output=True,
+            text=True,
+            timeout=15,
+        )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,174 @@
+"""`python -m upstream_demo`: the demo backend on :9000 and the demo web page on :5173, one process.
+
+Both uvicorn servers share one event loop. Neither installs signal handlers of its own (uvicorn's
+would only stop the server that installed them last); this module catches SIGINT/SIGTERM once and
+stops both. A second Ctrl-C forces the exit without waiting for open connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Generator, Sequence
+
+import uvicorn
+
+from upstream_demo.app import create_app, create_web_app
+
+
+class EmbeddedServer(uvicorn.Server):
+    """A uvicorn server that leaves signal handling to its owner."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m upstream_demo",
+        description="The authproxy demo backend (REST, identity provider, /ws) and demo web page.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    parser.add_argument("--port", type=int, default=9000, help="backend port (default %(default)s)")
+    parser.add_argument(
+        "--event-interval",
+        type=float,
+        default=3.0,
+        help="seconds between simulator steps; 0 turns the simulator off (default %(default)s)",
+    )
+    parser.add_argument(
+        "--web-port",
+        type=int,
+        default=5173,
+        help="demo web page port; 0 disables the page (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-url",
+        default="http://localhost:8000",
+        help="base URL the page calls: the sidecar (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ws-url",
+        default="ws://localhost:8000/ws",
+        help="WebSocket URL the page opens (default %(default)s)",
+    )
+    parser.add_argument(
+        "--issuer", default=None, help="token issuer (default http://127.0.0.1:<port>)"
+    )
+    parser.add_argument(
+        "--token-ttl", type=int, default=300, help="access token lifetime, s (default %(default)s)"
+    )
+    parser.add_argument(
+        "--key-rotation-s",
+        type=float,
+        default=3600.0,
+        help="seconds between signing key rotations (default %(default)s)",
+    )
+    parser.add_argument(
+        "--key-grace-s",
+        type=float,
+        default=None,
+        help="seconds a rotated-out key stays in the JWKS (default 2 x --token-ttl)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    if args.issuer is None:
+        args.issuer = f"http://127.0.0.1:{args.port}"
+    if args.token_ttl <= 0:
+        parser.error("--token-ttl must be positive")
+    if args.key_rotation_s <= 0:
+        parser.error("--key-rotation-s must be positive")
+    return args
+
+
+def build_servers(args: argparse.Namespace) -> list[uvicorn.Server]:
+    app = create_app(
+        event_interval=args.event_interval,
+        issuer=args.issuer,
+        token_ttl=args.token_ttl,
+        key_rotation_s=args.key_rotation_s,
+        key_grace_s=args.key_grace_s,
+    )
+    servers: list[uvicorn.Server] = [
+        EmbeddedServer(
+            uvicorn.Config(
+                app,
+                host=args.host,
+                port=args.port,
+                log_level=args.log_level,
+                lifespan="on",
+                timeout_graceful_shutdown=3,
+            )
+        )
+    ]
+    if args.web_port:
+        web = create_web_app(api_url=args.api_url, ws_url=args.ws_url)
+        servers.append(
+            EmbeddedServer(
+                uvicorn.Config(
+                    web,
+                    host=args.host,
+                    port=args.web_port,
+                    log_level=args.log_level,
+                    lifespan="off",
+                    ws="none",
+                    timeout_graceful_shutdown=1,
+                )
+            )
+        )
+    return servers
+
+
+async def _run(server: uvicorn.Server) -> None:
+    # uvicorn calls sys.exit() when it cannot bind; turn that into "not started" for serve().
+    with contextlib.suppress(SystemExit):
+        await server.serve()
+
+
+async def serve(args: argparse.Namespace) -> int:
+    servers = build_servers(args)
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        tasks = [asyncio.create_task(_run(server)) for server in servers]
+        while not all(s.started for s in servers) and not any(t.done() for t in tasks):
+            await asyncio.sleep(0.05)
+        if all(s.started for s in servers):
+            print(f"upstream_demo backend   http://{args.host}:{args.port}", flush=True)
+            if args.web_port:
+                print(f"upstream_demo web page  http://{args.host}:{args.web_port}", flush=True)
+                print(f"  page calls API {args.api_url}  WS {args.ws_url}", flush=True)
+        # If one server fails to start (port taken), stop the other too.
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        failed = any(not s.started for s in servers)
+        return 1 if failed else 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,701 @@
+// authproxy demo page: the reference frontend client for the sidecar.
+//
+// ApiClient  - fetch wrapper: bearer token, proactive refresh ~30 s before expiry, one retry after
+//              refreshing on 401, exponential backoff on network errors, the sidecar's JSON errors.
+// LiveSocket - WebSocket client: token in the query string, state (connecting/open/reconnecting/
+//              closed), backoff + jitter, re-subscription, 4401 -> refresh and reconnect at once,
+//              4403 -> log out, queued sends while disconnected, seq gap detection.
+// UI         - login card, models table, create form, live event log.
+"use strict";
+
+const CONFIG = Object.assign(
+  { apiUrl: "http://localhost:8000", wsUrl: "ws://localhost:8000/ws" },
+  window.AUTHPROXY_CONFIG || {},
+);
+
+const REFRESH_MARGIN_MS = 30_000; // refresh this long before the access token expires
+const NETWORK_RETRIES = 3; // retries after the first attempt for network failures
+const WS_MAX_BACKOFF_MS = 30_000;
+const WS_IDLE_TIMEOUT_MS = 45_000; // three missed heartbeats: the socket is dead even if not closed
+const MAX_EVENTS = 200;
+const MAX_QUEUED = 100;
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A failed API call; `code`/`requestId` come from the sidecar's (or backend's) JSON error body. */
+class ApiError extends Error {
+  constructor(message, { status = 0, code = "network_error", requestId = null, details = null } = {}) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.code = code;
+    this.requestId = requestId;
+    this.details = details;
+  }
+}
+
+/** Tokens for this tab, kept in sessionStorage so a reload stays logged in. */
+class Session {
+  constructor(storage = window.sessionStorage) {
+    this.storage = storage;
+    this.data = null;
+    try {
+      this.data = JSON.parse(storage.getItem("authproxy-demo-session") || "null");
+    } catch {
+      this.data = null;
+    }
+  }
+  get accessToken() {
+    return this.data ? this.data.accessToken : null;
+  }
+  get refreshToken() {
+    return this.data ? this.data.refreshToken : null;
+  }
+  get expiresAt() {
+    return this.data ? this.data.expiresAt : 0;
+  }
+  get user() {
+    return this.data ? this.data.user : null;
+  }
+  set(grant) {
+    this.data = {
+      accessToken: grant.access_token,
+      refreshToken: grant.refresh_token,
+      expiresAt: Date.now() + grant.expires_in * 1000,
+      expiresIn: grant.expires_in,
+      user: grant.user,
+    };
+    this.storage.setItem("authproxy-demo-session", JSON.stringify(this.data));
+  }
+  clear() {
+    this.data = null;
+    this.storage.removeItem("authproxy-demo-session");
+  }
+}
+
+class ApiClient {
+  constructor(baseUrl, session, { onTokens = () => {}, onAuthLost = () => {} } = {}) {
+    this.baseUrl = baseUrl.replace(/\/+$/, "");
+    this.session = session;
+    this.onTokens = onTokens;
+    this.onAuthLost = onAuthLost;
+    this.refreshing = null; // one refresh in flight at a time, shared by all callers
+    this.refreshTimer = null;
+  }
+
+  async login(username, password) {
+    const grant = await this.request("POST", "/auth/login", {
+      body: { username, password },
+      auth: false,
+    });
+    this.acceptGrant(grant);
+    return grant;
+  }
+
+  logout() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    this.session.clear();
+  }
+
+  /** Exchange the refresh token (single-flight). Rejects and logs out when it is refused. */
+  refresh() {
+    if (!this.refreshing) {
+      this.refreshing = (async () => {
+        const refreshToken = this.session.refreshToken;
+        if (!refreshToken) throw new ApiError("not logged in", { status: 401, code: "unauthorized" });
+        try {
+          const grant = await this.request("POST", "/auth/refresh", {
+            body: { refresh_token: refreshToken },
+            auth: false,
+          });
+          this.acceptGrant(grant);
+          return grant;
+        } catch (err) {
+          if (err.status === 401 || err.status === 400 || err.status === 422) {
+            this.logout();
+            this.onAuthLost(err);
+          }
+          throw err;
+        }
+      })().finally(() => {
+        this.refreshing = null;
+      });
+    }
+    return this.refreshing;
+  }
+
+  /** A usable access token, refreshed first if it is about to expire. */
+  async freshToken() {
+    if (this.session.refreshToken && this.session.expiresAt - Date.now() < REFRESH_MARGIN_MS / 3) {
+      await this.refresh();
+    }
+    return this.session.accessToken;
+  }
+
+  acceptGrant(grant) {
+    this.session.set(grant);
+    this.scheduleRefresh();
+    this.onTokens(grant);
+  }
+
+  scheduleRefresh() {
+    clearTimeout(this.refreshTimer);
+    if (!this.session.refreshToken) return;
+    const lifetime = this.session.expiresAt - Date.now();
+    // 30 s before expiry; for very short-lived tokens, at 3/4 of their life.
+    const due = Math.max(1000, Math.min(lifetime - REFRESH_MARGIN_MS, lifetime * 0.75));
+    this.refreshTimer = setTimeout(() => {
+      this.refresh().catch((err) => {
+        // Network trouble: try again shortly; a refused token already logged us out.
+        if (err.status === 0) this.refreshTimer = setTimeout(() => this.scheduleRefresh(), 5000);
+      });
+    }, due);
+  }
+
+  async request(method, path, { body, auth = true, retryOn401 = true } = {}) {
+    const headers = { Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    if (auth && this.session.accessToken) headers.Authorization = `Bearer ${this.session.accessToken}`;
+    const response = await this.fetchWithBackoff(`${this.baseUrl}${path}`, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      mode: "cors",
+      credentials: "include",
+    });
+    if (response.status === 401 && auth && retryOn401 && this.session.refreshToken) {
+      await this.refresh(); // throws (and logs out) if the refresh token is refused
+      return this.request(method, path, { body, auth, retryOn401: false });
+    }
+    if (!response.ok) throw await ApiClient.errorFrom(response);
+    if (response.status === 204) return null;
+    const data = await response.json().catch(() => null);
+    const total = response.headers.get("X-Total-Count");
+    if (Array.isArray(data) && total !== null) data.total = Number(total);
+    return data;
+  }
+
+  async fetchWithBackoff(url, init) {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await fetch(url, init);
+      } catch (err) {
+        // fetch rejects only on network failure (or a CORS refusal, which looks the same).
+        if (attempt >= NETWORK_RETRIES) {
+          throw new ApiError(`network error calling ${url}: ${err.message}`);
+        }
+        const delay = 300 * 2 ** attempt * (0.75 + Math.random() / 2);
+        await sleep(delay);
+      }
+    }
+  }
+
+  static async errorFrom(response) {
+    let body = null;
+    try {
+      body = await response.json();
+    } catch {
+      body = null;
+    }
+    const requestId = (body && body.request_id) || response.headers.get("X-Request-ID");
+    const code = (body && body.error) || `http_${response.status}`;
+    const message = (body && body.message) || response.statusText || `HTTP ${response.status}`;
+    return new ApiError(message, {
+      status: response.status,
+      code,
+      requestId,
+      details: body && body.details,
+    });
+  }
+}
+
+class LiveSocket {
+  constructor(url, api, { onMessage, onState, onNote, onForbidden }) {
+    this.url = url;
+    this.api = api;
+    this.onMessage = onMessage;
+    this.onState = onState;
+    this.onNote = onNote;
+    this.onForbidden = onForbidden;
+    this.ws = null;
+    this.state = "closed";
+    this.topics = new Set();
+    this.queue = [];
+    this.attempt = 0;
+    this.lastSeq = null;
+    this.stopped = true;
+    this.reconnectTimer = null;
+    this.idleTimer = null;
+    this.connToken = null;
+  }
+
+  setState(state) {
+    this.state = state;
+    this.onState(state);
+  }
+
+  start() {
+    this.stopped = false;
+    this.attempt = 0;
+    this.connect();
+  }
+
+  stop() {
+    this.stopped = true;
+    clearTimeout(this.reconnectTimer);
+    clearTimeout(this.idleTimer);
+    this.queue = [];
+    if (this.ws) {
+      const ws = this.ws;
+      this.ws = null;
+      ws.close(1000, "logout");
+    }
+    this.setState("closed");
+  }
+
+  subscribe(topics) {
+    topics.forEach((t) => this.topics.add(t));
+    this.send({ type: "subscribe", topics });
+  }
+
+  send(message) {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(JSON.stringify(message));
+    } else {
+      this.queue.push(message);
+      if (this.queue.length > MAX_QUEUED) this.queue.shift();
+    }
+  }
+
+  async connect() {
+    if (this.stopped) return;
+    this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
+    let token;
+    try {
+      token = await this.api.freshToken();
+    } catch {
+      token = null;
+    }
+    if (this.stopped) return;
+    if (!token) {
+      this.stop();
+      return;
+    }
+    this.connToken = token;
+    const ws = new WebSocket(`${this.url}?access_token=${encodeURIComponent(token)}`);
+    this.ws = ws;
+    this.lastSeq = null; // seq numbering is per connection
+    ws.onopen = () => {
+      if (this.ws !== ws) return;
+      this.attempt = 0;
+      this.setState("open");
+      this.armIdleTimer();
+      // Re-subscribe first: the server has forgotten our topics. Then flush what queued up,
+      // minus subscribes the line above already covers.
+      const pending = this.queue.filter((m) => m.type !== "subscribe");
+      this.queue = [];
+      if (this.topics.size) ws.send(JSON.stringify({ type: "subscribe", topics: [...this.topics] }));
+      pending.forEach((m) => ws.send(JSON.stringify(m)));
+    };
+    ws.onmessage = (event) => {
+      if (this.ws !== ws) return;
+      this.armIdleTimer();
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        this.onNote("ignored a non-JSON message", "warn");
+        return;
+      }
+      if (typeof message.seq === "number") {
+        if (this.lastSeq !== null && message.seq !== this.lastSeq + 1) {
+          const lost = message.seq - this.lastSeq - 1;
+          this.onNote(`seq gap: ${lost} message(s) lost (${this.lastSeq} → ${message.seq})`, "warn");
+        }
+        this.lastSeq = message.seq;
+      }
+      this.onMessage(message);
+    };
+    ws.onclose = (event) => {
+      if (this.ws !== ws) return;
+      this.ws = null;
+      clearTimeout(this.idleTimer);
+      this.handleClose(event.code, event.reason);
+    };
+    // onerror is always followed by onclose, which decides what to do.
+    ws.onerror = () => {};
+  }
+
+  armIdleTimer() {
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => {
+      if (this.ws) {
+        this.onNote("no message for 45 s, reconnecting", "warn");
+        this.ws.close(4000, "idle");
+      }
+    }, WS_IDLE_TIMEOUT_MS);
+  }
+
+  async handleClose(code, reason) {
+    if (this.stopped) return;
+    const why = reason ? ` ${reason}` : "";
+    if (code === 4401) {
+      this.onNote(`closed 4401${why || " token expired"}: reconnecting now with a fresh token`);
+      // The proactive refresh usually got there first; refresh only if this socket's token is
+      // still the newest we have.
+      if (this.api.session.accessToken === this.connToken) {
+        try {
+          await this.api.refresh();
+        } catch {
+          // refused: refresh() already logged us out; a network error falls to the next connect
+        }
+      }
+      if (this.stopped) return;
+      this.attempt = 0;
+      this.connect();
+      return;
+    }
+    if (code === 4403) {
+      this.onNote(`closed 4403${why}: access revoked`, "warn");
+      this.stop();
+      this.onForbidden();
+      return;
+    }
+    const delay = Math.min(WS_MAX_BACKOFF_MS, 500 * 2 ** this.attempt);
+    const jittered = Math.round(delay / 2 + Math.random() * (delay / 2));
+    this.attempt += 1;
+    this.onNote(`closed ${code}${why}; reconnecting in ${(jittered / 1000).toFixed(1)} s`);
+    this.setState("reconnecting");
+    this.reconnectTimer = setTimeout(() => this.connect(), jittered);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// UI
+
+const $ = (selector) => document.querySelector(selector);
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key === "dataset") Object.assign(node.dataset, value);
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) {
+    if (child !== null && child !== undefined) node.append(child);
+  }
+  return node;
+}
+
+function statusBadge(status) {
+  return el("span", { class: `badge status-${status}` }, status);
+}
+
+function clock(date = new Date()) {
+  return date.toLocaleTimeString([], { hour12: false });
+}
+
+class DemoPage {
+  constructor() {
+    this.session = new Session();
+    this.api = new ApiClient(CONFIG.apiUrl, this.session, {
+      onTokens: () => this.renderUser(),
+      onAuthLost: (err) => this.loggedOut(`Session ended: ${err.message}`),
+    });
+    this.socket = new LiveSocket(CONFIG.wsUrl, this.api, {
+      onMessage: (m) => this.onSocketMessage(m),
+      onState: (s) => this.renderSocketState(s),
+      onNote: (text, level) => this.note(text, level),
+      onForbidden: () => this.loggedOut("Access revoked (WebSocket closed with 4403)"),
+    });
+    this.models = new Map();
+    this.reloadTimer = null;
+  }
+
+  init() {
+    $("#api-url").textContent = CONFIG.apiUrl;
+    $("#ws-url").textContent = `WebSocket ${CONFIG.wsUrl}`;
+    $("#login-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.login();
+    });
+    $("#prefill-admin").addEventListener("click", () => this.prefill("admin@example.com", "admin"));
+    $("#prefill-viewer").addEventListener("click", () =>
+      this.prefill("viewer@example.com", "viewer"),
+    );
+    $("#logout-button").addEventListener("click", () => this.logout());
+    $("#refresh-models").addEventListener("click", () => this.loadModels());
+    $("#clear-events").addEventListener("click", () => ($("#events").textContent = ""));
+    $("#error-dismiss").addEventListener("click", () => this.showError(null));
+    $("#whoami-button").addEventListener("click", () => this.whoami());
+    $("#create-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.createModel();
+    });
+    setInterval(() => this.renderExpiry(), 1000);
+    this.renderSocketState("closed");
+    if (this.session.refreshToken) {
+      // Reload with a live session: resume it (refreshing first if the access token is stale).
+      this.api
+        .freshToken()
+        .then(() => {
+          this.api.scheduleRefresh();
+          this.loggedIn();
+        })
+        .catch((err) => this.loggedOut(err.status === 0 ? err.message : null));
+    } else {
+      this.loggedOut(null);
+    }
+  }
+
+  prefill(username, password) {
+    $("#username").value = username;
+    $("#password").value = password;
+  }
+
+  showError(err) {
+    if (!err) {
+      $("#error").textContent = "";
+      $("#error-box").hidden = true;
+      return;
+    }
+    let text = typeof err === "string" ? err : err.message;
+    if (err.code && err.code !== "network_error") text = `${err.code}: ${text}`;
+    if (err.status) text = `${err.status} ${text}`;
+    if (err.requestId) text += ` (request ${err.requestId})`;
+    $("#error").textContent = text;
+    $("#error-box").hidden = false;
+  }
+
+  async login() {
+    const button = $("#login-button");
+    button.disabled = true;
+    try {
+      await this.api.login($("#username").value.trim(), $("#password").value);
+      $("#password").value = "";
+      this.showError(null);
+      this.loggedIn();
+    } catch (err) {
+      this.showError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  logout() {
+    this.api.logout();
+    this.loggedOut(null);
+  }
+
+  loggedIn() {
+    $("#login-card").hidden = true;
+    $("#app-view").hidden = false;
+    this.renderUser();
+    this.socket.stop();
+    this.socket.topics.clear();
+    this.socket.subscribe(["models"]);
+    this.socket.start();
+    this.loadModels();
+  }
+
+  loggedOut(message) {
+    this.socket.stop();
+    this.api.logout();
+    this.models.clear();
+    $("#models-body").textContent = "";
+    $("#app-view").hidden = true;
+    $("#login-card").hidden = false;
+    this.renderUser();
+    if (message) this.showError(message);
+  }
+
+  renderUser() {
+    const user = this.session.user;
+    $("#user").textContent = user ? user.sub : "";
+    $("#user-scopes").textContent = user ? user.scopes.join(" ") : "";
+    $("#user-box").hidden = !user;
+    this.renderExpiry();
+  }
+
+  renderExpiry() {
+    const left = Math.round((this.session.expiresAt - Date.now()) / 1000);
+    $("#token-expiry").textContent = this.session.user ? `token ${Math.max(0, left)} s` : "";
+  }
+
+  renderSocketState(state) {
+    const badge = $("#ws-state");
+    badge.textContent = state;
+    badge.className = `badge ws-${state}`;
+  }
+
+  // -- models ---------------------------------------------------------------------------------
+
+  async loadModels() {
+    try {
+      const models = await this.api.request("GET", "/api/models?limit=100");
+      this.models = new Map(models.map((m) => [m.id, m]));
+      const total = models.total ?? models.length;
+      $("#models-count").textContent = `(${total})`;
+      this.renderModels();
+    } catch (err) {
+      this.showError(err);
+    }
+  }
+
+  scheduleReload() {
+    clearTimeout(this.reloadTimer);
+    this.reloadTimer = setTimeout(() => this.loadModels(), 300);
+  }
+
+  renderModels() {
+    const body = $("#models-body");
+    body.textContent = "";
+    if (!this.models.size) {
+      body.append(el("tr", {}, el("td", { class: "empty", colspan: "5" }, "No models yet.")));
+      return;
+    }
+    for (const model of this.models.values()) body.append(this.modelRow(model));
+  }
+
+  modelRow(model) {
+    // Offer only the transition that makes sense from the current status.
+    const idle = { start: ["stopped", "stopping"], stop: ["running", "starting"] };
+    const action = (label, verb) => {
+      const button = el(
+        "button",
+        {
+          type: "button",
+          class: `ghost small ${verb}`,
+          "data-action": verb,
+          onclick: () => this.modelAction(model.id, verb),
+        },
+        label,
+      );
+      button.disabled = !idle[verb].includes(model.status);
+      return button;
+    };
+    return el(
+      "tr",
+      { dataset: { modelId: model.id } },
+      el("td", { class: "name" }, model.name, el("span", { class: "id" }, model.id)),
+      el("td", { class: "framework" }, model.framework),
+      el("td", { class: "status" }, statusBadge(model.status)),
+      el("td", { class: "created-by muted" }, model.created_by || "—"),
+      el("td", { class: "actions" }, action("Start", "start"), " ", action("Stop", "stop")),
+    );
+  }
+
+  updateRow(modelId, status) {
+    const row = document.querySelector(`tr[data-model-id="${CSS.escape(modelId)}"]`);
+    if (status === "deleted") {
+      this.models.delete(modelId);
+      if (row) row.remove();
+      return;
+    }
+    const model = this.models.get(modelId);
+    if (!model || !row) {
+      this.scheduleReload(); // a model we have not seen yet
+      return;
+    }
+    model.status = status;
+    const fresh = this.modelRow(model);
+    fresh.classList.add("flash");
+    row.replaceWith(fresh);
+  }
+
+  async modelAction(modelId, verb) {
+    try {
+      const model = await this.api.request("POST", `/api/models/${encodeURIComponent(modelId)}/${verb}`);
+      if (model) this.updateRow(model.id, model.status);
+    } catch (err) {
+      this.showError(err);
+    }
+  }
+
+  async createModel() {
+    const name = $("#model-name").value.trim();
+    if (!name) return;
+    try {
+      const model = await this.api.request("POST", "/api/models", {
+        body: { name, framework: $("#model-framework").value },
+      });
+      $("#model-name").value = "";
+      this.models.set(model.id, model);
+      this.renderModels();
+      this.showError(null);
+    } catch (err) {
+      this.showError(err);
+    }
+  }
+
+  async whoami() {
+    try {
+      const me = await this.api.request("GET", "/api/whoami");
+      $("#whoami").textContent = JSON.stringify(
+        { identity_headers: me.identity_headers, scopes: me.scopes },
+        null,
+        2,
+      );
+    } catch (err) {
+      this.showError(err);
+    }
+  }
+
+  // -- live events ----------------------------------------------------------------------------
+
+  onSocketMessage(message) {
+    switch (message.type) {
+      case "model_update":
+        this.logEvent(message);
+        this.updateRow(message.model_id, message.status);
+        break;
+      case "subscribed":
+        this.note(`subscribed to ${message.topics.join(", ")}`);
+        break;
+      case "error":
+        this.note(`server: ${message.message}`, "warn");
+        break;
+      default:
+        break; // heartbeat, pong, unsubscribed
+    }
+  }
+
+  logEvent(message) {
+    const details = message.details || {};
+    const from = details.previous_status ? `${details.previous_status} → ` : "";
+    const action = details.action ? ` (${details.action})` : "";
+    const entry = el(
+      "li",
+      { class: "event", dataset: { modelId: message.model_id, seq: String(message.seq) } },
+      el("time", { datetime: message.timestamp }, clock(new Date(message.timestamp))),
+      el(
+        "span",
+        { class: "what" },
+        el("strong", {}, message.model_id),
+        ` ${from}`,
+        statusBadge(message.status),
+        action,
+      ),
+      el("span", { class: "seq", title: "sequence number" }, `#${message.seq}`),
+    );
+    this.prepend(entry);
+  }
+
+  note(text, level = "") {
+    this.prepend(
+      el("li", { class: `note ${level}`.trim() }, el("time", {}, clock()), el("span", {}, text)),
+    );
+  }
+
+  prepend(entry) {
+    const list = $("#events");
+    list.prepend(entry);
+    while (list.children.length > MAX_EVENTS) list.lastElementChild.remove();
+  }
+}
+
+window.authproxyDemo = new DemoPage();
+window.authproxyDemo.init();
