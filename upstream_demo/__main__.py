@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Generator, Sequence
@@ -57,6 +58,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="WebSocket URL the page opens (default %(default)s)",
     )
     parser.add_argument(
+        "--identity-secret-env",
+        default=None,
+        metavar="NAME",
+        help="check the sidecar's X-Auth-Signature with the secret in this environment variable "
+        "(the sidecar's [identity] sign = true, same secret_env)",
+    )
+    parser.add_argument(
         "--issuer", default=None, help="token issuer (default http://127.0.0.1:<port>)"
     )
     parser.add_argument(
@@ -90,6 +98,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _identity_secret(env: str | None) -> bytes | None:
+    if env is None:
+        return None
+    secret = os.environ.get(env)
+    if not secret:
+        raise SystemExit(f"upstream_demo: --identity-secret-env: {env} is not set")
+    return secret.encode()
+
+
 def build_servers(args: argparse.Namespace) -> list[uvicorn.Server]:
     app = create_app(
         event_interval=args.event_interval,
@@ -97,6 +114,7 @@ def build_servers(args: argparse.Namespace) -> list[uvicorn.Server]:
         token_ttl=args.token_ttl,
         key_rotation_s=args.key_rotation_s,
         key_grace_s=args.key_grace_s,
+        identity_secret=_identity_secret(args.identity_secret_env),
     )
     servers: list[uvicorn.Server] = [
         EmbeddedServer(

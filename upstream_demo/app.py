@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -27,6 +28,7 @@ from starlette.websockets import WebSocket
 
 from upstream_demo.events import EventBus, ModelSimulator
 from upstream_demo.idp import AuthError, IdentityProvider, KeyRing
+from upstream_demo.signature import IdentitySignatureCheck
 from upstream_demo.store import ConflictError, ModelCreate, ModelPatch, ModelReplace, ModelStore
 from upstream_demo.ws import EventSession
 
@@ -417,10 +419,13 @@ def create_app(
     clock: Callable[[], float] = time.time,
     rng: random.Random | None = None,
     store: ModelStore | None = None,
+    identity_secret: bytes | None = None,
 ) -> Starlette:
     """The backend app. `simulate=False` (or `event_interval <= 0`) turns the random steps off.
 
     `clock` drives token times and key rotation, so tests can step through rotations.
+    `identity_secret` makes the app refuse requests whose identity headers the sidecar did not
+    sign (`[identity] sign = true` in the sidecar's config).
     """
     store = store or ModelStore()
     bus = EventBus()
@@ -453,7 +458,10 @@ def create_app(
         token_delay_s=token_delay_s,
         simulate=simulate and event_interval > 0,
     )
-    app = Starlette(routes=backend.routes(), lifespan=backend.lifespan)
+    middleware = []
+    if identity_secret is not None:
+        middleware.append(Middleware(IdentitySignatureCheck, secret=identity_secret))
+    app = Starlette(routes=backend.routes(), lifespan=backend.lifespan, middleware=middleware)
     app.state.backend = backend
     return app
 

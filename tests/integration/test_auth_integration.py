@@ -1,0 +1,344 @@
+"""Authentication and identity through a real sidecar: what the client gets, what the upstream sees,
+and every way a client could try to impersonate someone."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from tests.support.servers import (
+    ROOT,
+    Process,
+    Sidecar,
+    free_port,
+    start_sidecar,
+    wait_for_port,
+)
+
+SECRET = "integration-secret-integration-secret!"
+ISSUER = "https://idp.test"
+READ_KEY = "ak_read_0123456789"
+WRITE_KEY = "ak_write_0123456789"
+ENV = {"TEST_HS_SECRET": SECRET, "TEST_IDENTITY_SECRET": "identity-shared-secret"}
+
+
+def sha(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+CONFIG = f"""
+[[auth.jwt.providers]]
+name = "test"
+issuer = "{ISSUER}"
+audiences = ["api"]
+secret_env = "TEST_HS_SECRET"
+algorithms = ["HS256"]
+leeway_s = 0
+claim_headers = {{ "X-User-Email" = "email" }}
+
+[auth.api_keys]
+header = "X-API-Key"
+[[auth.api_keys.keys]]
+id = "reader"
+sha256 = "{sha(READ_KEY)}"
+scopes = ["models:read"]
+[[auth.api_keys.keys]]
+id = "writer"
+sha256 = "{sha(WRITE_KEY)}"
+scopes = ["models:read", "models:write"]
+
+[[routes]]
+path = "/echo/write/*"
+auth = ["jwt", "api_key"]
+scopes = ["models:write"]
+[[routes]]
+path = "/echo/optional/*"
+auth = ["jwt"]
+auth_optional = true
+[[routes]]
+path = "/echo/*"
+auth = ["jwt", "api_key"]
+[[routes]]
+path = "/public/*"
+auth = "public"
+"""
+
+
+def token(**claims: Any) -> str:
+    now = int(time.time())
+    payload = {
+        "sub": "alice@example.com",
+        "iss": ISSUER,
+        "aud": "api",
+        "exp": now + 300,
+        "iat": now,
+        "scope": "models:read",
+        "email": "alice@example.com",
+        **claims,
+    }
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+def bearer(t: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {t}"}
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory, upstream: Process) -> Iterator[Sidecar]:
+    s = start_sidecar(tmp_path_factory.mktemp("auth"), upstream.port, CONFIG, env=ENV)
+    yield s
+    s.stop()
+
+
+def seen(response: httpx.Response) -> dict[str, list[str]]:
+    assert response.status_code == 200, response.text
+    out: dict[str, list[str]] = {}
+    for k, v in response.json()["headers"]:
+        out.setdefault(k.lower(), []).append(v)
+    return out
+
+
+def test_missing_credentials_is_401_with_a_plain_bearer_challenge(sidecar: Sidecar) -> None:
+    r = httpx.get(f"{sidecar.url}/echo/x")
+    assert r.status_code == 401
+    assert r.json()["error"] == "unauthorized"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+    assert "invalid_token" not in r.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason_word"),
+    [
+        ("not-a-jwt", ""),
+        (token(exp=int(time.time()) - 10), "expired"),
+        (token(aud="other"), "audience"),
+        (token(iss="https://evil.test"), "issuer"),
+        (
+            jwt.encode(
+                {"sub": "x", "iss": ISSUER, "aud": "api", "exp": int(time.time()) + 60},
+                "wrong-secret-wrong-secret-wrong-secret",
+                algorithm="HS256",
+            ),
+            "signature",
+        ),
+    ],
+)
+def test_bad_tokens_are_401_invalid_token_with_a_reason(
+    sidecar: Sidecar, bad: str, reason_word: str
+) -> None:
+    r = httpx.get(f"{sidecar.url}/echo/x", headers=bearer(bad))
+    assert r.status_code == 401
+    body = r.json()
+    assert body["error"] == "unauthorized"
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    assert reason_word in body["message"].lower()
+    assert bad not in r.text  # the token is never echoed
+
+
+def test_missing_scope_is_403_insufficient_scope(sidecar: Sidecar) -> None:
+    r = httpx.post(f"{sidecar.url}/echo/write/x", headers=bearer(token()))
+    assert r.status_code == 403
+    assert r.json()["error"] == "forbidden"
+    challenge = r.headers["www-authenticate"]
+    assert 'error="insufficient_scope"' in challenge and 'scope="models:write"' in challenge
+    ok = httpx.post(
+        f"{sidecar.url}/echo/write/x", headers=bearer(token(scope="models:read models:write"))
+    )
+    assert ok.status_code == 200
+
+
+def test_a_valid_jwt_tells_the_upstream_who_called_and_keeps_the_token_to_itself(
+    sidecar: Sidecar,
+) -> None:
+    t = token(scope="models:read extra")
+    h = seen(httpx.get(f"{sidecar.url}/echo/x?token={t}&keep=1", headers=bearer(t)))
+    assert h["x-auth-subject"] == ["alice@example.com"]
+    assert h["x-auth-method"] == ["jwt"]
+    assert h["x-auth-scopes"] == ["extra models:read"]
+    assert h["x-auth-issuer"] == [ISSUER]
+    assert h["x-user-email"] == ["alice@example.com"]
+    assert "authorization" not in h
+    r = httpx.get(f"{sidecar.url}/echo/x?token={t}&keep=1", headers=bearer(t))
+    assert r.json()["query_string"] == "keep=1"
+
+
+def test_api_key_identity_and_the_key_header_is_not_forwarded(sidecar: Sidecar) -> None:
+    h = seen(httpx.get(f"{sidecar.url}/echo/x", headers={"X-API-Key": READ_KEY}))
+    assert h["x-auth-subject"] == ["reader"]
+    assert h["x-auth-method"] == ["api_key"]
+    assert h["x-auth-scopes"] == ["models:read"]
+    assert "x-api-key" not in h and "x-auth-issuer" not in h
+    assert (
+        httpx.get(f"{sidecar.url}/echo/x", headers={"X-API-Key": "ak_unknown"}).status_code == 401
+    )
+
+
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        {"X-Auth-Subject": "admin@example.com"},
+        {"x-auth-subject": "admin@example.com", "X-Auth-Scopes": "models:write"},
+        {"X-AUTH-METHOD": "api_key", "X-Auth-Issuer": "https://evil.test"},
+        {"X-User-Email": "admin@example.com"},
+        {"Connection": "X-Auth-Subject, X-User-Email", "X-Auth-Subject": "admin@example.com"},
+        {"X-Auth-Signature": "v1=00"},
+    ],
+)
+def test_identity_headers_cannot_be_spoofed(sidecar: Sidecar, spoof: dict[str, str]) -> None:
+    h = seen(httpx.get(f"{sidecar.url}/echo/x", headers={**bearer(token()), **spoof}))
+    assert h["x-auth-subject"] == ["alice@example.com"]
+    assert h["x-auth-method"] == ["jwt"]
+    assert h["x-auth-scopes"] == ["models:read"]
+    assert h["x-auth-issuer"] == [ISSUER]
+    assert h["x-user-email"] == ["alice@example.com"]
+    assert "x-auth-signature" not in h
+
+
+def test_spoofed_identity_on_a_public_route_is_stripped(sidecar: Sidecar) -> None:
+    h = seen(httpx.get(f"{sidecar.url}/public/x", headers={"X-Auth-Subject": "admin"}))
+    assert not [k for k in h if k.startswith("x-auth-")]
+
+
+def test_auth_optional_passes_anonymous_but_refuses_a_bad_token(sidecar: Sidecar) -> None:
+    h = seen(httpx.get(f"{sidecar.url}/echo/optional/x", headers={"X-Auth-Subject": "admin"}))
+    assert "x-auth-subject" not in h
+    assert httpx.get(f"{sidecar.url}/echo/optional/x", headers=bearer("garbage")).status_code == 401
+    h = seen(httpx.get(f"{sidecar.url}/echo/optional/x", headers=bearer(token())))
+    assert h["x-auth-subject"] == ["alice@example.com"]
+
+
+def test_query_tokens_are_not_credentials_on_rest(sidecar: Sidecar) -> None:
+    r = httpx.get(f"{sidecar.url}/echo/x?access_token={token()}")
+    assert r.status_code == 401
+
+
+def test_credentials_are_forwarded_only_when_configured(tmp_path: Path, upstream: Process) -> None:
+    s = start_sidecar(
+        tmp_path, upstream.port, CONFIG + "\n[auth]\nforward_credentials = true\n", env=ENV
+    )
+    try:
+        t = token()
+        h = seen(httpx.get(f"{s.url}/echo/x", headers={**bearer(t), "X-API-Key": READ_KEY}))
+        assert h["authorization"] == [f"Bearer {t}"]
+    finally:
+        s.stop()
+
+
+def test_the_sidecar_never_logs_tokens_or_keys(sidecar: Sidecar) -> None:
+    t = token(sub="logcheck")
+    httpx.get(f"{sidecar.url}/echo/x", headers=bearer(t))
+    httpx.get(f"{sidecar.url}/echo/x", headers={"X-API-Key": READ_KEY})
+    httpx.get(f"{sidecar.url}/echo/x", headers=bearer(t + "tampered"))
+    time.sleep(0.3)
+    output = sidecar.output()
+    assert '"subject":"logcheck"' in output
+    signature_part = t.rsplit(".", 1)[1]
+    assert signature_part not in output and READ_KEY not in output and SECRET not in output
+
+
+def test_keys_file_reload_on_sighup_revokes_and_adds_keys(
+    tmp_path: Path, upstream: Process
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(f'[[keys]]\nid = "rotating"\nsha256 = "{sha("ak_old_key")}"\n')
+    body = f"""
+        [auth.api_keys]
+        keys_file = "{keys}"
+        watch_interval_s = 0
+        [[routes]]
+        path = "/*"
+        auth = ["api_key"]
+        """
+    s = start_sidecar(tmp_path, upstream.port, body)
+    try:
+        assert httpx.get(f"{s.url}/echo/x", headers={"X-API-Key": "ak_old_key"}).status_code == 200
+        keys.write_text(
+            f'[[keys]]\nid = "rotating"\nsha256 = "{sha("ak_old_key")}"\n'
+            f"disabled = true\n"
+            f'[[keys]]\nid = "next"\nsha256 = "{sha("ak_new_key")}"\n'
+        )
+        s.process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{s.url}/echo/x", headers={"X-API-Key": "ak_old_key"}).status_code != 401:
+            assert time.monotonic() < deadline, "the disabled key still works after SIGHUP"
+            time.sleep(0.1)
+        r = httpx.get(f"{s.url}/echo/x", headers={"X-API-Key": "ak_new_key"})
+        assert r.status_code == 200
+        keys.write_text("[[keys]\nbroken")  # a bad file keeps the last good set
+        s.process.signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert httpx.get(f"{s.url}/echo/x", headers={"X-API-Key": "ak_new_key"}).status_code == 200
+        assert s.process.proc.poll() is None
+    finally:
+        s.stop()
+
+
+def test_signed_identity_is_checked_by_upstream_demo(tmp_path: Path) -> None:
+    port = free_port()
+    with open(tmp_path / "demo.log", "wb") as log:
+        demo = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "upstream_demo",
+                "--port",
+                str(port),
+                "--web-port",
+                "0",
+                "--event-interval",
+                "0",
+                "--identity-secret-env",
+                "TEST_IDENTITY_SECRET",
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **ENV},
+        )
+    try:
+        wait_for_port(port, demo)  # type: ignore[arg-type]
+        body = CONFIG + '\n[identity]\nsign = true\nsecret_env = "TEST_IDENTITY_SECRET"\n'
+        s = start_sidecar(
+            tmp_path, port, body.replace('path = "/echo/*"', 'path = "/api/*"'), env=ENV
+        )
+        try:
+            r = httpx.get(f"{s.url}/api/whoami", headers=bearer(token()))
+            assert r.status_code == 200, r.text
+            assert r.json()["subject"] == "alice@example.com"
+            # Straight to the upstream with forged identity headers: refused.
+            forged = httpx.get(
+                f"http://127.0.0.1:{port}/api/whoami",
+                headers={
+                    "X-Auth-Subject": "admin@example.com",
+                    "X-Auth-Method": "jwt",
+                    "X-Auth-Signature": "v1=" + "0" * 64,
+                },
+            )
+            assert forged.status_code == 401
+        finally:
+            s.stop()
+        wrong = start_sidecar(
+            tmp_path,
+            port,
+            body.replace('path = "/echo/*"', 'path = "/api/*"'),
+            env={**ENV, "TEST_IDENTITY_SECRET": "another-secret"},
+        )
+        try:
+            r = httpx.get(f"{wrong.url}/api/whoami", headers=bearer(token()))
+            assert r.status_code == 401
+        finally:
+            wrong.stop()
+    finally:
+        demo.terminate()
+        demo.wait(10)
