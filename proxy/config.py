@@ -124,7 +124,7 @@ class CorsSettings(_Frozen):
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for m in value:
-            if m != "*" and not _TOKEN.match(m):
+            if m != "*" and not _TOKEN.fullmatch(m):
                 raise ValueError(f"not an HTTP method: {m!r}")
         return tuple(m.upper() for m in value)
 
@@ -132,7 +132,7 @@ class CorsSettings(_Frozen):
     @classmethod
     def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for h in value:
-            if h != "*" and not _TOKEN.match(h):
+            if h != "*" and not _TOKEN.fullmatch(h):
                 raise ValueError(f"not a header name: {h!r}")
         return value
 
@@ -219,7 +219,7 @@ class JwtProviderSettings(_Frozen):
     @classmethod
     def _claim_headers(cls, value: dict[str, str]) -> dict[str, str]:
         for header in value:
-            if not _TOKEN.match(header):
+            if not _TOKEN.fullmatch(header):
                 raise ValueError(f"not a header name: {header!r}")
             if header.lower().startswith("x-auth-"):
                 raise ValueError(f"{header!r}: X-Auth-* headers are set by the sidecar itself")
@@ -305,7 +305,7 @@ class ApiKeysSettings(_Frozen):
     @field_validator("header")
     @classmethod
     def _header(cls, value: str) -> str:
-        if not _TOKEN.match(value):
+        if not _TOKEN.fullmatch(value):
             raise ValueError(f"not a header name: {value!r}")
         return value
 
@@ -348,7 +348,7 @@ class RouteSettings(_Frozen):
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for m in value:
-            if not _TOKEN.match(m):
+            if not _TOKEN.fullmatch(m):
                 raise ValueError(f"not an HTTP method: {m!r}")
         return tuple(m.upper() for m in value)
 
@@ -399,6 +399,9 @@ class WebSocketSettings(_Frozen):
     drain_s: float = Field(default=5.0, ge=0)
     ping_interval_s: float = Field(default=20.0, ge=0)
     queue_messages: int = Field(default=16, ge=1)
+    # permessage-deflate toward the upstream: off by default, the upstream is pod-local and
+    # deflate there costs CPU both ends and lets one read inflate into many buffered messages.
+    upstream_compression: bool = False
 
 
 class IdentitySettings(_Frozen):
@@ -457,7 +460,7 @@ class _KeyedError(ValueError):
 
 def _check_scopes(value: tuple[str, ...]) -> tuple[str, ...]:
     for s in value:
-        if not _SCOPE.match(s):
+        if not _SCOPE.fullmatch(s):
             raise ValueError(f"not a scope token: {s!r}")
     return value
 

@@ -173,10 +173,9 @@ class GatewayTimeout(ProxyError):
 
 
 def _quote(value: str) -> str:
-    # RFC 6750 auth-param values are quoted-strings: drop what cannot appear inside one.
-    return (
-        '"' + value.replace("\\", "").replace('"', "'").replace("\r", " ").replace("\n", " ") + '"'
-    )
+    # RFC 6750 auth-param values are quoted-strings of printable ASCII without `"` and `\`:
+    # anything else (an operator's non-ASCII provider name, say) is replaced, never a crash.
+    return '"' + "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in value) + '"'
 
 
 def bearer_challenge(

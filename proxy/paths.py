@@ -25,7 +25,7 @@ def judge_path(raw_path: bytes) -> tuple[str, bytes]:
     """Return (the decoded path the policy judges, the canonical raw path sent upstream)."""
     if not raw_path.startswith(b"/"):
         raise BadRequest("the request target must be an absolute path", details={"reason": "form"})
-    if _CANONICAL.match(raw_path):
+    if _CANONICAL.fullmatch(raw_path):
         path = raw_path.decode("ascii")
         _check_segments(path)
         return path, raw_path

@@ -67,7 +67,7 @@ class Request:
                 r.host = value.decode("latin-1")
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
-                if _SANE_REQUEST_ID.match(candidate):
+                if _SANE_REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
             elif name == b"content-length":
                 if not value.isdigit() or (

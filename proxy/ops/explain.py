@@ -32,7 +32,7 @@ def _split_target(target: str) -> tuple[str, str]:
 
 
 def _line(label: str, text: str) -> str:
-    return f"{label + ':':<13} {text}"
+    return f"{label + ':' if label else '':<13} {text}"
 
 
 def _identity_lines(identity: Identity) -> list[str]:

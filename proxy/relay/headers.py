@@ -64,6 +64,12 @@ def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return named
 
 
+def without_cookie(header: bytes, name: bytes) -> bytes:
+    """A `Cookie` header value without the cookie called `name`."""
+    kept = [pair for pair in header.split(b";") if pair.strip().partition(b"=")[0].strip() != name]
+    return b";".join(kept).strip()
+
+
 def identity_signature(secret: bytes, request_id: str, identity: Identity | None) -> str:
     """HMAC-SHA256 over the identity headers and request id, hex; see README "Signed identity"."""
     if identity is None:
@@ -92,6 +98,11 @@ class HeaderPolicy:
         for provider in settings.auth.jwt.providers:
             drop |= {h.lower().encode() for h in provider.claim_headers}
         self._drop = frozenset(drop)
+        # The cookie a WebSocket handshake may carry its token in stays with the sidecar too.
+        cookie = settings.auth.token_cookie
+        self._token_cookie = (
+            cookie.encode() if cookie and not settings.auth.forward_credentials else None
+        )
         self._drop_ws = self._drop | WEBSOCKET_HANDSHAKE
         self._secret: bytes | None = None
         if settings.identity.sign:
@@ -140,6 +151,10 @@ class HeaderPolicy:
                     elif name in (b"forwarded", b"x-real-ip", b"x-forwarded-port"):
                         out.append((name.decode("latin-1"), value.decode("latin-1")))
                 continue
+            if name == b"cookie" and self._token_cookie is not None:
+                value = without_cookie(value, self._token_cookie)
+                if not value:
+                    continue
             out.append((name.decode("latin-1"), value.decode("latin-1")))
         client = peer or ""
         out.append(("x-forwarded-for", f"{xff.decode('latin-1')}, {client}" if xff else client))

@@ -1,0 +1,281 @@
+"""API keys: stored and looked up only as SHA-256, reloadable without a restart.
+
+A presented key is hashed and the digest looked up in a dict. Timing cannot leak a stored key: what
+an attacker controls is the input of SHA-256, and learning anything about how a guess's digest
+compares with stored digests does not help to find a preimage. The set is inline keys plus
+`keys_file` (TOML `[[keys]]`, the same shape), and is swapped atomically on `reload()` (SIGHUP) or
+when the file changes; a bad file keeps the old set. When a key stops being usable — removed,
+disabled, its secret replaced, or its `expires` passed — subscribers hear its id, so open WebSockets
+authenticated with it can be closed. Only key ids are ever logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from ..config import ApiKeySettings, ApiKeysSettings
+from ..errors import ConfigError
+from ..ops.metrics import Metrics
+from .rejected import Rejected
+
+log = logging.getLogger("authproxy.auth")
+
+MAX_KEY_CHARS = 4096
+_MAX_TIMER_S = 60.0  # re-check expiries at least this often (wall clock may jump)
+
+
+def new_key() -> str:
+    """A fresh random API key (256 bits)."""
+    return "ak_" + secrets.token_urlsafe(32)
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest stored for `key`."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def key_record(key_id: str, key: str, *, table: str = "auth.api_keys.keys",
+               scopes: Iterable[str] = ()) -> str:
+    """The TOML block to paste into the config (or, with table="keys", into `keys_file`)."""
+    if not key_id:
+        raise ValueError("a key id is required")
+    return (
+        f"[[{table}]]\n"
+        f"id = {json.dumps(key_id)}\n"
+        f'sha256 = "{hash_key(key)}"\n'
+        f"scopes = {json.dumps(list(scopes))}\n"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A configured key, as the store keeps it."""
+
+    id: str
+    sha256: str
+    scopes: frozenset[str]
+    expires_at: float | None
+    disabled: bool
+
+    def active(self, now: float) -> bool:
+        return not self.disabled and (self.expires_at is None or now < self.expires_at)
+
+
+def _file_signature(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _validation_message(exc: ValidationError) -> tuple[str, str]:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return loc, "unknown key"
+    if err["type"] == "missing":
+        return loc, "required key is missing"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return loc, msg
+
+
+def read_keys_file(path: str) -> tuple[ApiKeySettings, ...]:
+    """Parse and validate a keys file; every problem is a `ConfigError` naming file and key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found") from None
+    except OSError as exc:
+        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    extra = sorted(set(data) - {"keys"})
+    if extra:
+        raise ConfigError(f"{path}: {extra[0]}", "unknown key (the file holds only [[keys]])")
+    items = data.get("keys", [])
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: keys", "expected [[keys]] tables")
+    out = []
+    for i, item in enumerate(items):
+        try:
+            out.append(ApiKeySettings.model_validate(item))
+        except ValidationError as exc:
+            loc, msg = _validation_message(exc)
+            key_id = item.get("id") if isinstance(item, dict) else None
+            who = f" (key {key_id!r})" if isinstance(key_id, str) else ""
+            raise ConfigError(f"{path}: keys[{i}]" + (f".{loc}" if loc else ""), msg + who) \
+                from None
+    return tuple(out)
+
+
+def _build(inline: tuple[ApiKeySettings, ...], from_file: tuple[ApiKeySettings, ...],
+           path: str | None) -> dict[str, ApiKey]:
+    by_hash: dict[str, ApiKey] = {}
+    ids: set[str] = set()
+    sources = [(f"auth.api_keys.keys[{i}]", k) for i, k in enumerate(inline)]
+    sources += [(f"{path}: keys[{i}]", k) for i, k in enumerate(from_file)]
+    for where, k in sources:
+        if k.id in ids:
+            raise ConfigError(f"{where}.id", f"the id {k.id!r} is used by another key")
+        ids.add(k.id)
+        if k.sha256 in by_hash:
+            raise ConfigError(
+                f"{where}.sha256", f"key {k.id!r} has the same key as {by_hash[k.sha256].id!r}"
+            )
+        by_hash[k.sha256] = ApiKey(
+            id=k.id,
+            sha256=k.sha256,
+            scopes=frozenset(k.scopes),
+            expires_at=k.expires.timestamp() if k.expires is not None else None,
+            disabled=k.disabled,
+        )
+    return by_hash
+
+
+class ApiKeyStore:
+    """The current key set, its reloads and its revocation announcements."""
+
+    def __init__(self, settings: ApiKeysSettings, metrics: Metrics) -> None:
+        self._inline = settings.keys
+        self._path = settings.keys_file
+        self._interval = settings.watch_interval_s
+        self._metrics = metrics
+        self._subscribers: dict[int, Callable[[str], None]] = {}
+        self._next_subscriber = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed: asyncio.Event | None = None
+        self._file_sig = _file_signature(self._path) if self._path else None
+        from_file = read_keys_file(self._path) if self._path else ()
+        self._by_hash = _build(self._inline, from_file, self._path)
+        self._active = self._active_now(time.time())  # id -> sha256 of keys usable right now
+        if self._path:
+            log.info("api keys: %d key(s) (%d from %s)", len(self._by_hash), len(from_file),
+                     self._path)
+
+    # -- lookups -----------------------------------------------------------------------------
+
+    def lookup(self, presented: str) -> ApiKey:
+        """The key `presented` names, if usable; otherwise `Rejected` with the reason."""
+        if len(presented) > MAX_KEY_CHARS:
+            raise Rejected("malformed", "API key too long")
+        key = self._by_hash.get(hash_key(presented))
+        if key is None:
+            raise Rejected("unknown_api_key", "unknown API key")
+        if key.disabled:
+            raise Rejected("api_key_disabled", "API key disabled")
+        if key.expires_at is not None and time.time() >= key.expires_at:
+            raise Rejected("api_key_expired", "API key expired")
+        return key
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        return tuple(self._by_hash.values())
+
+    # -- reloads and revocations -------------------------------------------------------------
+
+    def subscribe(self, callback: Callable[[str], None]) -> Callable[[], None]:
+        token = self._next_subscriber
+        self._next_subscriber += 1
+        self._subscribers[token] = callback
+
+        def unsubscribe() -> None:
+            self._subscribers.pop(token, None)
+        return unsubscribe
+
+    def reload(self) -> bool:
+        """Re-read `keys_file`; on any problem keep the current set and log. True on success."""
+        if not self._path:
+            log.info("api keys: reload requested; no keys_file configured, nothing to reload")
+            return True
+        self._file_sig = _file_signature(self._path)
+        try:
+            from_file = read_keys_file(self._path)
+            by_hash = _build(self._inline, from_file, self._path)
+        except ConfigError as exc:
+            self._metrics.api_key_reloads.labels("error").inc()
+            log.error("api keys: reload failed, keeping the previous key set: %s", exc)
+            return False
+        self._by_hash = by_hash
+        self._metrics.api_key_reloads.labels("ok").inc()
+        log.info("api keys: reloaded %d key(s) from %s", len(by_hash), self._path)
+        self._reconcile()
+        if self._changed is not None:
+            self._changed.set()
+        return True
+
+    def _active_now(self, now: float) -> dict[str, str]:
+        return {k.id: k.sha256 for k in self._by_hash.values() if k.active(now)}
+
+    def _reconcile(self) -> None:
+        """Announce every key that was usable and is not any more (or has another secret now)."""
+        active = self._active_now(time.time())
+        revoked = [kid for kid, sha in self._active.items() if active.get(kid) != sha]
+        self._active = active
+        for key_id in revoked:
+            log.info("api keys: key %r revoked (removed, disabled, replaced or expired)", key_id)
+            for callback in list(self._subscribers.values()):
+                try:
+                    callback(key_id)
+                except Exception:
+                    log.exception("api keys: revocation callback failed for key %r", key_id)
+
+    # -- background: file watcher and expiry timer --------------------------------------------
+
+    async def start(self) -> None:
+        self._changed = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._expiry_timer(), name="apikeys:expiry"))
+        if self._path and self._interval > 0:
+            self._tasks.append(asyncio.create_task(self._watch(), name="apikeys:watch"))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    async def _watch(self) -> None:
+        assert self._path is not None
+        while True:
+            await asyncio.sleep(self._interval)
+            if _file_signature(self._path) != self._file_sig:
+                self.reload()
+
+    async def _expiry_timer(self) -> None:
+        assert self._changed is not None
+        while True:
+            self._reconcile()
+            now = time.time()
+            upcoming = [
+                k.expires_at for k in self._by_hash.values()
+                if k.expires_at is not None and k.expires_at > now and not k.disabled
+            ]
+            delay = min(min(upcoming, default=now + _MAX_TIMER_S) - now, _MAX_TIMER_S)
+            self._changed.clear()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # races with the event being set, and stop() would then wait forever.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(delay, 0.0) + 0.01):
+                    await self._changed.wait()
+
+
+def describe(key: ApiKey) -> str:
+    """One line about a key for explain output (never the key itself)."""
+    exp = "never" if key.expires_at is None else time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at))
+    return f"id {key.id!r}, scopes {' '.join(sorted(key.scopes)) or '(none)'}, expires {exp}"

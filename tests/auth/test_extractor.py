@@ -1,0 +1,120 @@
+"""Where credentials come from, and what is left of the query string."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from proxy.auth.extractor import Credentials, Extractor
+from proxy.config import AuthSettings
+
+TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
+
+
+def ex(**auth: object) -> Extractor:
+    return Extractor(AuthSettings.model_validate(auth))
+
+
+def get(headers: list[tuple[bytes, bytes]] | None = None, query: bytes = b"", *,
+        websocket: bool = False, **auth: object) -> Credentials:
+    return ex(**auth).extract(headers or [], query, websocket=websocket)
+
+
+def test_bearer_from_the_authorization_header() -> None:
+    for value in (b"Bearer " + TOKEN.encode(), b"bearer  " + TOKEN.encode(),
+                  b"BEARER\t" + TOKEN.encode() + b" "):
+        c = get([(b"authorization", value)])
+        assert (c.bearer, c.bearer_source, c.problem) == (TOKEN, "header", None)
+
+
+def test_a_non_bearer_scheme_is_a_note_not_a_credential() -> None:
+    c = get([(b"authorization", b"Basic dXNlcjpwYXNz")])
+    assert c.bearer is None and c.bearer_problem is None
+    assert c.problem == "Authorization header is not a Bearer token"
+
+
+@pytest.mark.parametrize("value", [b"Bearer", b"Bearer ", b"Bearer a b", b"Bearer a,b",
+                                   b"Bearer tok\x00en", b"Bearer \xe9t\xe9"])
+def test_an_empty_or_malformed_bearer_is_a_problem(value: bytes) -> None:
+    c = get([(b"authorization", value)])
+    assert c.bearer is None and c.bearer_problem is not None and c.problem == c.bearer_problem
+
+
+def test_two_different_authorization_headers_are_ambiguous() -> None:
+    c = get([(b"authorization", b"Bearer aaa"), (b"authorization", b"Bearer bbb")])
+    assert c.bearer is None and c.bearer_problem == "two bearer tokens (header, header)"
+
+
+def test_rest_ignores_query_tokens_but_still_strips_them() -> None:
+    c = get([], b"a=1&token=" + TOKEN.encode() + b"&access_token=x&api_key=k&b=2")
+    assert c.bearer is None and c.api_key is None and c.problem is None
+    assert c.clean_query == b"a=1&b=2"
+
+
+@pytest.mark.parametrize("param", [b"token", b"access_token", b"%74oken", b"access%5Ftoken"])
+def test_websocket_takes_the_token_from_the_query(param: bytes) -> None:
+    c = get([], b"x=%2F&" + param + b"=" + TOKEN.encode() + b"&y", websocket=True)
+    assert (c.bearer, c.bearer_source) == (TOKEN, "query")
+    assert c.clean_query == b"x=%2F&y"
+
+
+def test_clean_query_keeps_every_other_byte_exactly() -> None:
+    raw = b"q=a+b%20c&&empty=&token=abc&x=%ZZ&;odd=1&dup=1&dup=2&api_key=k&z"
+    c = get([], raw, websocket=True)
+    assert c.clean_query == b"q=a+b%20c&&empty=&x=%ZZ&;odd=1&dup=1&dup=2&z"
+    assert get([], b"only=1").clean_query == b"only=1"
+    assert get([], b"token=abc").clean_query == b""
+    assert get([], b"").clean_query == b""
+
+
+def test_websocket_cookie_is_used_only_when_configured_and_nothing_explicit() -> None:
+    headers = [(b"cookie", b"theme=dark; at=" + TOKEN.encode() + b"; other=1")]
+    assert get(headers, websocket=True).bearer is None
+    c = get(headers, websocket=True, token_cookie="at")
+    assert (c.bearer, c.bearer_source) == (TOKEN, "cookie")
+    assert get(headers, websocket=False, token_cookie="at").bearer is None
+    # An explicit token wins over the ambient cookie, without ambiguity.
+    c = get(headers, b"token=zzz", websocket=True, token_cookie="at")
+    assert (c.bearer, c.bearer_source, c.problem) == ("zzz", "query", None)
+
+
+def test_subprotocol_bearer_entries_are_used_and_removed() -> None:
+    k8s = base64.urlsafe_b64encode(TOKEN.encode()).rstrip(b"=")
+    for entry in (b"bearer." + TOKEN.encode(), b"base64url.bearer.authorization.k8s.io." + k8s):
+        c = get([(b"sec-websocket-protocol", b"chat.v1, " + entry + b", graphql-ws")],
+                websocket=True)
+        assert (c.bearer, c.bearer_source) == (TOKEN, "subprotocol")
+        assert c.subprotocols == ("chat.v1", "graphql-ws")
+    assert get([(b"sec-websocket-protocol", b"chat.v1, bearer.x")]).subprotocols == ()
+
+
+def test_a_malformed_k8s_subprotocol_is_a_problem() -> None:
+    c = get([(b"sec-websocket-protocol", b"base64url.bearer.authorization.k8s.io.!!!")],
+            websocket=True)
+    assert c.bearer is None and c.bearer_problem is not None
+
+
+def test_two_different_websocket_tokens_are_refused_the_same_one_twice_is_fine() -> None:
+    headers = [(b"authorization", b"Bearer aaa"), (b"sec-websocket-protocol", b"bearer.bbb")]
+    c = get(headers, websocket=True)
+    assert c.bearer is None and c.bearer_problem == "two bearer tokens (header, subprotocol)"
+    c = get([(b"authorization", b"Bearer aaa")], b"token=aaa", websocket=True)
+    assert (c.bearer, c.bearer_source, c.problem) == ("aaa", "header", None)
+
+
+def test_api_key_from_the_configured_header_and_websocket_query() -> None:
+    c = get([(b"x-token", b"ak_123")], api_keys={"header": "X-Token"})
+    assert (c.api_key, c.api_key_source) == ("ak_123", "header")
+    assert get([(b"x-api-key", b"ak_123")], api_keys={"header": "X-Token"}).api_key is None
+    c = get([], b"api_key=ak_%31", websocket=True)
+    assert (c.api_key, c.api_key_source) == ("ak_1", "query")
+    c = get([(b"x-api-key", b"ak_1")], b"api_key=ak_2", websocket=True)
+    assert c.api_key is None and c.api_key_problem == "two API keys (header, query)"
+    c = get([(b"x-api-key", b"")])
+    assert c.api_key is None and c.api_key_problem == "empty API key"
+
+
+def test_credentials_never_show_in_repr() -> None:
+    c = get([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", b"ak_secret")])
+    assert TOKEN not in repr(c) and "ak_secret" not in repr(c)
