@@ -24,6 +24,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from .identity import Identity
+
 # WebSocket close codes (RFC 6455 and ours). Clients rely on the 44xx ones to decide what to do.
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
@@ -62,6 +64,8 @@ class ProxyError(Exception):
         self.message = message
         self.details: dict[str, Any] = dict(details or {})
         self.headers: dict[str, str] = dict(headers or {})
+        # Who was refused, when authentication succeeded and authorisation did not (for the log).
+        self.identity: Identity | None = None
 
 
 class BadRequest(ProxyError):

@@ -238,6 +238,7 @@ class Pipeline:
                 )
             except ProxyError as exc:
                 exchange.status = exc.status
+                r.identity = r.identity or exc.identity
                 if exc.status >= 500:
                     self.metrics.upstream_errors.labels(exc.details.get("reason", exc.code)).inc()
                 await self._reply_error(send, r, exc, None if preflight else policy)
@@ -300,6 +301,7 @@ class Pipeline:
                     )
                 await self._authenticate(scope, r, websocket=True)
             except ProxyError as exc:
+                r.identity = r.identity or exc.identity
                 await self._deny(scope, send, r, exc, policy)
                 self._log(
                     scope,

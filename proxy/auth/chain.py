@@ -141,8 +141,9 @@ class Chain:
                 trace.append(Attempt(name, found, f"accepted: {_who(identity)}"))
             try:
                 require_scopes(identity, route)
-            except ProxyError:
+            except ProxyError as exc:
                 self._metrics.auth.labels(name, "insufficient_scope").inc()
+                exc.identity = identity
                 raise
             self._metrics.auth.labels(name, "ok").inc()
             return identity
