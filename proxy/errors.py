@@ -36,6 +36,8 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_TOKEN_EXPIRED = 4401
 CLOSE_REVOKED = 4403
 
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; `str()` is one line naming the key."""
@@ -212,7 +214,7 @@ def error_body(
     code: str, message: str, request_id: str, details: Mapping[str, Any] | None = None
 ) -> bytes:
     """The SPEC error document, serialised."""
-    return json.dumps(
+    return _JSON.encode(
         {
             "error": code,
             "message": message,
@@ -220,7 +222,6 @@ def error_body(
             "request_id": request_id,
             "timestamp": rfc3339_now(),
         },
-        separators=(",", ":"),
     ).encode()
 
 

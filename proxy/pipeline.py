@@ -8,9 +8,9 @@ refusal) here, in one place, with the request id and the CORS headers the browse
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,12 @@ if TYPE_CHECKING:
     from .relay.websocket import Tunnel
 
 log = logging.getLogger("authproxy.pipeline")
+
+
+def new_request_id() -> str:
+    """32 random hex digits (os.urandom: a few times cheaper than uuid4 per request)."""
+    return os.urandom(16).hex()
+
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -81,7 +87,7 @@ class Request:
                 r.acr_headers = value.decode("latin-1")
             elif name == b"access-control-request-private-network":
                 r.acr_private_network = value.strip().lower() == b"true"
-        r.request_id = request_id or uuid.uuid4().hex
+        r.request_id = request_id or new_request_id()
         return r
 
 
@@ -174,7 +180,7 @@ class Pipeline:
         try:
             r = Request.read(scope, method)
         except ProxyError as exc:
-            r = Request(method=method, headers=scope["headers"], request_id=uuid.uuid4().hex)
+            r = Request(method=method, headers=scope["headers"], request_id=new_request_id())
             await self._reply_error(send, r, exc, None)
             self._log(scope, r, exc.status, None, error=exc.code)
             return
@@ -278,7 +284,7 @@ class Pipeline:
         try:
             r = Request.read(scope, "GET")
         except ProxyError:
-            r.request_id = uuid.uuid4().hex
+            r.request_id = new_request_id()
         token = logs.request_id_var.set(r.request_id)
         try:
             message = await receive()

@@ -18,6 +18,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 ACCESS = logging.getLogger("authproxy.access")
+# One encoder, built once: json.dumps with options builds a new one per call.
+_JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 class JsonFormatter(logging.Formatter):
@@ -41,7 +43,7 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             # The exception type and message only: tracebacks go to no client and stay short here.
             line["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
-        return json.dumps(line, separators=(",", ":"), default=str)
+        return _JSON.encode(line)
 
 
 def _not_a_handshake_line(record: logging.LogRecord) -> bool:
@@ -86,7 +88,7 @@ def access(message: str, fields: dict[str, Any]) -> None:
         "message": message,
     }
     line.update(fields)
-    handler.stream.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+    handler.stream.write(_JSON.encode(line) + "\n")
     handler.flush()
 
 
