@@ -59,6 +59,12 @@ class App:
         if self.tunnel is not None:
             self.tunnel.begin_drain()
 
+    async def drained(self) -> None:
+        """After `begin_drain`: returns once no WebSocket session is open (they are closed with
+        1001 when `websocket.drain_s` is over)."""
+        if self.tunnel is not None:
+            await self.tunnel.drained()
+
     async def startup(self) -> None:
         session = new_session(self.settings.upstream)
         self.forwarder.session = session

@@ -402,6 +402,9 @@ class WebSocketSettings(_Frozen):
     # permessage-deflate toward the upstream: off by default, the upstream is pod-local and
     # deflate there costs CPU both ends and lets one read inflate into many buffered messages.
     upstream_compression: bool = False
+    # permessage-deflate toward clients (browsers over real networks gain from it); each message
+    # is still limited to max_message_bytes once inflated.
+    client_compression: bool = True
 
 
 class IdentitySettings(_Frozen):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Generator
+import socket
+from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 from typing import Any
 
@@ -28,9 +29,28 @@ class QuietServer(uvicorn.Server):
 class DrainingServer(uvicorn.Server):
     """The public server: on SIGTERM or SIGINT the app starts draining before uvicorn closes."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None],
+                 drained: Callable[[], Awaitable[None]] | None = None) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self._drained = drained
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the signal it stopped on once serving ends, so the process would
+            # die by SIGTERM (or a KeyboardInterrupt traceback on Ctrl-C) after a clean drain.
+            self._captured_signals.clear()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Stop accepting at once, then let the app drain (WebSockets get 1001 after
+        # websocket.drain_s) before uvicorn closes what is left: it would send them 1012 now.
+        for server in self.servers:
+            server.close()
+        if self._drained is not None:
+            await self._drained()
+        await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self.should_exit:
@@ -62,6 +82,7 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
         lifespan="on",
         ws="websockets-sansio",
         ws_max_size=ws.max_message_bytes,
+        ws_per_message_deflate=ws.client_compression,
         ws_ping_interval=ws.ping_interval_s or None,
         ws_ping_timeout=ws.ping_interval_s or None,
         timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
@@ -79,7 +100,7 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.logging.level)
     app = App(settings)
     public_config, admin_config = uvicorn_configs(app, settings)
-    public = DrainingServer(public_config, app.begin_drain)
+    public = DrainingServer(public_config, app.begin_drain, app.drained)
     admin = QuietServer(admin_config)
 
     async def run() -> None:
