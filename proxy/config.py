@@ -447,6 +447,15 @@ class Settings(_Frozen):
         for i, route in enumerate(self.routes):
             if "jwt" in route.auth and not self.auth.jwt.providers:
                 raise _KeyedError(f"routes[{i}].auth", "uses 'jwt' but no [[auth.jwt.providers]]")
+        if self.auth.token_cookie and any(
+            "*" in cors.allow_origins
+            for cors in (self.cors, *(r.cors for r in self.routes if r.cors is not None))
+        ):
+            # Browsers send cookies on WebSocket handshakes from any site; with "*" origins the
+            # Origin check is all that stops cross-site WebSocket hijacking, and it would pass.
+            raise _KeyedError(
+                "auth.token_cookie", "cannot be used while a cors table allows origin '*'"
+            )
         if self.server.listen == self.admin.listen:
             raise _KeyedError("admin.listen", "must differ from server.listen")
         return self

@@ -240,8 +240,11 @@ class CorsPolicy:
         ):
             shown = _clip(request_method)
             raise self._refused(
-                "method", origin, f"method {shown!r} is not allowed",
-                why=f"method {shown!r} is not in allow_methods", method=shown,
+                "method",
+                origin,
+                f"method {shown!r} is not allowed",
+                why=f"method {shown!r} is not in allow_methods",
+                method=shown,
             )
         requested = [h.strip().lower() for h in (request_headers or "").split(",")]
         requested = [h for h in requested if h]
@@ -250,12 +253,17 @@ class CorsPolicy:
             if not _TOKEN.fullmatch(name) or (allowed is not None and name not in allowed):
                 shown = _clip(name)
                 raise self._refused(
-                    "header", origin, f"header {shown!r} is not allowed",
-                    why=f"header {shown!r} is not in allow_headers", header=shown,
+                    "header",
+                    origin,
+                    f"header {shown!r} is not allowed",
+                    why=f"header {shown!r} is not in allow_headers",
+                    header=shown,
                 )
         if private_network and not self.allow_private_network:
             raise self._refused(
-                "private_network", origin, "private network access is not allowed",
+                "private_network",
+                origin,
+                "private network access is not allowed",
                 why="a Private Network Access preflight and allow_private_network = false",
             )
 
@@ -345,9 +353,17 @@ class CorsPolicy:
             logger.log(
                 self._log_level,
                 "CORS refused origin %r under rule %s: %s",
-                shown, self.rule, why,
-                extra={"fields": {"event": "cors_refused", "origin": shown, "rule": self.rule,
-                                  "reason": reason}},
+                shown,
+                self.rule,
+                why,
+                extra={
+                    "fields": {
+                        "event": "cors_refused",
+                        "origin": shown,
+                        "rule": self.rule,
+                        "reason": reason,
+                    }
+                },
             )
         counter = self._counters.get(reason)
         if counter is not None:
@@ -381,7 +397,9 @@ class Cors:
             self.global_policy
             if route.cors is None
             else CorsPolicy(
-                route.cors, rule=f"routes[{i}] {route.path}", metrics=metrics,
+                route.cors,
+                rule=f"routes[{i}] {route.path}",
+                metrics=metrics,
                 config_key=f"routes[{i}].cors",
             )
             for i, route in enumerate(settings.routes)

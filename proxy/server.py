@@ -29,8 +29,12 @@ class QuietServer(uvicorn.Server):
 class DrainingServer(uvicorn.Server):
     """The public server: on SIGTERM or SIGINT the app starts draining before uvicorn closes."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None],
-                 drained: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None],
+        drained: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
         self._drained = drained
@@ -103,10 +107,21 @@ def serve(settings: Settings) -> int:
     public = DrainingServer(public_config, app.begin_drain, app.drained)
     admin = QuietServer(admin_config)
 
-    async def run() -> None:
-        admin_task = asyncio.create_task(admin.serve())
+    log = logging.getLogger("authproxy")
+
+    async def run() -> int:
+        # The admin listener first: /healthz answers while the app starts (JWKS are fetched).
+        admin_task = asyncio.create_task(_serve_quietly(admin))
+        while not admin.started and not admin_task.done():
+            await asyncio.sleep(0.01)
+        if admin_task.done():
+            log.error("cannot listen on admin.listen %s", settings.admin.listen)
+            return 1
         try:
-            await public.serve()
+            if not await _serve_quietly(public):
+                log.error("cannot start on server.listen %s", settings.server.listen)
+                return 1
+            return 0
         finally:
             admin.should_exit = True
             await admin_task
@@ -121,5 +136,13 @@ def serve(settings: Settings) -> int:
             }
         },
     )
-    uvloop.run(run())
-    return 0 if public.started else 1
+    return uvloop.run(run())
+
+
+async def _serve_quietly(server: uvicorn.Server) -> bool:
+    """Run a uvicorn server; False when it could not start (uvicorn exits the process then)."""
+    try:
+        await server.serve()
+    except SystemExit:
+        return False
+    return server.started

@@ -98,6 +98,13 @@ def test_the_repository_config_is_valid() -> None:
             "cors: allow_origins = ['*'] cannot be combined with allow_credentials = true",
         ),
         (
+            {
+                "auth": {"token_cookie": "at"},
+                "routes": [{"path": "/p/*", "auth": "public", "cors": {"allow_origins": ["*"]}}],
+            },
+            "auth.token_cookie: cannot be used while a cors table allows origin '*'",
+        ),
+        (
             {"cors": {"allow_origins": ["https://a.example.com/path"]}},
             "cors.allow_origins: [0] 'https://a.example.com/path' is not an origin",
         ),

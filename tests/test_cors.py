@@ -131,16 +131,18 @@ MATCHING = [
 ]
 
 
-@pytest.mark.parametrize(("configured", "origin", "allowed"), MATCHING,
-                         ids=[f"{c}-{o!r}" for c, o, _ in MATCHING])
+@pytest.mark.parametrize(
+    ("configured", "origin", "allowed"), MATCHING, ids=[f"{c}-{o!r}" for c, o, _ in MATCHING]
+)
 def test_origin_is_allowed_exactly_when_it_matches_a_configured_origin(
     configured: list[str], origin: str, allowed: bool
 ) -> None:
     assert make(allow_origins=configured).origin_allowed(origin) is allowed
 
 
-@pytest.mark.parametrize("bad", ["https://a b.example", "https://app.example.com:99999",
-                                 "https://exa_mple.com:x"])
+@pytest.mark.parametrize(
+    "bad", ["https://a b.example", "https://app.example.com:99999", "https://exa_mple.com:x"]
+)
 def test_an_origin_the_policy_cannot_parse_is_a_config_error_naming_the_key(bad: str) -> None:
     with pytest.raises(ConfigError) as caught:
         make(allow_origins=[APP, bad])
@@ -148,10 +150,18 @@ def test_an_origin_the_policy_cannot_parse_is_a_config_error_naming_the_key(bad:
 
 
 def test_a_route_origin_error_names_the_routes_key() -> None:
-    settings = from_dict({"routes": [
-        {"path": "/a/*", "auth": "public"},
-        {"path": "/b/*", "auth": "public", "cors": {"allow_origins": ["https://x.test:70000"]}},
-    ]})
+    settings = from_dict(
+        {
+            "routes": [
+                {"path": "/a/*", "auth": "public"},
+                {
+                    "path": "/b/*",
+                    "auth": "public",
+                    "cors": {"allow_origins": ["https://x.test:70000"]},
+                },
+            ]
+        }
+    )
     with pytest.raises(ConfigError, match=r"^routes\[1\]\.cors\.allow_origins\[0\]: "):
         Cors(settings, Metrics())
 
@@ -170,15 +180,20 @@ CREDENTIALED: dict[str, Any] = dict(
 
 def test_an_allowed_preflight_answers_with_exactly_the_configured_headers() -> None:
     headers = make(**CREDENTIALED).preflight(APP, "PUT", "authorization,content-type", False)
-    assert sorted(headers) == sorted([
-        (b"access-control-allow-origin", APP.encode()),
-        (b"access-control-allow-credentials", b"true"),
-        (b"access-control-allow-methods", b"GET, POST, PUT"),
-        (b"access-control-allow-headers",
-         b"accept, accept-language, content-language, content-type, authorization, x-request-id"),
-        (b"access-control-max-age", b"600"),
-        (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
-    ])
+    assert sorted(headers) == sorted(
+        [
+            (b"access-control-allow-origin", APP.encode()),
+            (b"access-control-allow-credentials", b"true"),
+            (b"access-control-allow-methods", b"GET, POST, PUT"),
+            (
+                b"access-control-allow-headers",
+                b"accept, accept-language, content-language, content-type, "
+                b"authorization, x-request-id",
+            ),
+            (b"access-control-max-age", b"600"),
+            (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        ]
+    )
 
 
 def test_a_preflight_echoes_the_origin_never_star_with_credentials() -> None:
@@ -199,8 +214,9 @@ def test_allow_methods_star_echoes_the_requested_method() -> None:
     assert one(headers, "access-control-allow-methods") == "PURGE"
 
 
-@pytest.mark.parametrize(("method", "reason_method"), [("PURGE", "PURGE"), ("patch", "patch"),
-                                                       ("GE T", "GE T")])
+@pytest.mark.parametrize(
+    ("method", "reason_method"), [("PURGE", "PURGE"), ("patch", "patch"), ("GE T", "GE T")]
+)
 def test_a_method_not_in_allow_methods_is_refused_by_name(
     method: str, reason_method: str, cors_log: list[logging.LogRecord]
 ) -> None:
@@ -227,10 +243,18 @@ def test_a_requested_header_not_in_allow_headers_is_refused_by_name() -> None:
     assert refusals(metrics, "header") == 1
 
 
-@pytest.mark.parametrize("requested", [
-    "Authorization", "authorization, x-request-id", "content-type", "accept,accept-language",
-    "Content-Language", " x-request-id , ", "",
-])
+@pytest.mark.parametrize(
+    "requested",
+    [
+        "Authorization",
+        "authorization, x-request-id",
+        "content-type",
+        "accept,accept-language",
+        "Content-Language",
+        " x-request-id , ",
+        "",
+    ],
+)
 def test_listed_and_safelisted_headers_pass_in_any_case(requested: str) -> None:
     headers = make(**CREDENTIALED).preflight(APP, "GET", requested, False)
     assert one(headers, "access-control-allow-origin") == APP
@@ -254,11 +278,14 @@ def test_allow_headers_star_still_refuses_a_requested_name_that_is_not_a_header_
         policy.preflight(APP, "GET", "x(y", False)
 
 
-@pytest.mark.parametrize(("origin", "reason"), [
-    (EVIL, "origin"),
-    ("https://user@app.example.com", "origin_malformed"),
-    ("null", "origin_malformed"),
-])
+@pytest.mark.parametrize(
+    ("origin", "reason"),
+    [
+        (EVIL, "origin"),
+        ("https://user@app.example.com", "origin_malformed"),
+        ("null", "origin_malformed"),
+    ],
+)
 def test_a_preflight_from_a_refused_origin_raises_with_the_origin_named(
     origin: str, reason: str
 ) -> None:
@@ -286,8 +313,10 @@ def test_a_private_network_preflight_is_answered_when_enabled() -> None:
 
 def test_private_network_is_only_allowed_when_it_was_requested() -> None:
     policy = make(allow_origins=[APP], allow_private_network=True)
-    assert one(policy.preflight(APP, "GET", None, False), "access-control-allow-private-network") \
+    assert (
+        one(policy.preflight(APP, "GET", None, False), "access-control-allow-private-network")
         is None
+    )
 
 
 def test_a_private_network_preflight_is_refused_when_disabled() -> None:
@@ -408,12 +437,15 @@ def test_a_disallowed_origin_is_refused_before_the_upstream(
     assert len(cors_log) == 1
 
 
-@pytest.mark.parametrize(("origin", "same_origin", "reject"), [
-    (APP, False, True),
-    ("https://x.example.org", False, True),
-    (EVIL, True, True),
-    (EVIL, False, False),
-])
+@pytest.mark.parametrize(
+    ("origin", "same_origin", "reject"),
+    [
+        (APP, False, True),
+        ("https://x.example.org", False, True),
+        (EVIL, True, True),
+        (EVIL, False, False),
+    ],
+)
 def test_allowed_same_origin_or_unenforced_requests_pass(
     origin: str, same_origin: bool, reject: bool
 ) -> None:
@@ -461,8 +493,9 @@ def test_a_refusal_logs_one_line_naming_origin_rule_and_why(
     assert record.fields["origin"] == origin  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize(("level", "expected"), [("debug", logging.DEBUG),
-                                                 ("warning", logging.WARNING)])
+@pytest.mark.parametrize(
+    ("level", "expected"), [("debug", logging.DEBUG), ("warning", logging.WARNING)]
+)
 def test_refusals_log_at_the_configured_level(
     level: str, expected: int, cors_log: list[logging.LogRecord]
 ) -> None:
@@ -491,14 +524,19 @@ def test_a_huge_origin_is_clipped_in_the_log_and_the_error() -> None:
 
 
 def test_a_route_with_its_own_cors_table_uses_it_and_others_fall_back_to_global() -> None:
-    settings = from_dict({
-        "cors": {"allow_origins": [APP], "allow_credentials": True, "max_age_s": 60},
-        "routes": [
-            {"path": "/public/*", "auth": "public",
-             "cors": {"allow_origins": ["*"], "allow_credentials": False}},
-            {"path": "/api/*", "auth": "public"},
-        ],
-    })
+    settings = from_dict(
+        {
+            "cors": {"allow_origins": [APP], "allow_credentials": True, "max_age_s": 60},
+            "routes": [
+                {
+                    "path": "/public/*",
+                    "auth": "public",
+                    "cors": {"allow_origins": ["*"], "allow_credentials": False},
+                },
+                {"path": "/api/*", "auth": "public"},
+            ],
+        }
+    )
     cors = Cors(settings, Metrics())
     public, api = cors.policy(0), cors.policy(1)
     assert api is cors.policy(None) is cors.global_policy

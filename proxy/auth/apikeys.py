@@ -46,8 +46,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def key_record(key_id: str, key: str, *, table: str = "auth.api_keys.keys",
-               scopes: Iterable[str] = ()) -> str:
+def key_record(
+    key_id: str, key: str, *, table: str = "auth.api_keys.keys", scopes: Iterable[str] = ()
+) -> str:
     """The TOML block to paste into the config (or, with table="keys", into `keys_file`)."""
     if not key_id:
         raise ValueError("a key id is required")
@@ -117,13 +118,15 @@ def read_keys_file(path: str) -> tuple[ApiKeySettings, ...]:
             loc, msg = _validation_message(exc)
             key_id = item.get("id") if isinstance(item, dict) else None
             who = f" (key {key_id!r})" if isinstance(key_id, str) else ""
-            raise ConfigError(f"{path}: keys[{i}]" + (f".{loc}" if loc else ""), msg + who) \
-                from None
+            raise ConfigError(
+                f"{path}: keys[{i}]" + (f".{loc}" if loc else ""), msg + who
+            ) from None
     return tuple(out)
 
 
-def _build(inline: tuple[ApiKeySettings, ...], from_file: tuple[ApiKeySettings, ...],
-           path: str | None) -> dict[str, ApiKey]:
+def _build(
+    inline: tuple[ApiKeySettings, ...], from_file: tuple[ApiKeySettings, ...], path: str | None
+) -> dict[str, ApiKey]:
     by_hash: dict[str, ApiKey] = {}
     ids: set[str] = set()
     sources = [(f"auth.api_keys.keys[{i}]", k) for i, k in enumerate(inline)]
@@ -163,8 +166,9 @@ class ApiKeyStore:
         self._by_hash = _build(self._inline, from_file, self._path)
         self._active = self._active_now(time.time())  # id -> sha256 of keys usable right now
         if self._path:
-            log.info("api keys: %d key(s) (%d from %s)", len(self._by_hash), len(from_file),
-                     self._path)
+            log.info(
+                "api keys: %d key(s) (%d from %s)", len(self._by_hash), len(from_file), self._path
+            )
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -194,6 +198,7 @@ class ApiKeyStore:
 
         def unsubscribe() -> None:
             self._subscribers.pop(token, None)
+
         return unsubscribe
 
     def reload(self) -> bool:
@@ -262,7 +267,8 @@ class ApiKeyStore:
             self._reconcile()
             now = time.time()
             upcoming = [
-                k.expires_at for k in self._by_hash.values()
+                k.expires_at
+                for k in self._by_hash.values()
                 if k.expires_at is not None and k.expires_at > now and not k.disabled
             ]
             delay = min(min(upcoming, default=now + _MAX_TIMER_S) - now, _MAX_TIMER_S)
@@ -276,6 +282,9 @@ class ApiKeyStore:
 
 def describe(key: ApiKey) -> str:
     """One line about a key for explain output (never the key itself)."""
-    exp = "never" if key.expires_at is None else time.strftime(
-        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at))
+    exp = (
+        "never"
+        if key.expires_at is None
+        else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at))
+    )
     return f"id {key.id!r}, scopes {' '.join(sorted(key.scopes)) or '(none)'}, expires {exp}"

@@ -63,8 +63,10 @@ class JwtMethod:
         if credentials.bearer_problem is not None:
             return f"an unusable bearer token ({credentials.bearer_problem})"
         if credentials.bearer is not None:
-            return (f"a bearer token from the {credentials.bearer_source} "
-                    f"({fingerprint(credentials.bearer)})")
+            return (
+                f"a bearer token from the {credentials.bearer_source} "
+                f"({fingerprint(credentials.bearer)})"
+            )
         return None
 
     async def authenticate(self, credentials: Credentials) -> Identity:
@@ -85,8 +87,10 @@ class ApiKeyMethod:
         if credentials.api_key_problem is not None:
             return f"an unusable API key ({credentials.api_key_problem})"
         if credentials.api_key is not None:
-            return (f"an API key from the {credentials.api_key_source} "
-                    f"({fingerprint(credentials.api_key)})")
+            return (
+                f"an API key from the {credentials.api_key_source} "
+                f"({fingerprint(credentials.api_key)})"
+            )
         return None
 
     async def authenticate(self, credentials: Credentials) -> Identity:
@@ -111,8 +115,9 @@ class Chain:
         self._metrics = metrics
         self._api_key_header = api_key_header
 
-    async def run(self, route: RouteSettings, credentials: Credentials,
-                  trace: list[Attempt] | None = None) -> Identity | None:
+    async def run(
+        self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
+    ) -> Identity | None:
         if route.public:
             return None
         bearer = "jwt" in route.auth

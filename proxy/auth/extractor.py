@@ -66,8 +66,9 @@ class Extractor:
         self._key_header = auth.api_keys.header.lower().encode("latin-1")
         self._cookie = auth.token_cookie
 
-    def extract(self, headers: list[tuple[bytes, bytes]], query_string: bytes, *,
-                websocket: bool) -> Credentials:
+    def extract(
+        self, headers: list[tuple[bytes, bytes]], query_string: bytes, *, websocket: bool
+    ) -> Credentials:
         bearers: list[tuple[str, str]] = []
         keys: list[tuple[str, str]] = []
         bearer_problem: str | None = None
@@ -124,13 +125,13 @@ class Extractor:
         protocols: list[str] = []
         for entry in offered:
             if entry.startswith(_K8S_PREFIX):
-                token_or_none = _k8s_token(entry[len(_K8S_PREFIX):])
+                token_or_none = _k8s_token(entry[len(_K8S_PREFIX) :])
                 if token_or_none is None:
                     bearer_problem = "malformed bearer token in Sec-WebSocket-Protocol"
                 else:
                     bearers.append(("subprotocol", token_or_none))
             elif entry.startswith(_BEARER_PREFIX):
-                token = entry[len(_BEARER_PREFIX):]
+                token = entry[len(_BEARER_PREFIX) :]
                 if token and _TOKEN68.fullmatch(token):
                     bearers.append(("subprotocol", token))
                 else:

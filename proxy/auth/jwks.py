@@ -176,18 +176,24 @@ class JwksCache:
         self.last_error = None
         self._keys = keys
         if old is None or old.fingerprints() != keys.fingerprints():
-            log.info("jwks provider %r: %d key(s) loaded (%s)", name, len(keys.keys),
-                     keys.describe())
+            log.info(
+                "jwks provider %r: %d key(s) loaded (%s)", name, len(keys.keys), keys.describe()
+            )
             if self._on_change is not None:
                 self._on_change(old, keys)
 
     async def _download(self) -> tuple[bytes, str | None]:
         try:
             async with self._session.get(
-                self.url, timeout=self._timeout, allow_redirects=True, max_redirects=3,
+                self.url,
+                timeout=self._timeout,
+                allow_redirects=True,
+                max_redirects=3,
                 # identity: the shared upstream session does not decompress bodies.
-                headers={"Accept": "application/jwk-set+json, application/json",
-                         "Accept-Encoding": "identity"},
+                headers={
+                    "Accept": "application/jwk-set+json, application/json",
+                    "Accept-Encoding": "identity",
+                },
             ) as resp:
                 if resp.status != 200:
                     raise _FetchFailed(f"HTTP {resp.status}")
@@ -217,8 +223,17 @@ class JwksCache:
         if self._keys is not None:
             self.stale = True
             self._metrics.jwks_stale.labels(name).set(1)
-            log.warning("jwks provider %r: fetch from %s failed (%s); serving the last good keys",
-                        name, self.url, why)
+            log.warning(
+                "jwks provider %r: fetch from %s failed (%s); serving the last good keys",
+                name,
+                self.url,
+                why,
+            )
         else:
-            log.warning("jwks provider %r: fetch from %s failed (%s); no keys yet, retry in %.0f s",
-                        name, self.url, why, delay)
+            log.warning(
+                "jwks provider %r: fetch from %s failed (%s); no keys yet, retry in %.0f s",
+                name,
+                self.url,
+                why,
+                delay,
+            )

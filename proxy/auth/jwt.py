@@ -46,9 +46,7 @@ log = logging.getLogger("authproxy.auth")
 
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
 # A value an upstream header can carry unambiguously: latin-1, no controls, no edge whitespace.
-_HEADER_VALUE = re.compile(
-    r"[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?"
-)
+_HEADER_VALUE = re.compile(r"[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?")
 _PRINTABLE_ALG = re.compile(r"[A-Za-z0-9+\-]{1,16}")
 _MAX_HEADER_VALUE = 4096
 _MAX_CANDIDATES = 8  # keys tried for a token without `kid`
@@ -60,8 +58,9 @@ def _segment(raw: bytes, what: str) -> dict[str, Any]:
     if len(raw) - len(stripped) > 2 or len(stripped) % 4 == 1:
         raise Rejected("malformed", f"malformed token ({what} is not base64url)")
     try:
-        data = base64.b64decode(stripped + b"=" * (-len(stripped) % 4), altchars=b"-_",
-                                validate=True)
+        data = base64.b64decode(
+            stripped + b"=" * (-len(stripped) % 4), altchars=b"-_", validate=True
+        )
         value = json.loads(data)
     except (binascii.Error, ValueError, RecursionError):
         raise Rejected("malformed", f"malformed token ({what} is not base64url JSON)") from None
@@ -94,7 +93,8 @@ def _typ_equal(a: str, b: str) -> bool:
     # RFC 7515 4.1.9: "application/" may be omitted; media types compare case-insensitively.
     def norm(v: str) -> str:
         v = v.strip().lower()
-        return v[len("application/"):] if v.startswith("application/") else v
+        return v[len("application/") :] if v.startswith("application/") else v
+
     return norm(a) == norm(b)
 
 
@@ -108,8 +108,10 @@ class Provider:
         self.keys = keys
         self.algorithms = frozenset(settings.algorithms)
         self._audiences = frozenset(settings.audiences)
-        self._jws = PyJWS(algorithms=list(settings.algorithms),
-                          options={"verify_signature": True, "enforce_minimum_key_length": True})
+        self._jws = PyJWS(
+            algorithms=list(settings.algorithms),
+            options={"verify_signature": True, "enforce_minimum_key_length": True},
+        )
         self._scope_claims = (
             (settings.scope_claim,) if settings.scope_claim else ("scope", "scp", "scopes")
         )
@@ -146,8 +148,9 @@ class Provider:
 
     # -- 4. key and signature ----------------------------------------------------------------
 
-    def _candidates(self, keys: KeySet | None, kid: str | None, alg: str
-                    ) -> tuple[list[VerifyKey], bool]:
+    def _candidates(
+        self, keys: KeySet | None, kid: str | None, alg: str
+    ) -> tuple[list[VerifyKey], bool]:
         """Keys that may verify this token, and whether the kid (if any) is known at all."""
         if keys is None:
             return [], False
@@ -166,16 +169,20 @@ class Provider:
         if self.keys.current() is None:
             raise ServiceUnavailable(
                 f"signing keys for provider {self.name!r} are not available yet",
-                retry_after_s=5, details={"reason": "keys_unavailable", "provider": self.name},
+                retry_after_s=5,
+                details={"reason": "keys_unavailable", "provider": self.name},
             )
         if not candidates:
             if not known:
-                raise Rejected("unknown_kid", f"no key of provider {self.name!r} matches the "
-                                              "token's 'kid'")
+                raise Rejected(
+                    "unknown_kid", f"no key of provider {self.name!r} matches the token's 'kid'"
+                )
             which = "the key named by the token" if kid is not None else "no key"
             raise Rejected(
-                "key_mismatch", f"{which} of provider {self.name!r} can verify {alg!r}"
-                if kid is None else f"{which} of provider {self.name!r} cannot verify {alg!r}",
+                "key_mismatch",
+                f"{which} of provider {self.name!r} can verify {alg!r}"
+                if kid is None
+                else f"{which} of provider {self.name!r} cannot verify {alg!r}",
             )
         payload: bytes | None = None
         for key in candidates:
@@ -230,9 +237,7 @@ class Provider:
             if iat is None:
                 raise Rejected("missing_claim", "missing required claim 'iat' (max_lifetime_s)")
             if exp - iat > s.max_lifetime_s:
-                raise Rejected(
-                    "lifetime_too_long", f"token lifetime exceeds {s.max_lifetime_s} s"
-                )
+                raise Rejected("lifetime_too_long", f"token lifetime exceeds {s.max_lifetime_s} s")
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise Rejected("missing_sub", "token has no 'sub' claim")
@@ -270,8 +275,12 @@ class Provider:
             if isinstance(value, str) and header_safe(value):
                 out.append((header, value))
             elif value is not None:
-                log.debug("provider %r: claim %r not sent as %s (not a safe string)",
-                          self.name, claim, header)
+                log.debug(
+                    "provider %r: claim %r not sent as %s (not a safe string)",
+                    self.name,
+                    claim,
+                    header,
+                )
         return tuple(out)
 
 
@@ -282,8 +291,9 @@ def _static_keys(index: int, p: JwtProviderSettings) -> KeySet:
     if p.secret_env is not None:
         secret = os.environ.get(p.secret_env)
         if not secret:
-            raise ConfigError(f"{prefix}.secret_env",
-                              f"environment variable {p.secret_env!r} is not set or empty")
+            raise ConfigError(
+                f"{prefix}.secret_env", f"environment variable {p.secret_env!r} is not set or empty"
+            )
         try:
             return KeySet.of([hmac_key(secret.encode("utf-8"), allowed)])
         except KeyError_ as exc:
@@ -310,8 +320,9 @@ def _static_keys(index: int, p: JwtProviderSettings) -> KeySet:
 class JwtVerifier:
     """All providers, the issuer index and the verified-token cache."""
 
-    def __init__(self, settings: JwtSettings, metrics: Metrics,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, settings: JwtSettings, metrics: Metrics, session: aiohttp.ClientSession
+    ) -> None:
         self._settings = settings
         self._metrics = metrics
         self._max_bytes = settings.max_token_bytes
@@ -361,6 +372,7 @@ class JwtVerifier:
             # cached verdict of this provider instead of honouring them until their `exp`.
             if old is not None and old.fingerprints() - new.fingerprints():
                 self.purge(name)
+
         return changed
 
     def purge(self, provider: str | None = None) -> None:

@@ -93,8 +93,9 @@ def _fingerprint(key: PublicKey) -> str:
     return hashlib.sha256(der).hexdigest()
 
 
-def bind(key: PublicKey, kid: str | None, allowed: frozenset[str], jwk_alg: str | None = None
-         ) -> VerifyKey:
+def bind(
+    key: PublicKey, kid: str | None, allowed: frozenset[str], jwk_alg: str | None = None
+) -> VerifyKey:
     """Bind a public key to the algorithms it may verify, or raise `KeyError_`."""
     family = algorithms_for(key)
     if not family:
@@ -194,7 +195,5 @@ def parse_jwks(data: bytes | str, allowed: frozenset[str]) -> tuple[KeySet, list
             name = repr(kid[:64]) if isinstance(kid, str) else f"#{i}"
             skipped.append(f"key {name}: {exc}")
     if not keys:
-        raise KeyError_(
-            "no usable keys" + (f" ({'; '.join(skipped[:5])})" if skipped else "")
-        )
+        raise KeyError_("no usable keys" + (f" ({'; '.join(skipped[:5])})" if skipped else ""))
     return KeySet.of(keys), skipped

@@ -26,8 +26,9 @@ log = logging.getLogger("authproxy.auth")
 class AuthService:
     """Authentication and scope policy for every route; owns the key caches."""
 
-    def __init__(self, settings: Settings, metrics: Metrics,
-                 session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession
+    ) -> None:
         self.settings = settings
         self.extractor = Extractor(settings.auth)
         self.jwt = JwtVerifier(settings.auth.jwt, metrics, session)
@@ -52,12 +53,14 @@ class AuthService:
         """Every JWKS provider has a usable key set."""
         return self.jwt.ready
 
-    def extract(self, headers: list[tuple[bytes, bytes]], query_string: bytes, *,
-                websocket: bool) -> Credentials:
+    def extract(
+        self, headers: list[tuple[bytes, bytes]], query_string: bytes, *, websocket: bool
+    ) -> Credentials:
         return self.extractor.extract(headers, query_string, websocket=websocket)
 
-    async def authenticate(self, route: RouteSettings, credentials: Credentials,
-                           trace: list[Attempt] | None = None) -> Identity | None:
+    async def authenticate(
+        self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
+    ) -> Identity | None:
         """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise."""
         return await self._chain.run(route, credentials, trace)
 

@@ -74,9 +74,7 @@ async def explain(
     raw_headers = [
         (k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")) for k, v in headers
     ]
-    websocket = any(
-        k == b"upgrade" and v.lower() == b"websocket" for k, v in raw_headers
-    )
+    websocket = any(k == b"upgrade" and v.lower() == b"websocket" for k, v in raw_headers)
 
     try:
         path, upstream_path = judge_path(path_text.encode("utf-8"))
@@ -94,15 +92,23 @@ async def explain(
             return False, "\n".join(lines)
         await service.start()
         try:
-            return await _explain(service, settings, method, path, upstream_path, query,
-                                  raw_headers, websocket, lines)
+            return await _explain(
+                service, settings, method, path, upstream_path, query, raw_headers, websocket, lines
+            )
         finally:
             await service.stop()
 
 
 async def _explain(
-    service: AuthService, settings: Settings, method: str, path: str, upstream_path: bytes,
-    query: str, raw_headers: list[tuple[bytes, bytes]], websocket: bool, lines: list[str],
+    service: AuthService,
+    settings: Settings,
+    method: str,
+    path: str,
+    upstream_path: bytes,
+    query: str,
+    raw_headers: list[tuple[bytes, bytes]],
+    websocket: bool,
+    lines: list[str],
 ) -> tuple[bool, str]:
     creds = service.extract(raw_headers, query.encode("utf-8"), websocket=websocket)
     shown_query = "?" + creds.clean_query.decode("latin-1") if creds.clean_query else ""

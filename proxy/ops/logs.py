@@ -47,9 +47,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def _not_a_handshake_line(record: logging.LogRecord) -> bool:
+    message = str(record.msg)
     # uvicorn logs every WebSocket handshake with the raw query string, which may carry a token
     # or API key (`?token=`, `?api_key=`); the tunnel writes its own line without credentials.
-    return not str(record.msg).startswith('%s - "WebSocket %s"')
+    if message.startswith('%s - "WebSocket %s"'):
+        return False
+    # uvicorn's sans-I/O WebSocket protocol reports a handshake refused with an HTTP response (the
+    # denial-response extension, which the pipeline always completes) as an error; it is not one.
+    return message != "ASGI callable returned without completing handshake."
 
 
 def configure(level: str = "info") -> None:

@@ -90,38 +90,61 @@ class Outcome:
     tell_upstream: bool
 
     @classmethod
-    def by_proxy(cls, why: str, code: int, reason: str, upstream_code: int | None = None
-                 ) -> Outcome:
+    def by_proxy(
+        cls, why: str, code: int, reason: str, upstream_code: int | None = None
+    ) -> Outcome:
         """The proxy ends the session: the client gets `code`, the upstream `upstream_code`."""
-        return cls("proxy", why, code, reason,
-                   code if upstream_code is None else upstream_code, reason, True, True)
+        return cls(
+            "proxy",
+            why,
+            code,
+            reason,
+            code if upstream_code is None else upstream_code,
+            reason,
+            True,
+            True,
+        )
 
     @classmethod
-    def by_client(cls, why: str, code: int, reason: str, upstream_code: int,
-                  upstream_reason: str) -> Outcome:
+    def by_client(
+        cls, why: str, code: int, reason: str, upstream_code: int, upstream_reason: str
+    ) -> Outcome:
         return cls("client", why, code, reason, upstream_code, upstream_reason, False, True)
 
     @classmethod
-    def by_upstream(cls, why: str, code: int, reason: str, client_code: int,
-                    client_reason: str) -> Outcome:
+    def by_upstream(
+        cls, why: str, code: int, reason: str, client_code: int, client_reason: str
+    ) -> Outcome:
         return cls("upstream", why, client_code, client_reason, code, reason, True, False)
 
 
-TOKEN_EXPIRED = Outcome.by_proxy("token_expired", CLOSE_TOKEN_EXPIRED, "token expired",
-                                 CLOSE_GOING_AWAY)
-KEY_REVOKED = Outcome.by_proxy("api_key_revoked", CLOSE_REVOKED, "api key revoked",
-                               CLOSE_GOING_AWAY)
-KEY_EXPIRED = Outcome.by_proxy("api_key_expired", CLOSE_REVOKED, "api key expired",
-                               CLOSE_GOING_AWAY)
+TOKEN_EXPIRED = Outcome.by_proxy(
+    "token_expired", CLOSE_TOKEN_EXPIRED, "token expired", CLOSE_GOING_AWAY
+)
+KEY_REVOKED = Outcome.by_proxy(
+    "api_key_revoked", CLOSE_REVOKED, "api key revoked", CLOSE_GOING_AWAY
+)
+KEY_EXPIRED = Outcome.by_proxy(
+    "api_key_expired", CLOSE_REVOKED, "api key expired", CLOSE_GOING_AWAY
+)
 IDLE = Outcome.by_proxy("idle_timeout", CLOSE_NORMAL, "idle timeout")
 LIFETIME = Outcome.by_proxy("lifetime_exceeded", CLOSE_GOING_AWAY, "connection lifetime exceeded")
 DRAINING = Outcome.by_proxy("draining", CLOSE_GOING_AWAY, "server shutting down")
 SHUTDOWN = Outcome.by_proxy("shutdown", CLOSE_GOING_AWAY, "server shutting down")
 INTERNAL = Outcome.by_proxy("internal_error", CLOSE_INTERNAL_ERROR, "internal error")
-SERVER_STOPPED = Outcome("proxy", "server_stopped", CLOSE_SERVICE_RESTART, "", CLOSE_GOING_AWAY,
-                         "server shutting down", False, True)
-CLIENT_GONE = Outcome.by_client("client_gone", CLOSE_ABNORMAL, "", CLOSE_GOING_AWAY,
-                                "client went away")
+SERVER_STOPPED = Outcome(
+    "proxy",
+    "server_stopped",
+    CLOSE_SERVICE_RESTART,
+    "",
+    CLOSE_GOING_AWAY,
+    "server shutting down",
+    False,
+    True,
+)
+CLIENT_GONE = Outcome.by_client(
+    "client_gone", CLOSE_ABNORMAL, "", CLOSE_GOING_AWAY, "client went away"
+)
 
 
 # --- decisions (no I/O) --------------------------------------------------------------------------
@@ -144,8 +167,9 @@ def upstream_left(exc: ConnectionClosed) -> Outcome:
     """The upstream hop ended (`recv` or `send` raised): what the client is told."""
     rcvd, sent = exc.rcvd, exc.sent
     if rcvd is None and sent is None:
-        return Outcome.by_upstream("upstream_gone", CLOSE_ABNORMAL, "",
-                                   CLOSE_INTERNAL_ERROR, "upstream went away")
+        return Outcome.by_upstream(
+            "upstream_gone", CLOSE_ABNORMAL, "", CLOSE_INTERNAL_ERROR, "upstream went away"
+        )
     if rcvd is not None and (sent is None or exc.rcvd_then_sent):
         code = CLOSE_NORMAL if rcvd.code == CLOSE_NO_STATUS else rcvd.code
         return Outcome.by_upstream("upstream_closed", rcvd.code, rcvd.reason, code, rcvd.reason)
@@ -153,12 +177,14 @@ def upstream_left(exc: ConnectionClosed) -> Outcome:
     # error 1002, keepalive timeout 1011): the client gets the same verdict.
     assert sent is not None
     code = CLOSE_INTERNAL_ERROR if sent.code == CLOSE_NO_STATUS else sent.code
-    return Outcome("proxy", "upstream_failed", code, sent.reason, sent.code, sent.reason,
-                   True, False)
+    return Outcome(
+        "proxy", "upstream_failed", code, sent.reason, sent.code, sent.reason, True, False
+    )
 
 
-def accepted_subprotocol(offered: Sequence[str], forwarded: Sequence[str], chosen: str | None
-                         ) -> str | None:
+def accepted_subprotocol(
+    offered: Sequence[str], forwarded: Sequence[str], chosen: str | None
+) -> str | None:
     """The subprotocol we accept the client with: the upstream's choice. When the client offered
     nothing but a credential entry (`bearer.<token>`), browsers fail a handshake that selects no
     subprotocol, so that entry is echoed back (to the client that sent it, and to no log)."""
@@ -169,12 +195,14 @@ def accepted_subprotocol(offered: Sequence[str], forwarded: Sequence[str], chose
     return None
 
 
-def upstream_uri(base: WebSocketURI, raw_path: bytes, query: bytes,
-                 host_header: str | None = None) -> WebSocketURI:
+def upstream_uri(
+    base: WebSocketURI, raw_path: bytes, query: bytes, host_header: str | None = None
+) -> WebSocketURI:
     """The upstream resource with path and query bytes exactly as judged (websockets' own URI
     parser would drop `;params` from the path). With `host_header`, the Host websockets sends."""
-    uri = dataclasses.replace(base, path=base.path + raw_path.decode("ascii"),
-                              query=query.decode("latin-1"))
+    uri = dataclasses.replace(
+        base, path=base.path + raw_path.decode("ascii"), query=query.decode("latin-1")
+    )
     if host_header is not None:
         parts = urlsplit("//" + host_header)
         default = 443 if base.secure else 80
@@ -189,15 +217,19 @@ def upstream_uri(base: WebSocketURI, raw_path: bytes, query: bytes,
 def connect_error(exc: BaseException) -> ProxyError:
     """A failed upstream handshake as the sidecar's own error."""
     if isinstance(exc, TimeoutError):
-        return GatewayTimeout("the upstream did not complete the WebSocket handshake in time",
-                              details={"reason": "connect_timeout"})
+        return GatewayTimeout(
+            "the upstream did not complete the WebSocket handshake in time",
+            details={"reason": "connect_timeout"},
+        )
     if isinstance(exc, InvalidStatus):
-        return BadGateway("the upstream refused the WebSocket handshake",
-                          details={"reason": "upstream_refused",
-                                   "upstream_status": exc.response.status_code})
+        return BadGateway(
+            "the upstream refused the WebSocket handshake",
+            details={"reason": "upstream_refused", "upstream_status": exc.response.status_code},
+        )
     if isinstance(exc, InvalidHandshake):
-        return BadGateway("the upstream sent an invalid WebSocket handshake",
-                          details={"reason": "upstream_error"})
+        return BadGateway(
+            "the upstream sent an invalid WebSocket handshake", details={"reason": "upstream_error"}
+        )
     return BadGateway("the upstream is unreachable", details={"reason": "connect_failed"})
 
 
@@ -315,8 +347,9 @@ class Tunnel:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._all_closed.wait(), CLOSE_TIMEOUT_S + 1)
         if self._sessions:
-            log.warning("websocket: %d session(s) did not close in time; aborting them",
-                        len(self._sessions))
+            log.warning(
+                "websocket: %d session(s) did not close in time; aborting them", len(self._sessions)
+            )
             for s in list(self._sessions):
                 s.upstream.transport.abort()
         if self._unsubscribe is not None:
@@ -365,15 +398,24 @@ class Tunnel:
     def _admit(self, key: IdentityKey | None) -> ProxyError | None:
         ws = self._ws
         if self._admitted >= ws.max_connections:
-            return ServiceUnavailable("too many WebSocket connections", retry_after_s=5,
-                                      details={"reason": "websocket_capacity",
-                                               "limit": ws.max_connections})
-        if (key is not None and ws.max_connections_per_identity
-                and self._per_identity.get(key, 0) >= ws.max_connections_per_identity):
-            return RateLimited("too many WebSocket connections for this identity",
-                               details={"reason": "websocket_identity_limit",
-                                        "limit": ws.max_connections_per_identity},
-                               headers={"Retry-After": "5"})
+            return ServiceUnavailable(
+                "too many WebSocket connections",
+                retry_after_s=5,
+                details={"reason": "websocket_capacity", "limit": ws.max_connections},
+            )
+        if (
+            key is not None
+            and ws.max_connections_per_identity
+            and self._per_identity.get(key, 0) >= ws.max_connections_per_identity
+        ):
+            return RateLimited(
+                "too many WebSocket connections for this identity",
+                details={
+                    "reason": "websocket_identity_limit",
+                    "limit": ws.max_connections_per_identity,
+                },
+                headers={"Retry-After": "5"},
+            )
         self._admitted += 1
         if key is not None:
             self._per_identity[key] = self._per_identity.get(key, 0) + 1
@@ -408,11 +450,14 @@ class Tunnel:
     ) -> None:
         """Connect upstream, accept the client, relay until either side closes."""
         record: dict[str, Any] = {
-            "request_id": request_id, "route": route.name,
-            "path": raw_path.decode("latin-1"), "query": credentials.clean_query.decode("latin-1"),
+            "request_id": request_id,
+            "route": route.name,
+            "path": raw_path.decode("latin-1"),
+            "query": credentials.clean_query.decode("latin-1"),
             "auth_method": identity.method if identity else None,
             "subject": identity.subject if identity else None,
-            "origin": origin, "client": _peer(scope),
+            "origin": origin,
+            "client": _peer(scope),
         }
         key = (identity.method, identity.issuer, identity.subject) if identity else None
         refusal = self._admit(key)
@@ -427,13 +472,24 @@ class Tunnel:
             except Exception as exc:
                 await self._refuse(deny, connect_error(exc), record, started)
                 return
-            await self._serve(scope, receive, send, upstream, request_id, route, identity,
-                              credentials, record, started)
+            await self._serve(
+                scope,
+                receive,
+                send,
+                upstream,
+                request_id,
+                route,
+                identity,
+                credentials,
+                record,
+                started,
+            )
         finally:
             self._release(key)
 
-    async def _connect(self, raw_path: bytes, credentials: Credentials,
-                       upstream_headers: list[tuple[str, str]]) -> ClientConnection:
+    async def _connect(
+        self, raw_path: bytes, credentials: Credentials, upstream_headers: list[tuple[str, str]]
+    ) -> ClientConnection:
         host_header = None
         headers = upstream_headers
         if any(name.lower() == "host" for name, _ in upstream_headers):
@@ -443,30 +499,60 @@ class Tunnel:
         uri = upstream_uri(self._base_uri, raw_path, credentials.clean_query, host_header)
         subprotocols = list(credentials.subprotocols) or None
         return await _UpstreamConnect(
-            uri, self._base, additional_headers=headers,
-            subprotocols=subprotocols, **self._connect_kwargs,
+            uri,
+            self._base,
+            additional_headers=headers,
+            subprotocols=subprotocols,
+            **self._connect_kwargs,
         )
 
-    async def _refuse(self, deny: Callable[[ProxyError], Awaitable[None]], exc: ProxyError,
-                      record: dict[str, Any], started: float) -> None:
+    async def _refuse(
+        self,
+        deny: Callable[[ProxyError], Awaitable[None]],
+        exc: ProxyError,
+        record: dict[str, Any],
+        started: float,
+    ) -> None:
         with contextlib.suppress(OSError):  # the client may have left while we waited
             await deny(exc)
         reason = exc.details.get("reason", exc.code)
         if exc.status >= 500:
             self.metrics.upstream_errors.labels(reason).inc()
         self.metrics.requests.labels(record["route"], str(exc.status)).inc()
-        self._write_log({**record, "status": exc.status, "error": exc.code, "reason": reason,
-                         "duration_ms": round((time.perf_counter() - started) * 1000, 3)})
+        self._write_log(
+            {
+                **record,
+                "status": exc.status,
+                "error": exc.code,
+                "reason": reason,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            }
+        )
 
-    async def _serve(self, scope: Scope, receive: Receive, send: Send,
-                     upstream: ClientConnection, request_id: str, route: Route,
-                     identity: Identity | None, credentials: Credentials,
-                     record: dict[str, Any], started: float) -> None:
-        subprotocol = accepted_subprotocol(scope.get("subprotocols") or (),
-                                           credentials.subprotocols, upstream.subprotocol)
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: ClientConnection,
+        request_id: str,
+        route: Route,
+        identity: Identity | None,
+        credentials: Credentials,
+        record: dict[str, Any],
+        started: float,
+    ) -> None:
+        subprotocol = accepted_subprotocol(
+            scope.get("subprotocols") or (), credentials.subprotocols, upstream.subprotocol
+        )
         try:
-            await send({"type": "websocket.accept", "subprotocol": subprotocol,
-                        "headers": [(b"x-request-id", request_id.encode())]})
+            await send(
+                {
+                    "type": "websocket.accept",
+                    "subprotocol": subprotocol,
+                    "headers": [(b"x-request-id", request_id.encode())],
+                }
+            )
         except OSError:
             # The client left while we were reaching the upstream.
             await upstream.close(CLOSE_GOING_AWAY, "client went away")
@@ -522,8 +608,9 @@ class Tunnel:
         identity = s.identity
         if identity is not None and identity.expires_at is not None:
             if identity.method == "jwt":
-                leeway = self._leeway.get(identity.credential_id or "",
-                                          self._leeway.get(identity.issuer or "", 0.0))
+                leeway = self._leeway.get(
+                    identity.credential_id or "", self._leeway.get(identity.issuer or "", 0.0)
+                )
                 outcome = TOKEN_EXPIRED
             else:
                 leeway, outcome = 0.0, KEY_EXPIRED
@@ -608,8 +695,13 @@ class Tunnel:
         if o.tell_client:
             try:
                 await asyncio.wait_for(
-                    s.send({"type": "websocket.close", "code": o.client_code,
-                            "reason": o.client_reason}),
+                    s.send(
+                        {
+                            "type": "websocket.close",
+                            "code": o.client_code,
+                            "reason": o.client_reason,
+                        }
+                    ),
                     CLOSE_TIMEOUT_S,
                 )
             except (OSError, TimeoutError, RuntimeError):
@@ -617,18 +709,31 @@ class Tunnel:
         if o.tell_upstream:
             await s.upstream.close(o.upstream_code, o.upstream_reason)
 
-    def _finish(self, record: dict[str, Any], started: float, s: Session | None,
-                outcome: Outcome | None, route: Route, **extra: Any) -> None:
+    def _finish(
+        self,
+        record: dict[str, Any],
+        started: float,
+        s: Session | None,
+        outcome: Outcome | None,
+        route: Route,
+        **extra: Any,
+    ) -> None:
         assert outcome is not None
         self.metrics.websocket_closes.labels(str(outcome.client_code)).inc()
         self.metrics.requests.labels(route.name, "101").inc()
         fields = {
-            **record, "status": 101, **extra,
+            **record,
+            "status": 101,
+            **extra,
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-            "messages_in": s.messages_in if s else 0, "bytes_in": s.bytes_in if s else 0,
-            "messages_out": s.messages_out if s else 0, "bytes_out": s.bytes_out if s else 0,
-            "closed_by": outcome.closed_by, "end": outcome.why,
-            "close_code": outcome.client_code, "close_reason": outcome.client_reason,
+            "messages_in": s.messages_in if s else 0,
+            "bytes_in": s.bytes_in if s else 0,
+            "messages_out": s.messages_out if s else 0,
+            "bytes_out": s.bytes_out if s else 0,
+            "closed_by": outcome.closed_by,
+            "end": outcome.why,
+            "close_code": outcome.client_code,
+            "close_reason": outcome.client_reason,
             "upstream_close_code": outcome.upstream_code,
             "upstream_close_reason": outcome.upstream_reason,
         }

@@ -32,8 +32,9 @@ def hs_env(monkeypatch: pytest.MonkeyPatch) -> str:
 async def make_service() -> AsyncIterator[MakeService]:
     made: list[tuple[AuthService, aiohttp.ClientSession]] = []
 
-    async def make(settings: Settings, metrics: Metrics | None = None,
-                   start: bool = True) -> AuthService:
+    async def make(
+        settings: Settings, metrics: Metrics | None = None, start: bool = True
+    ) -> AuthService:
         session = aiohttp.ClientSession()
         try:
             service = AuthService(settings, metrics or Metrics(), session)

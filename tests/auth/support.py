@@ -63,7 +63,8 @@ def public_pem(private: PrivateKey) -> bytes:
 
 def private_pem(private: PrivateKey) -> bytes:
     return private.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
 
@@ -85,20 +86,32 @@ def public_jwk(private: PrivateKey, kid: str | None = "k1", **extra: Any) -> dic
 def claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
     base: dict[str, Any] = {
-        "iss": ISS, "aud": AUD, "sub": "alice", "iat": now, "exp": now + 300,
+        "iss": ISS,
+        "aud": AUD,
+        "sub": "alice",
+        "iat": now,
+        "exp": now + 300,
         "scope": "models:read models:write",
     }
     base.update(over)
     return {k: v for k, v in base.items() if v is not None}
 
 
-def mint_pyjwt(private: PrivateKey | str | bytes, alg: str, payload: dict[str, Any],
-               headers: dict[str, Any] | None = None) -> str:
+def mint_pyjwt(
+    private: PrivateKey | str | bytes,
+    alg: str,
+    payload: dict[str, Any],
+    headers: dict[str, Any] | None = None,
+) -> str:
     return pyjwt.encode(payload, private, algorithm=alg, headers=headers)
 
 
-def mint_joserfc(private: PrivateKey | str | bytes, alg: str, payload: dict[str, Any],
-                 headers: dict[str, Any] | None = None) -> str:
+def mint_joserfc(
+    private: PrivateKey | str | bytes,
+    alg: str,
+    payload: dict[str, Any],
+    headers: dict[str, Any] | None = None,
+) -> str:
     if isinstance(private, str | bytes):
         key: Any = OctKey.import_key(private if isinstance(private, bytes) else private.encode())
     elif isinstance(private, rsa.RSAPrivateKey):
@@ -118,17 +131,22 @@ MINTERS: list[Callable[..., str]] = [mint_pyjwt, mint_joserfc]
 
 def provider(**over: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
-        "name": "demo", "issuer": ISS, "audiences": [AUD, "other"], "algorithms": ["RS256"],
+        "name": "demo",
+        "issuer": ISS,
+        "audiences": [AUD, "other"],
+        "algorithms": ["RS256"],
         "leeway_s": 30,
     }
     base.update(over)
     return {k: v for k, v in base.items() if v is not None}
 
 
-def make_settings(providers: list[dict[str, Any]] | None = None,
-                  api_keys: dict[str, Any] | None = None,
-                  routes: list[dict[str, Any]] | None = None,
-                  **auth: Any) -> Settings:
+def make_settings(
+    providers: list[dict[str, Any]] | None = None,
+    api_keys: dict[str, Any] | None = None,
+    routes: list[dict[str, Any]] | None = None,
+    **auth: Any,
+) -> Settings:
     doc: dict[str, Any] = {
         "auth": {"jwt": {"providers": providers or []}, "api_keys": api_keys or {}, **auth},
         "routes": routes or [{"path": "/*", "auth": ["jwt", "api_key"]}],
@@ -139,8 +157,9 @@ def make_settings(providers: list[dict[str, Any]] | None = None,
 
 
 def route(auth: Any = ("jwt", "api_key"), **over: Any) -> RouteSettings:
-    return RouteSettings.model_validate({"path": "/api/*", "auth": list(auth)
-                                         if not isinstance(auth, str) else auth, **over})
+    return RouteSettings.model_validate(
+        {"path": "/api/*", "auth": list(auth) if not isinstance(auth, str) else auth, **over}
+    )
 
 
 def bearer_headers(token: str) -> list[tuple[bytes, bytes]]:
@@ -197,6 +216,7 @@ def sign_raw(private: rsa.RSAPrivateKey, header: dict[str, Any], payload: dict[s
 
     def b64(data: bytes) -> str:
         return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
     signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
     sig = private.sign(signing_input.encode(), padding.PKCS1v15(), hashes.SHA256())
     return f"{signing_input}.{b64(sig)}"

@@ -29,8 +29,9 @@ def record(key_id: str, key: str, **extra: Any) -> dict[str, Any]:
     return {"id": key_id, "sha256": hash_key(key), "scopes": ["models:read"], **extra}
 
 
-async def auth(svc: AuthService, key: str, *, websocket: bool = False, query: bool = False
-               ) -> Identity:
+async def auth(
+    svc: AuthService, key: str, *, websocket: bool = False, query: bool = False
+) -> Identity:
     if query:
         creds = svc.extract([], b"api_key=" + key.encode(), websocket=websocket)
     else:
@@ -91,9 +92,17 @@ async def test_an_expired_key_is_refused_in_both_datetime_forms(
 
     def when(d: datetime) -> Any:
         return d if form == "datetime" else d.isoformat().replace("+00:00", "Z")
-    svc = await make_service(make_settings(api_keys={"keys": [
-        record("old", KEY_A, expires=when(past)), record("new", KEY_B, expires=when(future)),
-    ]}))
+
+    svc = await make_service(
+        make_settings(
+            api_keys={
+                "keys": [
+                    record("old", KEY_A, expires=when(past)),
+                    record("new", KEY_B, expires=when(future)),
+                ]
+            }
+        )
+    )
     assert await reason_of(svc, KEY_A) == "api_key_expired"
     identity = await auth(svc, KEY_B)
     assert identity.expires_at == pytest.approx(future.timestamp(), abs=1)
@@ -106,14 +115,16 @@ async def test_an_expiry_without_time_zone_is_a_config_error() -> None:
 
 
 async def test_a_disabled_key_is_refused(make_service: MakeService) -> None:
-    svc = await make_service(make_settings(api_keys={"keys": [
-        record("off", KEY_A, disabled=True)]}))
+    svc = await make_service(
+        make_settings(api_keys={"keys": [record("off", KEY_A, disabled=True)]})
+    )
     assert await reason_of(svc, KEY_A) == "api_key_disabled"
 
 
 async def test_overlapping_keys_both_work_during_rotation(make_service: MakeService) -> None:
-    svc = await make_service(make_settings(api_keys={"keys": [
-        record("bot-2024", KEY_A), record("bot-2025", KEY_B)]}))
+    svc = await make_service(
+        make_settings(api_keys={"keys": [record("bot-2024", KEY_A), record("bot-2025", KEY_B)]})
+    )
     assert (await auth(svc, KEY_A)).subject == "bot-2024"
     assert (await auth(svc, KEY_B)).subject == "bot-2025"
 
@@ -131,6 +142,7 @@ async def test_the_query_parameter_counts_only_on_websocket_handshakes(
 async def test_two_keys_with_the_same_secret_are_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
         from proxy.auth.apikeys import ApiKeyStore
+
         settings = make_settings(api_keys={"keys": [record("a", KEY_A), record("b", KEY_A)]})
         ApiKeyStore(settings.auth.api_keys, Metrics())
     assert info.value.key == "auth.api_keys.keys[1].sha256"
@@ -153,9 +165,16 @@ async def test_keys_file_reload_on_change_and_on_reload_keys(
     path = tmp_path / "keys.toml"
     write_keys(path, record("file-a", KEY_A))
     metrics = Metrics()
-    svc = await make_service(make_settings(api_keys={
-        "keys_file": str(path), "watch_interval_s": 0.05, "keys": [record("inline", KEY_C)],
-    }), metrics=metrics)
+    svc = await make_service(
+        make_settings(
+            api_keys={
+                "keys_file": str(path),
+                "watch_interval_s": 0.05,
+                "keys": [record("inline", KEY_C)],
+            }
+        ),
+        metrics=metrics,
+    )
     assert (await auth(svc, KEY_A)).subject == "file-a"
     assert (await auth(svc, KEY_C)).subject == "inline"
 
@@ -179,22 +198,26 @@ async def test_keys_file_reload_on_change_and_on_reload_keys(
     assert ok is not None and ok >= 2
 
 
-@pytest.mark.parametrize("bad", [
-    "this is not toml [[[",
-    '[[keys]]\nid = "x"\n',
-    '[[keys]]\nid = "x"\nsha256 = "' + "0" * 64 + '"\nexpires = 2030-01-01T00:00:00\n',
-    '[[keys]]\nid = "x"\nsha256 = "' + "0" * 64 + '"\ncolour = "red"\n',
-    'unexpected = 1\n',
-    None,  # the file disappears
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "this is not toml [[[",
+        '[[keys]]\nid = "x"\n',
+        '[[keys]]\nid = "x"\nsha256 = "' + "0" * 64 + '"\nexpires = 2030-01-01T00:00:00\n',
+        '[[keys]]\nid = "x"\nsha256 = "' + "0" * 64 + '"\ncolour = "red"\n',
+        "unexpected = 1\n",
+        None,  # the file disappears
+    ],
+)
 async def test_a_bad_keys_file_keeps_the_old_set(
     make_service: MakeService, tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str | None
 ) -> None:
     path = tmp_path / "keys.toml"
     write_keys(path, record("file-a", KEY_A))
     metrics = Metrics()
-    svc = await make_service(make_settings(api_keys={"keys_file": str(path),
-                                                     "watch_interval_s": 0}), metrics=metrics)
+    svc = await make_service(
+        make_settings(api_keys={"keys_file": str(path), "watch_interval_s": 0}), metrics=metrics
+    )
     if bad is None:
         path.unlink()
     else:
@@ -211,14 +234,24 @@ async def test_revocation_callbacks_fire_for_removed_disabled_and_replaced_keys(
     make_service: MakeService, tmp_path: Path
 ) -> None:
     path = tmp_path / "keys.toml"
-    write_keys(path, record("gone", KEY_A), record("off", KEY_B), record("swap", KEY_C),
-               record("stays", "s" * 40))
-    svc = await make_service(make_settings(api_keys={"keys_file": str(path),
-                                                     "watch_interval_s": 0}))
+    write_keys(
+        path,
+        record("gone", KEY_A),
+        record("off", KEY_B),
+        record("swap", KEY_C),
+        record("stays", "s" * 40),
+    )
+    svc = await make_service(
+        make_settings(api_keys={"keys_file": str(path), "watch_interval_s": 0})
+    )
     heard: list[str] = []
     unsubscribe = svc.subscribe_revocations(heard.append)
-    write_keys(path, record("off", KEY_B, disabled=True), record("swap", new_key()),
-               record("stays", "s" * 40))
+    write_keys(
+        path,
+        record("off", KEY_B, disabled=True),
+        record("swap", new_key()),
+        record("stays", "s" * 40),
+    )
     svc.reload_keys()
     assert sorted(heard) == ["gone", "off", "swap"]
     unsubscribe()
@@ -229,8 +262,11 @@ async def test_revocation_callbacks_fire_for_removed_disabled_and_replaced_keys(
 
 async def test_revocation_fires_when_a_key_expires(make_service: MakeService) -> None:
     soon = datetime.now(UTC) + timedelta(seconds=0.4)
-    svc = await make_service(make_settings(api_keys={"keys": [
-        record("short", KEY_A, expires=soon), record("long", KEY_B)]}))
+    svc = await make_service(
+        make_settings(
+            api_keys={"keys": [record("short", KEY_A, expires=soon), record("long", KEY_B)]}
+        )
+    )
     heard: list[str] = []
     svc.subscribe_revocations(heard.append)
     assert (await auth(svc, KEY_A)).subject == "short"
@@ -247,12 +283,14 @@ async def test_a_failing_callback_does_not_stop_the_others(
 ) -> None:
     path = tmp_path / "keys.toml"
     write_keys(path, record("gone", KEY_A))
-    svc = await make_service(make_settings(api_keys={"keys_file": str(path),
-                                                     "watch_interval_s": 0}))
+    svc = await make_service(
+        make_settings(api_keys={"keys_file": str(path), "watch_interval_s": 0})
+    )
     heard: list[str] = []
 
     def broken(_: str) -> None:
         raise RuntimeError("boom")
+
     svc.subscribe_revocations(broken)
     svc.subscribe_revocations(heard.append)
     write_keys(path, raw="")
@@ -271,5 +309,3 @@ def test_new_key_hash_key_and_the_record_round_trip() -> None:
     assert ApiKeySettings.model_validate(parsed).sha256 == hash_key(key)
     tricky = key_record('we"ird\nid', key, table="keys")
     assert tomllib.loads(tricky)["keys"][0]["id"] == 'we"ird\nid'
-
-

@@ -23,10 +23,13 @@ KEY = "ak_" + "k" * 40
 async def svc(make_service: MakeService, tmp_path: Path) -> AuthService:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
-    return await make_service(make_settings(
-        [provider(jwks_file=str(path))],
-        api_keys={"keys": [{"id": "bot", "sha256": hash_key(KEY), "scopes": ["models:read"]}]},
-    ), metrics=Metrics())
+    return await make_service(
+        make_settings(
+            [provider(jwks_file=str(path))],
+            api_keys={"keys": [{"id": "bot", "sha256": hash_key(KEY), "scopes": ["models:read"]}]},
+        ),
+        metrics=Metrics(),
+    )
 
 
 def good() -> str:
@@ -37,8 +40,14 @@ def bad() -> str:
     return mint_pyjwt(rsa_key("attacker"), "RS256", claims(), {"kid": "k1"})
 
 
-async def run(svc: AuthService, r: Any, *, bearer: str | None = None, key: str | None = None,
-              headers: list[tuple[bytes, bytes]] | None = None) -> Any:
+async def run(
+    svc: AuthService,
+    r: Any,
+    *,
+    bearer: str | None = None,
+    key: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Any:
     h = list(headers or [])
     if bearer:
         h.append((b"authorization", b"Bearer " + bearer.encode()))
@@ -104,8 +113,9 @@ async def test_auth_optional(svc: AuthService) -> None:
     with pytest.raises(Unauthorized):
         await run(svc, r, key="ak_wrong")
     with pytest.raises(Unauthorized):
-        await run(svc, r, headers=[(b"authorization", b"Bearer a"), (b"authorization",
-                                                                     b"Bearer b")])
+        await run(
+            svc, r, headers=[(b"authorization", b"Bearer a"), (b"authorization", b"Bearer b")]
+        )
 
 
 async def test_an_ambiguous_bearer_is_a_401_only_where_jwt_is_used(svc: AuthService) -> None:
@@ -124,8 +134,10 @@ async def test_missing_scopes_are_a_403_with_the_scope_challenge(svc: AuthServic
         await run(svc, r, key=KEY)
     exc = info.value
     assert exc.status == 403
-    assert exc.details == {"missing_scopes": ["models:write"],
-                           "required_scopes": ["models:read", "models:write"]}
+    assert exc.details == {
+        "missing_scopes": ["models:write"],
+        "required_scopes": ["models:read", "models:write"],
+    }
     assert exc.headers["WWW-Authenticate"] == (
         'Bearer error="insufficient_scope", error_description="missing required scope: '
         'models:write", scope="models:read models:write"'
@@ -141,8 +153,9 @@ async def test_an_optional_route_with_scopes_does_not_let_anonymous_through(
 
 async def test_outcomes_are_counted(make_service: MakeService, tmp_path: Path) -> None:
     metrics = Metrics()
-    s = await make_service(make_settings(api_keys={"keys": [
-        {"id": "bot", "sha256": hash_key(KEY)}]}), metrics=metrics)
+    s = await make_service(
+        make_settings(api_keys={"keys": [{"id": "bot", "sha256": hash_key(KEY)}]}), metrics=metrics
+    )
     await run(s, route(["api_key"]), key=KEY)
     for _ in range(2):
         with pytest.raises(Unauthorized):
@@ -151,9 +164,11 @@ async def test_outcomes_are_counted(make_service: MakeService, tmp_path: Path) -
         await run(s, route(["api_key"]))
 
     def n(method: str, result: str) -> float:
-        v = metrics.registry.get_sample_value("authproxy_auth_total",
-                                              {"method": method, "result": result})
+        v = metrics.registry.get_sample_value(
+            "authproxy_auth_total", {"method": method, "result": result}
+        )
         return v or 0.0
+
     assert n("api_key", "ok") == 1
     assert n("api_key", "unknown_api_key") == 2
     assert n("none", "missing_credentials") == 1

@@ -16,14 +16,22 @@ def ex(**auth: object) -> Extractor:
     return Extractor(AuthSettings.model_validate(auth))
 
 
-def get(headers: list[tuple[bytes, bytes]] | None = None, query: bytes = b"", *,
-        websocket: bool = False, **auth: object) -> Credentials:
+def get(
+    headers: list[tuple[bytes, bytes]] | None = None,
+    query: bytes = b"",
+    *,
+    websocket: bool = False,
+    **auth: object,
+) -> Credentials:
     return ex(**auth).extract(headers or [], query, websocket=websocket)
 
 
 def test_bearer_from_the_authorization_header() -> None:
-    for value in (b"Bearer " + TOKEN.encode(), b"bearer  " + TOKEN.encode(),
-                  b"BEARER\t" + TOKEN.encode() + b" "):
+    for value in (
+        b"Bearer " + TOKEN.encode(),
+        b"bearer  " + TOKEN.encode(),
+        b"BEARER\t" + TOKEN.encode() + b" ",
+    ):
         c = get([(b"authorization", value)])
         assert (c.bearer, c.bearer_source, c.problem) == (TOKEN, "header", None)
 
@@ -34,8 +42,10 @@ def test_a_non_bearer_scheme_is_a_note_not_a_credential() -> None:
     assert c.problem == "Authorization header is not a Bearer token"
 
 
-@pytest.mark.parametrize("value", [b"Bearer", b"Bearer ", b"Bearer a b", b"Bearer a,b",
-                                   b"Bearer tok\x00en", b"Bearer \xe9t\xe9"])
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer", b"Bearer ", b"Bearer a b", b"Bearer a,b", b"Bearer tok\x00en", b"Bearer \xe9t\xe9"],
+)
 def test_an_empty_or_malformed_bearer_is_a_problem(value: bytes) -> None:
     c = get([(b"authorization", value)])
     assert c.bearer is None and c.bearer_problem is not None and c.problem == c.bearer_problem
@@ -82,16 +92,18 @@ def test_websocket_cookie_is_used_only_when_configured_and_nothing_explicit() ->
 def test_subprotocol_bearer_entries_are_used_and_removed() -> None:
     k8s = base64.urlsafe_b64encode(TOKEN.encode()).rstrip(b"=")
     for entry in (b"bearer." + TOKEN.encode(), b"base64url.bearer.authorization.k8s.io." + k8s):
-        c = get([(b"sec-websocket-protocol", b"chat.v1, " + entry + b", graphql-ws")],
-                websocket=True)
+        c = get(
+            [(b"sec-websocket-protocol", b"chat.v1, " + entry + b", graphql-ws")], websocket=True
+        )
         assert (c.bearer, c.bearer_source) == (TOKEN, "subprotocol")
         assert c.subprotocols == ("chat.v1", "graphql-ws")
     assert get([(b"sec-websocket-protocol", b"chat.v1, bearer.x")]).subprotocols == ()
 
 
 def test_a_malformed_k8s_subprotocol_is_a_problem() -> None:
-    c = get([(b"sec-websocket-protocol", b"base64url.bearer.authorization.k8s.io.!!!")],
-            websocket=True)
+    c = get(
+        [(b"sec-websocket-protocol", b"base64url.bearer.authorization.k8s.io.!!!")], websocket=True
+    )
     assert c.bearer is None and c.bearer_problem is not None
 
 

@@ -50,11 +50,13 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float:
     return metrics.registry.get_sample_value(name, labels) or 0.0
 
 
-async def started(make_service: MakeService, server: JwksServer, metrics: Metrics | None = None,
-                  **over: Any) -> AuthService:
+async def started(
+    make_service: MakeService, server: JwksServer, metrics: Metrics | None = None, **over: Any
+) -> AuthService:
     over.setdefault("jwks_min_refresh_s", 0.3)
-    return await make_service(make_settings([provider(jwks_url=server.url, **over)]),
-                              metrics=metrics)
+    return await make_service(
+        make_settings([provider(jwks_url=server.url, **over)]), metrics=metrics
+    )
 
 
 async def test_keys_are_fetched_at_start_and_readiness_waits_for_them(
@@ -138,14 +140,17 @@ async def test_a_burst_of_1000_bogus_kids_triggers_at_most_one_fetch(
         *(auth(svc, tokens[i % 20]) for i in range(1000)), return_exceptions=True
     )
     assert jwks_server.fetches - before == 1
-    assert all(isinstance(r, Unauthorized) and r.details["reason"] == "unknown_kid"
-               for r in results)
+    assert all(
+        isinstance(r, Unauthorized) and r.details["reason"] == "unknown_kid" for r in results
+    )
     assert (await auth(svc, token("k1"))).subject == "alice"
 
 
 @pytest.mark.parametrize("failure", ["down", "garbage", "empty"])
 async def test_the_last_good_keys_are_kept_when_the_endpoint_fails(
-    make_service: MakeService, jwks_server: JwksServer, caplog: pytest.LogCaptureFixture,
+    make_service: MakeService,
+    jwks_server: JwksServer,
+    caplog: pytest.LogCaptureFixture,
     failure: str,
 ) -> None:
     metrics = Metrics()
@@ -199,10 +204,17 @@ async def test_the_background_refresh_honours_max_age(
 
 
 def test_max_age_is_clamped_to_the_provider_bounds() -> None:
-    p = JwtProviderSettings.model_validate({
-        "name": "p", "issuer": "i", "audiences": ["a"], "jwks_url": "http://x/j",
-        "algorithms": ["RS256"], "jwks_min_refresh_s": 30, "jwks_refresh_s": 300,
-    })
+    p = JwtProviderSettings.model_validate(
+        {
+            "name": "p",
+            "issuer": "i",
+            "audiences": ["a"],
+            "jwks_url": "http://x/j",
+            "algorithms": ["RS256"],
+            "jwks_min_refresh_s": 30,
+            "jwks_refresh_s": 300,
+        }
+    )
     assert refresh_delay(None, p) == 300
     assert refresh_delay("max-age=60", p) == 60
     assert refresh_delay("public, max-age=5", p) == 30

@@ -51,8 +51,9 @@ async def test_asymmetric_providers_accept_good_tokens(
     if other:
         token = mint(key(), other, claims(), {"kid": "kid-1"})
         with pytest.raises(Unauthorized) as info:
-            await svc.authenticate(route(["jwt"]),
-                                   svc.extract(bearer_headers(token), b"", websocket=False))
+            await svc.authenticate(
+                route(["jwt"]), svc.extract(bearer_headers(token), b"", websocket=False)
+            )
         assert info.value.details["reason"] == "alg_not_allowed"
 
 
@@ -62,13 +63,15 @@ async def test_hs256_provider_accepts_tokens_signed_with_the_shared_secret(
 ) -> None:
     svc = await make_service(make_settings([provider(secret_env=hs_env, algorithms=["HS256"])]))
     token = mint(HS_SECRET, "HS256", claims())
-    identity = await svc.authenticate(route(["jwt"]),
-                                      svc.extract(bearer_headers(token), b"", websocket=False))
+    identity = await svc.authenticate(
+        route(["jwt"]), svc.extract(bearer_headers(token), b"", websocket=False)
+    )
     assert identity is not None and identity.subject == "alice"
     forged = mint("t" * 64, "HS256", claims())
     with pytest.raises(Unauthorized) as info:
-        await svc.authenticate(route(["jwt"]),
-                               svc.extract(bearer_headers(forged), b"", websocket=False))
+        await svc.authenticate(
+            route(["jwt"]), svc.extract(bearer_headers(forged), b"", websocket=False)
+        )
     assert info.value.details["reason"] == "bad_signature"
 
 
@@ -77,11 +80,19 @@ async def test_two_providers_are_selected_by_issuer(
 ) -> None:
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
-    svc = await make_service(make_settings([
-        provider(jwks_file=str(path)),
-        provider(name="internal", issuer="https://internal.test", secret_env=hs_env,
-                 algorithms=["HS256"]),
-    ]))
+    svc = await make_service(
+        make_settings(
+            [
+                provider(jwks_file=str(path)),
+                provider(
+                    name="internal",
+                    issuer="https://internal.test",
+                    secret_env=hs_env,
+                    algorithms=["HS256"],
+                ),
+            ]
+        )
+    )
     r = route(["jwt"])
     hs = MINTERS[0](HS_SECRET, "HS256", claims(iss="https://internal.test"))
     ident = await svc.authenticate(r, svc.extract(bearer_headers(hs), b"", websocket=False))

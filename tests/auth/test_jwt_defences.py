@@ -49,8 +49,9 @@ def forge(header: dict[str, Any], payload: dict[str, Any], sign: Any = None) -> 
 
 
 async def accept(service: AuthService, token: str, r: Any = JWT_ROUTE) -> Identity:
-    identity = await service.authenticate(r, service.extract(bearer_headers(token), b"",
-                                                             websocket=False))
+    identity = await service.authenticate(
+        r, service.extract(bearer_headers(token), b"", websocket=False)
+    )
     assert identity is not None
     return identity
 
@@ -71,20 +72,33 @@ def reason(exc: Unauthorized) -> str:
 @pytest.fixture
 def jwks_file(tmp_path: Path) -> Path:
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [
-        public_jwk(rsa_key(), "k1"),
-        public_jwk(ec_key("P-256"), "ec1"),
-        public_jwk(rsa_key("enc"), "enc1", use="enc"),
-        public_jwk(rsa_key("rs384"), "rs384", alg="RS384"),
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    public_jwk(rsa_key(), "k1"),
+                    public_jwk(ec_key("P-256"), "ec1"),
+                    public_jwk(rsa_key("enc"), "enc1", use="enc"),
+                    public_jwk(rsa_key("rs384"), "rs384", alg="RS384"),
+                ]
+            }
+        )
+    )
     return path
 
 
 @pytest.fixture
 async def service(make_service: MakeService, jwks_file: Path) -> AuthService:
-    return await make_service(make_settings([provider(
-        jwks_file=str(jwks_file), algorithms=["RS256", "RS384", "PS256", "ES256"],
-    )]))
+    return await make_service(
+        make_settings(
+            [
+                provider(
+                    jwks_file=str(jwks_file),
+                    algorithms=["RS256", "RS384", "PS256", "ES256"],
+                )
+            ]
+        )
+    )
 
 
 def rs256(mint: Any, **over: Any) -> str:
@@ -117,8 +131,7 @@ async def test_alg_none_minted_by_pyjwt_is_refused(service: AuthService) -> None
 async def test_hs256_signed_with_the_rsa_public_key_pem_is_refused(service: AuthService) -> None:
     pem = public_pem(rsa_key())
     for header in ({"alg": "HS256", "typ": "JWT", "kid": "k1"}, {"alg": "HS256"}):
-        token = forge(header, claims(),
-                      lambda m: hmac.new(pem, m, hashlib.sha256).digest())
+        token = forge(header, claims(), lambda m: hmac.new(pem, m, hashlib.sha256).digest())
         exc = await refuse(service, token)
         assert reason(exc) == "alg_not_allowed"
         assert "'HS256' not allowed for provider 'demo'" in exc.message
@@ -133,8 +146,7 @@ def test_an_rsa_key_can_never_serve_an_hmac_algorithm() -> None:
 
 def test_a_provider_mixing_hs_and_rs_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as info:
-        make_settings([provider(jwks_url="http://127.0.0.1:1/jwks",
-                                algorithms=["RS256", "HS256"])])
+        make_settings([provider(jwks_url="http://127.0.0.1:1/jwks", algorithms=["RS256", "HS256"])])
     assert info.value.key == "auth.jwt.providers[0].algorithms"
     assert "mix" in info.value.message
 
@@ -157,8 +169,9 @@ async def test_a_jwk_with_use_enc_is_not_used(service: AuthService, mint: Any) -
 
 @pytest.mark.parametrize("mint", MINTERS)
 async def test_a_jwk_alg_binds_the_key_to_that_algorithm(service: AuthService, mint: Any) -> None:
-    assert (await accept(service, mint(rsa_key("rs384"), "RS384", claims(),
-                                       {"kid": "rs384"}))).subject == "alice"
+    assert (
+        await accept(service, mint(rsa_key("rs384"), "RS384", claims(), {"kid": "rs384"}))
+    ).subject == "alice"
     for alg in ("RS256", "PS256"):
         token = mint(rsa_key("rs384"), alg, claims(), {"kid": "rs384"})
         assert reason(await refuse(service, token)) == "key_mismatch"
@@ -184,9 +197,12 @@ async def test_keys_embedded_or_linked_in_the_header_are_never_used(
 
 
 async def test_an_unknown_crit_header_is_refused(service: AuthService) -> None:
-    token = mint_pyjwt(rsa_key(), "RS256", claims(),
-                       {"kid": "k1", "crit": ["http://example.com/ext"],
-                        "http://example.com/ext": True})
+    token = mint_pyjwt(
+        rsa_key(),
+        "RS256",
+        claims(),
+        {"kid": "k1", "crit": ["http://example.com/ext"], "http://example.com/ext": True},
+    )
     assert reason(await refuse(service, token)) == "crit"
     token = forge({"alg": "RS256", "kid": "k1", "crit": ["exp"], "exp": 1}, claims())
     assert reason(await refuse(service, token)) == "crit"
@@ -287,8 +303,7 @@ async def test_a_tampered_signature_is_refused(service: AuthService, mint: Any) 
     header, payload, sig = rs256(mint).split(".")
     raw = bytearray(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)))
     raw[10] ^= 0x01
-    assert reason(await refuse(service, f"{header}.{payload}.{b64(bytes(raw))}")) == \
-        "bad_signature"
+    assert reason(await refuse(service, f"{header}.{payload}.{b64(bytes(raw))}")) == "bad_signature"
     assert reason(await refuse(service, f"{header}.{payload}.")) == "bad_signature"
 
 
@@ -309,9 +324,17 @@ async def test_kid_is_only_a_lookup_key(service: AuthService, mint: Any) -> None
 async def test_max_lifetime_and_required_claims(
     make_service: MakeService, jwks_file: Path, mint: Any
 ) -> None:
-    svc = await make_service(make_settings([provider(
-        jwks_file=str(jwks_file), max_lifetime_s=600, required_claims=["email"],
-    )]))
+    svc = await make_service(
+        make_settings(
+            [
+                provider(
+                    jwks_file=str(jwks_file),
+                    max_lifetime_s=600,
+                    required_claims=["email"],
+                )
+            ]
+        )
+    )
     now = int(time.time())
     exc = await refuse(svc, rs256(mint, iat=now, exp=now + 3600, email="a@example.com"))
     assert reason(exc) == "lifetime_too_long"
@@ -355,14 +378,31 @@ async def test_scopes_come_from_scope_scp_or_scopes_and_junk_is_dropped(
 async def test_custom_scope_claim_and_claim_headers(
     make_service: MakeService, jwks_file: Path
 ) -> None:
-    svc = await make_service(make_settings([provider(
-        jwks_file=str(jwks_file), scope_claim="permissions",
-        claim_headers={"X-User-Email": "email", "X-User-Org": "org", "X-User-Role": "role"},
-    )]))
-    ident = await accept(svc, rs256(
-        mint_pyjwt, permissions=["p:1"], email="a@example.com",
-        org="evil\r\nX-Auth-Subject: admin", role=["admin"],
-    ))
+    svc = await make_service(
+        make_settings(
+            [
+                provider(
+                    jwks_file=str(jwks_file),
+                    scope_claim="permissions",
+                    claim_headers={
+                        "X-User-Email": "email",
+                        "X-User-Org": "org",
+                        "X-User-Role": "role",
+                    },
+                )
+            ]
+        )
+    )
+    ident = await accept(
+        svc,
+        rs256(
+            mint_pyjwt,
+            permissions=["p:1"],
+            email="a@example.com",
+            org="evil\r\nX-Auth-Subject: admin",
+            role=["admin"],
+        ),
+    )
     assert ident.scopes == {"p:1"}
     assert ident.claim_headers == (("X-User-Email", "a@example.com"),)
 
@@ -387,13 +427,23 @@ async def test_unusable_keys_in_a_jwks_file_are_skipped_not_fatal(
     private = public_jwk(rsa_key("leaked"), "leaked")
     private["d"] = "AQAB"
     from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
+
     small = _rsa.generate_private_key(public_exponent=65537, key_size=1024)
     path = tmp_path / "jwks.json"
-    path.write_text(json.dumps({"keys": [
-        private, public_jwk(small, "small"), {"kty": "RSA", "kid": "broken", "n": "!!", "e": 1},
-        {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"}, "not-an-object",
-        public_jwk(rsa_key(), "k1"),
-    ]}))
+    path.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    private,
+                    public_jwk(small, "small"),
+                    {"kty": "RSA", "kid": "broken", "n": "!!", "e": 1},
+                    {"kty": "oct", "kid": "sym", "k": "c2VjcmV0"},
+                    "not-an-object",
+                    public_jwk(rsa_key(), "k1"),
+                ]
+            }
+        )
+    )
     with caplog.at_level(logging.WARNING, "authproxy.auth"):
         svc = await make_service(make_settings([provider(jwks_file=str(path))]))
     assert "private key material" in caplog.text and "too small" in caplog.text
@@ -416,6 +466,7 @@ async def test_a_private_key_file_is_a_config_error(
     make_service: MakeService, tmp_path: Path
 ) -> None:
     from .support import private_pem
+
     pem = tmp_path / "key.pem"
     pem.write_bytes(private_pem(rsa_key()))
     with pytest.raises(ConfigError) as info:

@@ -31,16 +31,20 @@ from .support import (
     sign_raw,
 )
 
-SETTINGS = settings(max_examples=250, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
-ROUTES = [route(["jwt", "api_key"]), route(["api_key", "jwt"]), route(["jwt"]),
-          route(["jwt", "api_key"], auth_optional=True)]
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+ROUTES = [
+    route(["jwt", "api_key"]),
+    route(["api_key", "jwt"]),
+    route(["jwt"]),
+    route(["jwt", "api_key"], auth_optional=True),
+]
 KEY = "ak_" + "p" * 40
 
 json_value = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
-                                                                 max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -51,8 +55,13 @@ class Harness:
         path = tmp / "jwks.json"
         path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
         self.settings = make_settings(
-            [provider(jwks_file=str(path), algorithms=["RS256", "PS256"],
-                      claim_headers={"X-User-Email": "email"})],
+            [
+                provider(
+                    jwks_file=str(path),
+                    algorithms=["RS256", "PS256"],
+                    claim_headers={"X-User-Email": "email"},
+                )
+            ],
             api_keys={"keys": [{"id": "bot", "sha256": hash_key(KEY)}]},
             token_cookie="at",
         )
@@ -64,8 +73,9 @@ class Harness:
         await svc.start()
         return svc
 
-    def judge(self, headers: list[tuple[bytes, bytes]], query: bytes, websocket: bool,
-              r: Any) -> Identity | None:
+    def judge(
+        self, headers: list[tuple[bytes, bytes]], query: bytes, websocket: bool, r: Any
+    ) -> Identity | None:
         async def go() -> Identity | None:
             creds = self.svc.extract(headers, query, websocket=websocket)
             try:
@@ -75,6 +85,7 @@ class Harness:
                 assert exc.status == 401 and exc.message and "reason" in exc.details
                 exc.headers.get("WWW-Authenticate", "").encode("latin-1")
                 return None
+
         return self.loop.run_until_complete(go())
 
     def close(self) -> None:
@@ -95,21 +106,26 @@ GOOD = mint_pyjwt(rsa_key(), "RS256", claims(exp=4102444800), {"kid": "k1"})
 
 def test_random_authorization_and_api_key_values(harness: Harness) -> None:
     @SETTINGS
-    @given(st.binary(max_size=300), st.binary(max_size=60), st.sampled_from(ROUTES),
-           st.booleans())
+    @given(st.binary(max_size=300), st.binary(max_size=60), st.sampled_from(ROUTES), st.booleans())
     def check(auth: bytes, key: bytes, r: Any, ws: bool) -> None:
         headers = [(b"authorization", auth), (b"x-api-key", key)]
         assert harness.judge(headers, b"", ws, r) is None
+
     check()
 
 
 def test_random_websocket_sources(harness: Harness) -> None:
     @SETTINGS
-    @given(st.binary(max_size=200), st.binary(max_size=200), st.binary(max_size=200),
-           st.sampled_from(ROUTES))
+    @given(
+        st.binary(max_size=200),
+        st.binary(max_size=200),
+        st.binary(max_size=200),
+        st.sampled_from(ROUTES),
+    )
     def check(query: bytes, protocols: bytes, cookie: bytes, r: Any) -> None:
         headers = [(b"sec-websocket-protocol", protocols), (b"cookie", b"at=" + cookie)]
         harness.judge(headers, b"token=" + query + b"&api_key=" + query, True, r)
+
     check()
 
 
@@ -121,9 +137,9 @@ def mutated(draw: st.DrawFn) -> str:
         i = draw(st.integers(0, max(len(token) - 1, 0)))
         if kind == "flip":
             c = draw(st.sampled_from("AZaz09-_.=+/~"))
-            token = token[:i] + c + token[i + 1:]
+            token = token[:i] + c + token[i + 1 :]
         elif kind == "delete":
-            token = token[:i] + token[i + 1:]
+            token = token[:i] + token[i + 1 :]
         elif kind == "insert":
             token = token[:i] + draw(st.text(min_size=1, max_size=3)) + token[i:]
         elif kind == "truncate":
@@ -139,8 +155,7 @@ def mutated(draw: st.DrawFn) -> str:
 
 
 def test_mutated_tokens_are_refused_and_the_original_is_accepted(harness: Harness) -> None:
-    ident = harness.judge([(b"authorization", b"Bearer " + GOOD.encode())], b"", False,
-                          ROUTES[0])
+    ident = harness.judge([(b"authorization", b"Bearer " + GOOD.encode())], b"", False, ROUTES[0])
     assert ident is not None and ident.subject == "alice"
 
     @SETTINGS
@@ -152,18 +167,24 @@ def test_mutated_tokens_are_refused_and_the_original_is_accepted(harness: Harnes
             assert result is not None and result.subject == "alice"
         else:
             assert result is None
+
     check()
 
 
 def test_correctly_signed_tokens_with_random_headers_and_claims(harness: Harness) -> None:
-    header_keys = st.sampled_from(["alg", "kid", "typ", "cty", "crit", "jku", "jwk", "x5c",
-                                   "b64", "zip", "x"])
-    claim_keys = st.sampled_from(["iss", "aud", "sub", "exp", "nbf", "iat", "scope", "scp",
-                                  "scopes", "email", "x"])
+    header_keys = st.sampled_from(
+        ["alg", "kid", "typ", "cty", "crit", "jku", "jwk", "x5c", "b64", "zip", "x"]
+    )
+    claim_keys = st.sampled_from(
+        ["iss", "aud", "sub", "exp", "nbf", "iat", "scope", "scp", "scopes", "email", "x"]
+    )
 
     @SETTINGS
-    @given(st.dictionaries(header_keys, json_value, max_size=4),
-           st.dictionaries(claim_keys, json_value, max_size=4), st.sampled_from(ROUTES))
+    @given(
+        st.dictionaries(header_keys, json_value, max_size=4),
+        st.dictionaries(claim_keys, json_value, max_size=4),
+        st.sampled_from(ROUTES),
+    )
     def check(extra_header: dict[str, Any], extra_claims: dict[str, Any], r: Any) -> None:
         header = {"alg": "RS256", "kid": "k1", **extra_header}
         payload = {**claims(exp=4102444800), **extra_claims}
@@ -173,4 +194,5 @@ def test_correctly_signed_tokens_with_random_headers_and_claims(harness: Harness
             assert result.subject == payload["sub"]
             for _name, value in result.claim_headers:
                 assert "\r" not in value and "\n" not in value and "\x00" not in value
+
     check()

@@ -41,8 +41,9 @@ async def svc_metrics(make_service: MakeService, tmp_path: Path) -> tuple[AuthSe
     path = tmp_path / "jwks.json"
     path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
     metrics = Metrics()
-    svc = await make_service(make_settings([provider(jwks_file=str(path), leeway_s=0)]),
-                             metrics=metrics)
+    svc = await make_service(
+        make_settings([provider(jwks_file=str(path), leeway_s=0)]), metrics=metrics
+    )
     return svc, metrics
 
 
@@ -57,6 +58,7 @@ async def test_a_repeated_token_is_a_cache_hit_and_skips_the_signature(
 
     async def boom(*_: Any) -> Any:
         raise AssertionError("verified again")
+
     monkeypatch.setattr(provider_obj, "verify", boom)
     assert await auth(svc, tok) is first
     assert (cache(metrics, "miss"), cache(metrics, "hit")) == (1, 1)
@@ -72,6 +74,7 @@ async def test_a_cached_token_expires_at_its_exp(
     await auth(svc, tok)
     assert cache(metrics, "hit") == 1
     import proxy.auth.jwt as jwt_module
+
     monkeypatch.setattr(jwt_module.time, "time", lambda: now + 101)
     with pytest.raises(Unauthorized) as info:
         await auth(svc, tok)
@@ -84,13 +87,15 @@ async def test_the_cache_is_bounded(make_service: MakeService, tmp_path: Path) -
     path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
     metrics = Metrics()
     from proxy.config import from_dict
-    settings = from_dict({
-        "auth": {"jwt": {"cache_size": 3, "providers": [provider(jwks_file=str(path))]}},
-        "routes": [{"path": "/*", "auth": ["jwt"]}],
-    })
+
+    settings = from_dict(
+        {
+            "auth": {"jwt": {"cache_size": 3, "providers": [provider(jwks_file=str(path))]}},
+            "routes": [{"path": "/*", "auth": ["jwt"]}],
+        }
+    )
     svc = await make_service(settings, metrics=metrics)
-    tokens = [mint_pyjwt(rsa_key(), "RS256", claims(sub=f"u{i}"), {"kid": "k1"})
-              for i in range(5)]
+    tokens = [mint_pyjwt(rsa_key(), "RS256", claims(sub=f"u{i}"), {"kid": "k1"}) for i in range(5)]
     for tok in tokens:
         await auth(svc, tok)
     assert len(svc.jwt._cache) == 3

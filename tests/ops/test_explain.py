@@ -42,35 +42,56 @@ async def jwks() -> AsyncIterator[dict[str, Any]]:
 
 
 def settings(url: str) -> Settings:
-    return from_dict({
-        "auth": {
-            "jwt": {"providers": [{
-                "name": "demo", "issuer": ISS, "audiences": ["webplus"], "jwks_url": url,
-                "algorithms": ["RS256"], "jwks_timeout_s": 1,
-            }]},
-            "api_keys": {"keys": [{"id": "ci-bot", "sha256": hash_key(API_KEY),
-                                   "scopes": ["models:read"]}]},
-        },
-        "routes": [
-            {"path": "/auth/*", "auth": "public"},
-            {"path": "/api/admin/*", "auth": ["jwt", "api_key"], "scopes": ["models:write"]},
-            {"path": "/api/*", "auth": ["jwt", "api_key"], "scopes": ["models:read"]},
-            {"path": "/ws", "auth": ["jwt", "api_key"]},
-        ],
-    })
+    return from_dict(
+        {
+            "auth": {
+                "jwt": {
+                    "providers": [
+                        {
+                            "name": "demo",
+                            "issuer": ISS,
+                            "audiences": ["webplus"],
+                            "jwks_url": url,
+                            "algorithms": ["RS256"],
+                            "jwks_timeout_s": 1,
+                        }
+                    ]
+                },
+                "api_keys": {
+                    "keys": [
+                        {"id": "ci-bot", "sha256": hash_key(API_KEY), "scopes": ["models:read"]}
+                    ]
+                },
+            },
+            "routes": [
+                {"path": "/auth/*", "auth": "public"},
+                {"path": "/api/admin/*", "auth": ["jwt", "api_key"], "scopes": ["models:write"]},
+                {"path": "/api/*", "auth": ["jwt", "api_key"], "scopes": ["models:read"]},
+                {"path": "/ws", "auth": ["jwt", "api_key"]},
+            ],
+        }
+    )
 
 
 def token(**over: Any) -> str:
     now = int(time.time())
-    claims = {"iss": ISS, "aud": "webplus", "sub": "alice@example.com", "iat": now,
-              "exp": now + 300, "scope": "models:read", **over}
+    claims = {
+        "iss": ISS,
+        "aud": "webplus",
+        "sub": "alice@example.com",
+        "iat": now,
+        "exp": now + 300,
+        "scope": "models:read",
+        **over,
+    }
     return pyjwt.encode(claims, KEY, algorithm="RS256", headers={"kid": "k1"})
 
 
 async def test_an_accepted_jwt_shows_route_method_and_identity(jwks: dict[str, Any]) -> None:
     tok = token()
-    ok, text = await explain(settings(jwks["url"]), "get", "/api/models?limit=5",
-                             [("Authorization", f"Bearer {tok}")])
+    ok, text = await explain(
+        settings(jwks["url"]), "get", "/api/models?limit=5", [("Authorization", f"Bearer {tok}")]
+    )
     assert ok
     assert "/api/models" in text and "routes[2] '/api/*'" in text
     assert "try jwt:" in text and "ACCEPTED as jwt 'alice@example.com'" in text
@@ -82,8 +103,9 @@ async def test_an_accepted_jwt_shows_route_method_and_identity(jwks: dict[str, A
 
 async def test_an_expired_token_gives_the_exact_reason(jwks: dict[str, Any]) -> None:
     tok = token(exp=int(time.time()) - 3600)
-    ok, text = await explain(settings(jwks["url"]), "GET", "/api/models",
-                             [("Authorization", f"Bearer {tok}")])
+    ok, text = await explain(
+        settings(jwks["url"]), "GET", "/api/models", [("Authorization", f"Bearer {tok}")]
+    )
     assert not ok
     assert "REFUSED 401 unauthorized: token expired" in text
     assert 'WWW-Authenticate: Bearer error="invalid_token"' in text
@@ -91,8 +113,9 @@ async def test_an_expired_token_gives_the_exact_reason(jwks: dict[str, Any]) -> 
 
 
 async def test_methods_tried_in_order_and_scope_refusal(jwks: dict[str, Any]) -> None:
-    ok, text = await explain(settings(jwks["url"]), "POST", "/api/admin/reset",
-                             [("X-API-Key", API_KEY)])
+    ok, text = await explain(
+        settings(jwks["url"]), "POST", "/api/admin/reset", [("X-API-Key", API_KEY)]
+    )
     assert not ok
     lines = text.splitlines()
     jwt_line = next(i for i, line in enumerate(lines) if line.startswith("try jwt:"))
@@ -117,16 +140,21 @@ async def test_query_tokens_count_only_on_websocket_handshakes(jwks: dict[str, A
     tok = token()
     ok, text = await explain(settings(jwks["url"]), "GET", f"/ws?token={tok}&room=1", [])
     assert not ok and "missing credentials" in text and "?room=1" in text
-    ok, text = await explain(settings(jwks["url"]), "GET", f"/ws?token={tok}&room=1",
-                             [("Upgrade", "websocket"), ("Connection", "Upgrade")])
+    ok, text = await explain(
+        settings(jwks["url"]),
+        "GET",
+        f"/ws?token={tok}&room=1",
+        [("Upgrade", "websocket"), ("Connection", "Upgrade")],
+    )
     assert ok and "bearer token from the query" in text and "(WebSocket handshake)" in text
     assert tok not in text
 
 
 async def test_an_unreachable_jwks_is_reported(jwks: dict[str, Any]) -> None:
     jwks["down"] = True
-    ok, text = await explain(settings(jwks["url"]), "GET", "/api/models",
-                             [("Authorization", f"Bearer {token()}")])
+    ok, text = await explain(
+        settings(jwks["url"]), "GET", "/api/models", [("Authorization", f"Bearer {token()}")]
+    )
     assert not ok
     assert "NO KEYS" in text and "HTTP 500" in text
     assert "REFUSED 503 service_unavailable" in text

@@ -35,8 +35,9 @@ from proxy.relay.websocket import (
 # --- the client hop ends -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1001, "tab closed"), (4000, "bye"),
-                                              (4999, "x" * 120)])
+@pytest.mark.parametrize(
+    ("code", "reason"), [(1000, ""), (1001, "tab closed"), (4000, "bye"), (4999, "x" * 120)]
+)
 def test_a_client_close_is_passed_upstream_unchanged(code: int, reason: str) -> None:
     o = client_left({"type": "websocket.disconnect", "code": code, "reason": reason})
     assert (o.closed_by, o.tell_client, o.tell_upstream) == ("client", False, True)
@@ -53,8 +54,7 @@ def test_a_client_that_vanished_gets_the_upstream_closed_with_1001() -> None:
     # uvicorn's connection_lost reports 1005 (after the handshake) without a reason key.
     o = client_left({"type": "websocket.disconnect", "code": 1005})
     assert (o.closed_by, o.why, o.client_code) == ("client", "client_gone", 1006)
-    assert (o.upstream_code, o.upstream_reason, o.tell_upstream) == (
-        1001, "client went away", True)
+    assert (o.upstream_code, o.upstream_reason, o.tell_upstream) == (1001, "client went away", True)
 
 
 def test_uvicorns_own_shutdown_closes_the_upstream_with_1001() -> None:
@@ -72,8 +72,10 @@ def test_an_oversized_client_message_is_reported_upstream_as_1009() -> None:
 # --- the upstream hop ends -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (1001, "restart"), (4001, "nope"),
-                                              (4403, "forbidden by upstream")])
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [(1000, ""), (1001, "restart"), (4001, "nope"), (4403, "forbidden by upstream")],
+)
 def test_an_upstream_close_is_passed_to_the_client_unchanged(code: int, reason: str) -> None:
     exc = ConnectionClosedOK(Close(code, reason), Close(code, reason), rcvd_then_sent=True)
     o = upstream_left(exc)
@@ -89,7 +91,11 @@ def test_an_upstream_close_without_a_status_becomes_1000_for_the_client() -> Non
 def test_an_upstream_that_vanished_closes_the_client_with_1011() -> None:
     o = upstream_left(ConnectionClosedError(None, None))
     assert (o.why, o.client_code, o.upstream_code, o.tell_client) == (
-        "upstream_gone", 1011, 1006, True)
+        "upstream_gone",
+        1011,
+        1006,
+        True,
+    )
 
 
 @pytest.mark.parametrize("code", [1009, 1007, 1002, 1011])
@@ -98,7 +104,11 @@ def test_a_close_websockets_started_on_the_upstream_is_told_to_the_client(code: 
     exc = ConnectionClosedError(Close(code, "echo"), Close(code, "why"), rcvd_then_sent=False)
     o = upstream_left(exc)
     assert (o.closed_by, o.client_code, o.client_reason, o.tell_upstream) == (
-        "proxy", code, "why", False)
+        "proxy",
+        code,
+        "why",
+        False,
+    )
     lost = upstream_left(ConnectionClosedError(None, Close(code, "why")))
     assert lost.client_code == code
 
@@ -112,14 +122,17 @@ def test_credential_closes_use_the_documented_codes() -> None:
 # --- the handshake -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("offered", "forwarded", "chosen", "accepted"), [
-    (["chat", "bearer.t"], ["chat"], "chat", "chat"),
-    (["chat"], ["chat"], None, None),
-    (["bearer.t"], [], None, "bearer.t"),
-    ([], [], None, None),
-])
+@pytest.mark.parametrize(
+    ("offered", "forwarded", "chosen", "accepted"),
+    [
+        (["chat", "bearer.t"], ["chat"], "chat", "chat"),
+        (["chat"], ["chat"], None, None),
+        (["bearer.t"], [], None, "bearer.t"),
+        ([], [], None, None),
+    ],
+)
 def test_the_client_is_accepted_with_the_upstreams_subprotocol(
-        offered: list[str], forwarded: list[str], chosen: str | None, accepted: str | None
+    offered: list[str], forwarded: list[str], chosen: str | None, accepted: str | None
 ) -> None:
     assert accepted_subprotocol(offered, forwarded, chosen) == accepted
 
@@ -134,9 +147,10 @@ def test_the_upstream_resource_keeps_path_and_query_bytes_exactly() -> None:
 
 def test_a_preserved_host_replaces_the_uri_host_for_the_host_header_only() -> None:
     base = parse_uri("ws://127.0.0.1:9000")
-    assert (upstream_uri(base, b"/", b"", "app.example.com:8443").host,
-            upstream_uri(base, b"/", b"", "app.example.com:8443").port) == (
-        "app.example.com", 8443)
+    assert (
+        upstream_uri(base, b"/", b"", "app.example.com:8443").host,
+        upstream_uri(base, b"/", b"", "app.example.com:8443").port,
+    ) == ("app.example.com", 8443)
     assert upstream_uri(base, b"/", b"", "app.example.com").port == 80
 
 
@@ -203,6 +217,7 @@ async def test_a_revocation_ends_only_that_keys_sessions() -> None:
     await t.start()
     auth = t.auth
     assert isinstance(auth, FakeAuth) and len(auth.callbacks) == 1
+
     def session(identity: Identity) -> Session:
         s = Session(identity, None, None, 0.0)  # type: ignore[arg-type]
         t._register(s, started=time.perf_counter())

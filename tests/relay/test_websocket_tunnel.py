@@ -64,14 +64,15 @@ auth = "public"
 
 
 def key_record(key_id: str, key: str, extra: str = "") -> str:
-    return (f'[[keys]]\nid = "{key_id}"\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
-            f"{extra}\n")
+    return (
+        f'[[keys]]\nid = "{key_id}"\nsha256 = "{hashlib.sha256(key.encode()).hexdigest()}"\n'
+        f"{extra}\n"
+    )
 
 
 def token(sub: str = "alice", ttl: float = 300, **claims: Any) -> str:
     now = int(time.time())
-    payload = {"iss": ISSUER, "aud": "webplus", "sub": sub, "iat": now, "exp": now + ttl,
-               **claims}
+    payload = {"iss": ISSUER, "aud": "webplus", "sub": sub, "iat": now, "exp": now + ttl, **claims}
     return jwt.encode(payload, SECRET, algorithm="HS256")
 
 
@@ -87,8 +88,7 @@ def make_stack(tmp_path: Path, websocket_extra: str = "") -> Stack:
     keys = tmp_path / "keys.toml"
     keys.write_text(key_record(KEEP_KEY_ID, KEEP_KEY) + key_record(REVOKE_KEY_ID, REVOKE_KEY))
     body = CONFIG.replace("KEYS_FILE", str(keys)).format(websocket_extra=websocket_extra)
-    sidecar = start_sidecar(tmp_path, upstream.port, body,
-                            env={"TUNNEL_TEST_SECRET": SECRET})
+    sidecar = start_sidecar(tmp_path, upstream.port, body, env={"TUNNEL_TEST_SECRET": SECRET})
     return sidecar, upstream
 
 
@@ -130,10 +130,17 @@ def ws_log_lines(sidecar: Sidecar) -> list[dict[str, Any]]:
     return lines
 
 
-def open_ws(sidecar: Sidecar, path: str = "/ws/echo", headers: dict[str, str] | None = None,
-            **kwargs: Any) -> connect:
-    return connect(sidecar.ws_url + path, additional_headers=headers, open_timeout=5,
-                   max_size=None, ping_interval=None, **kwargs)
+def open_ws(
+    sidecar: Sidecar, path: str = "/ws/echo", headers: dict[str, str] | None = None, **kwargs: Any
+) -> connect:
+    return connect(
+        sidecar.ws_url + path,
+        additional_headers=headers,
+        open_timeout=5,
+        max_size=None,
+        ping_interval=None,
+        **kwargs,
+    )
 
 
 async def close_of(ws: ClientConnection, timeout: float = 10) -> tuple[int, str]:
@@ -164,7 +171,8 @@ async def info(ws: ClientConnection) -> dict[str, Any]:
 
 
 async def test_ten_thousand_mixed_messages_each_way_arrive_complete_and_in_order(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, _ = stack
     n = 10_000
     async with open_ws(sidecar, headers=bearer()) as ws:
@@ -191,13 +199,17 @@ async def test_ten_thousand_mixed_messages_each_way_arrive_complete_and_in_order
 
 
 async def test_upstream_gets_exact_path_cleaned_query_and_identity_but_no_credentials(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, _ = stack
     tok = token("carol")
     path = f"/ws/a;b=c/%E2%9C%93?x=%41&token={tok}&y=1+2&api_key=nope&z"
-    async with open_ws(sidecar, path, origin=ALLOWED_ORIGIN,
-                       headers={"X-Auth-Subject": "mallory", "X-Request-ID": "req-tunnel-1"}
-                       ) as ws:
+    async with open_ws(
+        sidecar,
+        path,
+        origin=ALLOWED_ORIGIN,
+        headers={"X-Auth-Subject": "mallory", "X-Request-ID": "req-tunnel-1"},
+    ) as ws:
         assert ws.response is not None
         assert ws.response.headers["X-Request-ID"] == "req-tunnel-1"
         report = await info(ws)
@@ -216,11 +228,11 @@ async def test_upstream_gets_exact_path_cleaned_query_and_identity_but_no_creden
 
 
 async def test_subprotocols_are_negotiated_end_to_end_without_the_bearer_entry(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, _ = stack
     tok = token("dave")
-    async with open_ws(sidecar, subprotocols=["chat.v2", f"bearer.{tok}", "chat.v1"]
-                       ) as ws:
+    async with open_ws(sidecar, subprotocols=["chat.v2", f"bearer.{tok}", "chat.v1"]) as ws:
         assert ws.subprotocol == "chat.v2"
         report = await info(ws)
     assert report["subprotocols"] == ["chat.v2", "chat.v1"]
@@ -229,17 +241,18 @@ async def test_subprotocols_are_negotiated_end_to_end_without_the_bearer_entry(
 
 async def test_subprotocols_are_negotiated_with_a_header_token(stack: Stack) -> None:
     sidecar, _ = stack
-    async with open_ws(sidecar, headers=bearer(),
-                       subprotocols=["chat.v1", "chat.v2"]) as ws:
+    async with open_ws(sidecar, headers=bearer(), subprotocols=["chat.v1", "chat.v2"]) as ws:
         assert ws.subprotocol == "chat.v1"
         assert (await info(ws))["subprotocols"] == ["chat.v1", "chat.v2"]
-    async with open_ws(sidecar, "/ws/echo?subprotocol=none", headers=bearer(),
-                       subprotocols=["chat.v1"]) as ws:
+    async with open_ws(
+        sidecar, "/ws/echo?subprotocol=none", headers=bearer(), subprotocols=["chat.v1"]
+    ) as ws:
         assert ws.subprotocol is None
 
 
 async def test_a_bearer_entry_offered_alone_is_echoed_and_nothing_is_offered_upstream(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, _ = stack
     entry = f"bearer.{token('erin')}"
     async with open_ws(sidecar, subprotocols=[entry]) as ws:
@@ -248,7 +261,8 @@ async def test_a_bearer_entry_offered_alone_is_echoed_and_nothing_is_offered_ups
 
 
 async def test_compression_is_negotiated_per_hop_and_never_copied_across(
-        stack: Stack, own_stack: Callable[..., Stack]) -> None:
+    stack: Stack, own_stack: Callable[..., Stack]
+) -> None:
     sidecar, _ = stack
     async with open_ws(sidecar, headers=bearer()) as ws:
         assert ws.response is not None
@@ -273,7 +287,8 @@ async def test_compression_is_negotiated_per_hop_and_never_copied_across(
 
 @pytest.mark.parametrize(("code", "reason"), [(1000, ""), (4000, "client says bye")])
 async def test_the_clients_close_code_and_reason_reach_the_upstream(
-        stack: Stack, code: int, reason: str) -> None:
+    stack: Stack, code: int, reason: str
+) -> None:
     sidecar, upstream = stack
     before = len(stats(upstream)["closes"])
     async with open_ws(sidecar, headers=bearer()) as ws:
@@ -284,10 +299,10 @@ async def test_the_clients_close_code_and_reason_reach_the_upstream(
     assert stats(upstream)["closes"][before:] == [[code, reason]]
 
 
-@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (4001, "upstream says bye"),
-                                              (4999, "")])
+@pytest.mark.parametrize(("code", "reason"), [(1000, ""), (4001, "upstream says bye"), (4999, "")])
 async def test_the_upstreams_close_code_and_reason_reach_the_client(
-        stack: Stack, code: int, reason: str) -> None:
+    stack: Stack, code: int, reason: str
+) -> None:
     sidecar, _ = stack
     async with open_ws(sidecar, headers=bearer()) as ws:
         await ws.send(f"!close {code} {reason}".rstrip())
@@ -329,7 +344,8 @@ async def test_an_oversized_upstream_message_closes_the_client_with_1009(stack: 
 
 
 async def test_an_upstream_that_is_killed_closes_the_client_with_1011(
-        own_stack: Callable[..., Stack]) -> None:
+    own_stack: Callable[..., Stack],
+) -> None:
     sidecar, upstream = own_stack()
     async with open_ws(sidecar, headers=bearer()) as ws:
         await ws.send("still there?")
@@ -356,15 +372,18 @@ async def test_a_jwt_session_is_closed_with_4401_at_exp(stack: Stack) -> None:
 
 
 async def test_a_revoked_api_key_closes_its_sessions_with_4403_on_sighup_reload(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, upstream = stack
     keys = Path(str(sidecar.config_path.parent / "keys.toml"))
     before = len(stats(upstream)["closes"])
     keeper = await open_ws(sidecar, "/ws/echo", headers={"X-API-Key": KEEP_KEY})
     revokee = await open_ws(sidecar, f"/ws/echo?api_key={REVOKE_KEY}")
     try:
-        keys.write_text(key_record(KEEP_KEY_ID, KEEP_KEY)
-                        + key_record(REVOKE_KEY_ID, REVOKE_KEY, "disabled = true"))
+        keys.write_text(
+            key_record(KEEP_KEY_ID, KEEP_KEY)
+            + key_record(REVOKE_KEY_ID, REVOKE_KEY, "disabled = true")
+        )
         sidecar.process.signal(signal.SIGHUP)
         assert await close_of(revokee, timeout=5) == (4403, "api key revoked")
         await keeper.send("untouched")
@@ -377,14 +396,16 @@ async def test_a_revoked_api_key_closes_its_sessions_with_4403_on_sighup_reload(
     assert [1001, "api key revoked"] in stats(upstream)["closes"][before:]
 
 
-async def test_an_api_key_session_is_closed_with_4403_when_the_key_expires(
-        stack: Stack) -> None:
+async def test_an_api_key_session_is_closed_with_4403_when_the_key_expires(stack: Stack) -> None:
     sidecar, _ = stack
     keys = Path(str(sidecar.config_path.parent / "keys.toml"))
     expires = int(time.time()) + 2
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
-    keys.write_text(key_record(KEEP_KEY_ID, KEEP_KEY) + key_record(REVOKE_KEY_ID, REVOKE_KEY)
-                    + key_record(EXPIRE_KEY_ID, EXPIRE_KEY, f'expires = "{stamp}"'))
+    keys.write_text(
+        key_record(KEEP_KEY_ID, KEEP_KEY)
+        + key_record(REVOKE_KEY_ID, REVOKE_KEY)
+        + key_record(EXPIRE_KEY_ID, EXPIRE_KEY, f'expires = "{stamp}"')
+    )
     sidecar.process.signal(signal.SIGHUP)
     await asyncio.sleep(0.3)
     async with open_ws(sidecar, headers={"X-API-Key": EXPIRE_KEY}) as ws:
@@ -397,15 +418,19 @@ async def test_an_api_key_session_is_closed_with_4403_when_the_key_expires(
 # --- handshake refusals --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("path", "headers", "status", "error"), [
-    ("/ws/echo", {}, 401, "unauthorized"),
-    ("/ws/echo", {"Authorization": "Bearer not-a-jwt"}, 401, "unauthorized"),
-    ("/ws/echo", {"X-API-Key": "wrong-key"}, 401, "unauthorized"),
-    ("/ws/echo?token=", {"Origin": "http://evil.test"}, 403, "forbidden"),
-    ("/nowhere", {}, 404, "not_found"),
-])
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "error"),
+    [
+        ("/ws/echo", {}, 401, "unauthorized"),
+        ("/ws/echo", {"Authorization": "Bearer not-a-jwt"}, 401, "unauthorized"),
+        ("/ws/echo", {"X-API-Key": "wrong-key"}, 401, "unauthorized"),
+        ("/ws/echo?token=", {"Origin": "http://evil.test"}, 403, "forbidden"),
+        ("/nowhere", {}, 404, "not_found"),
+    ],
+)
 async def test_refused_handshakes_get_a_status_and_json_and_never_reach_the_upstream(
-        stack: Stack, path: str, headers: dict[str, str], status: int, error: str) -> None:
+    stack: Stack, path: str, headers: dict[str, str], status: int, error: str
+) -> None:
     sidecar, upstream = stack
     if headers.get("Origin"):
         headers = {**headers, **bearer()}
@@ -420,7 +445,8 @@ async def test_refused_handshakes_get_a_status_and_json_and_never_reach_the_upst
 
 
 async def test_an_unreachable_upstream_refuses_the_handshake_with_502(
-        own_stack: Callable[..., Stack]) -> None:
+    own_stack: Callable[..., Stack],
+) -> None:
     sidecar, upstream = own_stack()
     upstream.stop()
     with pytest.raises(InvalidStatus) as refused:
@@ -435,8 +461,9 @@ async def test_an_unreachable_upstream_refuses_the_handshake_with_502(
 async def test_one_log_line_per_session_with_counters_and_no_credentials(stack: Stack) -> None:
     sidecar, _ = stack
     tok = token("grace")
-    async with open_ws(sidecar, f"/ws/echo?token={tok}&keep=1",
-                       headers={"X-Request-ID": "req-log-1"}) as ws:
+    async with open_ws(
+        sidecar, f"/ws/echo?token={tok}&keep=1", headers={"X-Request-ID": "req-log-1"}
+    ) as ws:
         for m in ("one", b"two!", "three"):
             await ws.send(m)
             await ws.recv()
@@ -449,8 +476,7 @@ async def test_one_log_line_per_session_with_counters_and_no_credentials(stack: 
     assert line["query"] == "keep=1"
     assert (line["messages_in"], line["messages_out"]) == (3, 3)
     assert (line["bytes_in"], line["bytes_out"]) == (12, 12)
-    assert (line["closed_by"], line["close_code"], line["close_reason"]) == (
-        "client", 4002, "done")
+    assert (line["closed_by"], line["close_code"], line["close_reason"]) == ("client", 4002, "done")
     assert line["duration_ms"] > 0 and line["route"].endswith("/ws/*")
     assert tok not in sidecar.output()
     assert tok.split(".")[2] not in sidecar.output()
@@ -460,7 +486,8 @@ async def test_one_log_line_per_session_with_counters_and_no_credentials(stack: 
 
 
 async def test_caps_refuse_with_429_per_identity_and_503_in_total(
-        own_stack: Callable[..., Stack]) -> None:
+    own_stack: Callable[..., Stack],
+) -> None:
     sidecar, upstream = own_stack("max_connections = 3\nmax_connections_per_identity = 2")
     a1 = await open_ws(sidecar, headers=bearer("a"))
     a2 = await open_ws(sidecar, headers=bearer("a"))
@@ -483,10 +510,13 @@ async def test_caps_refuse_with_429_per_identity_and_503_in_total(
 
 
 async def test_idle_sessions_close_with_1000_and_old_ones_with_1001(
-        own_stack: Callable[..., Stack]) -> None:
+    own_stack: Callable[..., Stack],
+) -> None:
     sidecar, upstream = own_stack("idle_timeout_s = 0.6\nmax_connection_lifetime_s = 2.5")
-    async with open_ws(sidecar, headers=bearer()) as chatty, \
-            open_ws(sidecar, headers=bearer()) as quiet:
+    async with (
+        open_ws(sidecar, headers=bearer()) as chatty,
+        open_ws(sidecar, headers=bearer()) as quiet,
+    ):
         opened = time.monotonic()
         for _ in range(4):  # activity keeps the idle timer away
             await asyncio.sleep(0.3)
@@ -510,11 +540,14 @@ async def test_idle_sessions_close_with_1000_and_old_ones_with_1001(
         await talker
     await wait_for(lambda: len(stats(upstream)["closes"]) == 2)
     assert sorted(map(tuple, stats(upstream)["closes"])) == [
-        (1000, "idle timeout"), (1001, "connection lifetime exceeded")]
+        (1000, "idle timeout"),
+        (1001, "connection lifetime exceeded"),
+    ]
 
 
 async def test_sigterm_closes_sessions_with_1001_after_the_drain_period(
-        own_stack: Callable[..., Stack]) -> None:
+    own_stack: Callable[..., Stack],
+) -> None:
     sidecar, upstream = own_stack()
     async with open_ws(sidecar, headers=bearer()) as ws:
         await ws.send("before")
@@ -534,7 +567,8 @@ async def test_sigterm_closes_sessions_with_1001_after_the_drain_period(
 
 @pytest.mark.slow
 async def test_a_slow_reader_with_a_fast_writer_keeps_the_sidecars_memory_bounded(
-        stack: Stack) -> None:
+    stack: Stack,
+) -> None:
     sidecar, _ = stack
     sidecar_process = psutil.Process(sidecar.process.proc.pid)
     count, size = 1024, 64 * 1024  # 64 MiB pushed at a client that does not read
@@ -578,8 +612,9 @@ async def test_a_thousand_concurrent_sessions_are_held_open(stack: Stack) -> Non
     sockets = await asyncio.gather(*(one(i) for i in range(n)))
     try:
         metrics = httpx.get(sidecar.admin_url + "/metrics").text
-        gauge = next(line for line in metrics.splitlines()
-                     if line.startswith("authproxy_websockets_open "))
+        gauge = next(
+            line for line in metrics.splitlines() if line.startswith("authproxy_websockets_open ")
+        )
         assert float(gauge.split()[1]) == n
         # All of them still relay, not just the last ones opened.
         for ws in (sockets[0], sockets[n // 2], sockets[-1]):

@@ -40,8 +40,13 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     global CONNECTS
     if scope["type"] == "http":
         body = json.dumps({"connects": CONNECTS, "closes": CLOSES}).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
         return
     if scope["type"] != "websocket":
@@ -51,8 +56,12 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     CONNECTS += 1
     offered: list[str] = scope.get("subprotocols") or []
     choose_none = b"subprotocol=none" in scope["query_string"]
-    await send({"type": "websocket.accept",
-                "subprotocol": offered[0] if offered and not choose_none else None})
+    await send(
+        {
+            "type": "websocket.accept",
+            "subprotocol": offered[0] if offered and not choose_none else None,
+        }
+    )
     expecting = False
     received = 0
     errors = 0
@@ -69,17 +78,31 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
         if text is not None and text.startswith("!"):
             cmd, *args = text[1:].split(" ", 2)
             if cmd == "info":
-                await send({"type": "websocket.send", "text": json.dumps({
-                    "path": scope["path"],
-                    "raw_path": scope["raw_path"].decode("latin-1"),
-                    "query": scope["query_string"].decode("latin-1"),
-                    "headers": [[k.decode("latin-1"), v.decode("latin-1")]
-                                for k, v in scope["headers"]],
-                    "subprotocols": offered,
-                })})
+                await send(
+                    {
+                        "type": "websocket.send",
+                        "text": json.dumps(
+                            {
+                                "path": scope["path"],
+                                "raw_path": scope["raw_path"].decode("latin-1"),
+                                "query": scope["query_string"].decode("latin-1"),
+                                "headers": [
+                                    [k.decode("latin-1"), v.decode("latin-1")]
+                                    for k, v in scope["headers"]
+                                ],
+                                "subprotocols": offered,
+                            }
+                        ),
+                    }
+                )
             elif cmd == "close":
-                await send({"type": "websocket.close", "code": int(args[0]),
-                            "reason": args[1] if len(args) > 1 else ""})
+                await send(
+                    {
+                        "type": "websocket.close",
+                        "code": int(args[0]),
+                        "reason": args[1] if len(args) > 1 else "",
+                    }
+                )
                 # Stay until the client answers the close.
                 while (await receive())["type"] != "websocket.disconnect":
                     pass
@@ -87,13 +110,23 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             elif cmd == "stream":
                 for i in range(int(args[0])):
                     m = seq_message(i)
-                    await send({"type": "websocket.send",
-                                **({"text": m} if isinstance(m, str) else {"bytes": m})})
+                    await send(
+                        {
+                            "type": "websocket.send",
+                            **({"text": m} if isinstance(m, str) else {"bytes": m}),
+                        }
+                    )
             elif cmd == "expect":
                 expecting, received, errors, first_error = True, 0, 0, None
             elif cmd == "report":
-                await send({"type": "websocket.send", "text": json.dumps(
-                    {"received": received, "errors": errors, "first_error": first_error})})
+                await send(
+                    {
+                        "type": "websocket.send",
+                        "text": json.dumps(
+                            {"received": received, "errors": errors, "first_error": first_error}
+                        ),
+                    }
+                )
             elif cmd == "big":
                 await send({"type": "websocket.send", "bytes": b"b" * int(args[0])})
             elif cmd == "flood":
@@ -112,5 +145,9 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                     first_error = f"at {received}: got {data!r:.60}"
             received += 1
             continue
-        await send({"type": "websocket.send",
-                    **({"text": data} if isinstance(data, str) else {"bytes": data})})
+        await send(
+            {
+                "type": "websocket.send",
+                **({"text": data} if isinstance(data, str) else {"bytes": data}),
+            }
+        )
