@@ -148,7 +148,7 @@ def sidecar(
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is not installed (make test installs Debian's chromium)")
+        pytest.fail(f"{CHROMIUM} is not installed (make test installs Debian's chromium)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
