@@ -106,3 +106,74 @@ def test_the_dockerfile_command_and_healthcheck_work_outside_docker(tmp_path: Pa
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+EXPLAIN_CONFIG = """
+[[auth.jwt.providers]]
+name = "t"
+issuer = "https://idp.test"
+audiences = ["api"]
+secret_env = "EXPLAIN_SECRET"
+algorithms = ["HS256"]
+[[routes]]
+path = "/auth/*"
+auth = "public"
+[[routes]]
+path = "/api/*"
+auth = ["jwt"]
+scopes = ["models:read"]
+"""
+EXPLAIN_SECRET = "explain-secret-explain-secret-explain!"
+
+
+def test_explain_says_why_a_request_is_accepted_or_refused(tmp_path: Path) -> None:
+    import time
+
+    import jwt
+
+    config = tmp_path / "c.toml"
+    config.write_text(EXPLAIN_CONFIG)
+    env = {**os.environ, "EXPLAIN_SECRET": EXPLAIN_SECRET}
+    claims = {
+        "sub": "alice",
+        "iss": "https://idp.test",
+        "aud": "api",
+        "exp": int(time.time()) + 60,
+        "scope": "models:read",
+    }
+    good = jwt.encode(claims, EXPLAIN_SECRET, algorithm="HS256")
+    ok = run(
+        "explain",
+        "--config",
+        str(config),
+        "GET",
+        "/api/models",
+        "-H",
+        f"Authorization: Bearer {good}",
+        env=env,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "routes[1]" in ok.stdout and "/api/models" in ok.stdout
+    assert "alice" in ok.stdout
+    assert good not in ok.stdout
+
+    expired = jwt.encode(
+        {**claims, "exp": int(time.time()) - 120}, EXPLAIN_SECRET, algorithm="HS256"
+    )
+    refused = run(
+        "explain",
+        "--config",
+        str(config),
+        "GET",
+        "/api/models",
+        "-H",
+        f"Authorization: Bearer {expired}",
+        env=env,
+    )
+    assert refused.returncode == 1
+    assert "expired" in refused.stdout
+    assert expired not in refused.stdout
+
+    unsafe = run("explain", "--config", str(config), "GET", "/api/../admin", env=env)
+    assert unsafe.returncode == 1
+    assert "dot-segment" in unsafe.stdout
