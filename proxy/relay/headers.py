@@ -60,7 +60,9 @@ def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name.lower() == b"connection":
-            named.update(t.strip().lower() for t in value.split(b",") if t.strip())
+            named.update(
+                t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip()
+            )
     return named
 
 
@@ -140,7 +142,10 @@ class HeaderPolicy:
         for name, value in headers:
             if name == b"host":
                 host = value
-            if name in drop or name in named or name.startswith(b"x-auth-"):
+            # CGI/WSGI upstreams read `X_Auth_Subject` as `X-Auth-Subject` (both become
+            # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes.
+            key = name.replace(b"_", b"-") if b"_" in name else name
+            if key in drop or key in named or key.startswith(b"x-auth-"):
                 if trusted:
                     if name == b"x-forwarded-for":
                         xff = value if xff is None else xff + b", " + value

@@ -193,6 +193,8 @@ def test_api_key_identity_and_the_key_header_is_not_forwarded(sidecar: Sidecar) 
         {"X-User-Email": "admin@example.com"},
         {"Connection": "X-Auth-Subject, X-User-Email", "X-Auth-Subject": "admin@example.com"},
         {"X-Auth-Signature": "v1=00"},
+        {"X_Auth_Subject": "admin@example.com", "X-Auth_Scopes": "models:write"},
+        {"x_user_email": "admin@example.com", "X_Forwarded_For": "6.6.6.6"},
     ],
 )
 def test_identity_headers_cannot_be_spoofed(sidecar: Sidecar, spoof: dict[str, str]) -> None:
@@ -203,6 +205,15 @@ def test_identity_headers_cannot_be_spoofed(sidecar: Sidecar, spoof: dict[str, s
     assert h["x-auth-issuer"] == [ISSUER]
     assert h["x-user-email"] == ["alice@example.com"]
     assert "x-auth-signature" not in h
+    # No variant a CGI/WSGI upstream would read as the same header (underscores for dashes).
+    names = [k.replace("_", "-") for k in h for _ in h[k]]
+    assert sorted(n for n in names if n.startswith("x-auth-")) == [
+        "x-auth-issuer",
+        "x-auth-method",
+        "x-auth-scopes",
+        "x-auth-subject",
+    ]
+    assert names.count("x-user-email") == 1 and names.count("x-forwarded-for") == 1
 
 
 def test_spoofed_identity_on_a_public_route_is_stripped(sidecar: Sidecar) -> None:
