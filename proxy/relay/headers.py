@@ -42,6 +42,18 @@ _FORWARDING = frozenset(
         b"x-real-ip",
     }
 )
+# Headers some frameworks use to route or dispatch by something other than the request line
+# (Symfony/IIS X-Original-URL, method overrides): the upstream would run another path or method
+# than the one the policy judged.
+_REROUTING = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
 # Handshake headers that belong to one WebSocket hop; the tunnel negotiates its own upstream.
 WEBSOCKET_HANDSHAKE = frozenset(
     {
@@ -94,7 +106,7 @@ class HeaderPolicy:
     def __init__(self, settings: Settings) -> None:
         self._trusted = settings.server.trusted_networks()
         self._preserve_host = settings.server.preserve_host
-        drop = set(HOP_BY_HOP) | _FORWARDING | {b"host", b"x-request-id", b"expect"}
+        drop = set(HOP_BY_HOP) | _FORWARDING | _REROUTING | {b"host", b"x-request-id", b"expect"}
         if not settings.auth.forward_credentials:
             drop |= {b"authorization", settings.auth.api_keys.header.lower().encode()}
         for provider in settings.auth.jwt.providers:

@@ -115,6 +115,28 @@ def test_spoofed_identity_and_forwarding_headers_never_reach_the_upstream(sideca
     assert "forwarded" not in seen and "x-real-ip" not in seen
 
 
+def test_headers_that_would_reroute_the_request_upstream_are_removed(sidecar: Sidecar) -> None:
+    r = httpx.get(
+        f"{sidecar.url}/echo/read",
+        headers={
+            "X-HTTP-Method-Override": "DELETE",
+            "X-HTTP-Method": "DELETE",
+            "X-Method-Override": "DELETE",
+            "X-Original-URL": "/admin",
+            "X-Rewrite-URL": "/admin",
+        },
+    )
+    seen = received_headers(r.json())
+    for gone in (
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+    ):
+        assert gone not in seen, gone
+
+
 def test_trusted_proxy_forwarding_headers_are_extended(tmp_path: Path, upstream: Process) -> None:
     s = start_sidecar(tmp_path, upstream.port, server='trusted_proxies = ["127.0.0.0/8"]')
     try:
