@@ -8,6 +8,7 @@ same upstream. Load goes to loopback only, bounded in time.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import platform
 import re
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import jwt
 
-from tests.support.servers import ROOT, free_port, start_sidecar, start_upstream
+from tests.support.servers import ROOT, free_port, spawn, start_sidecar, start_upstream
 
 HS_SECRET = "bench-secret-bench-secret-bench-secret!"
 API_KEY = "ak_bench_key"
@@ -101,7 +102,6 @@ def main() -> int:
             return 2
     tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
     upstream = start_upstream("bench.upstream:app", tmp, extra_args=["--http", "httptools"])
-    import hashlib
 
     body = f"""
         [[auth.jwt.providers]]
@@ -138,6 +138,27 @@ def main() -> int:
         env={"BENCH_HS_SECRET": HS_SECRET},
     )
     nginx_proc, nginx_port = nginx(tmp, upstream.port)
+    minimal_port = free_port()
+    minimal = spawn(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.minimal_proxy:app",
+            "--port",
+            str(minimal_port),
+            "--http",
+            "httptools",
+            "--loop",
+            "uvloop",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        tmp / "minimal.log",
+        minimal_port,
+        env={"MINIMAL_PROXY_UPSTREAM": f"http://127.0.0.1:{upstream.port}"},
+    )
     token = jwt.encode(
         {
             "sub": "bench",
@@ -153,6 +174,11 @@ def main() -> int:
     scenarios = [
         ("upstream direct", f"http://127.0.0.1:{upstream.port}/public/x", {}),
         ("nginx -> upstream", f"http://127.0.0.1:{nginx_port}/public/x", {}),
+        (
+            "bare aiohttp ASGI proxy (bench/minimal_proxy.py, no policy)",
+            f"http://127.0.0.1:{minimal_port}/public/x",
+            {},
+        ),
         ("sidecar, public route", f"{sidecar.url}/public/x", {}),
         (
             "sidecar, JWT route (HS256, cached verification)",
@@ -177,6 +203,7 @@ def main() -> int:
     finally:
         nginx_proc.terminate()
         nginx_proc.wait()
+        minimal.stop()
         sidecar.stop()
         sidecar_quiet.stop()
         upstream.stop()
@@ -205,14 +232,15 @@ def write_report(path: Path, figures: list[Figure], micro: str, args: argparse.N
         "",
         "## Throughput, small GET (34-byte JSON answer)",
         "",
-        "| path | req/s | vs. direct | vs. nginx | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| path | req/s | vs. direct | vs. nginx | vs. bare aiohttp proxy | p50 ms | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     nginx_rps = figures[1].rps
+    bare_rps = figures[2].rps
     for f in figures:
         lines.append(
             f"| {f.name} | {f.rps:,.0f} | {f.rps / direct:.2f} | {f.rps / nginx_rps:.2f} "
-            f"| {f.p50_ms:.2f} | {f.p99_ms:.2f} |"
+            f"| {f.rps / bare_rps:.2f} | {f.p50_ms:.2f} | {f.p99_ms:.2f} |"
         )
     lines += ["", "Commands (the token is a valid HS256 JWT):", ""]
     lines += [f"- {f.name}: `{f.command}`" for f in figures]
