@@ -130,12 +130,43 @@ class Pipeline:
         scheme = {"ws": "http", "wss": "https"}.get(scope["scheme"], scope["scheme"])
         return r.host is not None and r.origin == f"{scheme}://{r.host}"
 
-    async def _authenticate(self, scope: Scope, r: Request, *, websocket: bool) -> None:
-        assert r.route is not None
+    def _judge(self, scope: Scope, r: Request, method: str) -> CorsPolicy:
+        """Judge the path, match the route; the CORS policy that applies to the answer."""
+        r.path, r.raw_path = judge_path(scope.get("raw_path") or scope["path"].encode())
+        r.route = self.routes.match(r.path, method)
+        return self.cors.policy(r.route.index if r.route else None)
+
+    async def _admit(
+        self, scope: Scope, r: Request, policy: CorsPolicy, *, websocket: bool
+    ) -> list[tuple[str, str]]:
+        """Origin, draining, route and credentials; the headers to send upstream."""
+        if r.origin is not None:
+            same_origin = self._same_origin(scope, r)
+            if websocket:
+                # Browsers apply no CORS to WebSockets: an Origin we do not allow is refused
+                # here, or any site could ride the user's cookies (cross-site WebSocket
+                # hijacking), whatever reject_disallowed_origins says.
+                policy.refuse_websocket(r.origin, same_origin=same_origin)
+            else:
+                policy.refuse_actual(r.origin, same_origin=same_origin)
+        if self.draining:
+            raise ServiceUnavailable("the sidecar is shutting down", retry_after_s=5)
+        if r.route is None:
+            raise NotFound(
+                "no route matches this path", details={"path": r.path, "method": r.method}
+            )
         r.credentials = self.auth.extract(
             r.headers, scope.get("query_string", b""), websocket=websocket
         )
         r.identity = await self.auth.authenticate(r.route.settings, r.credentials)
+        return self.headers.upstream_request(
+            r.headers,
+            peer=_peer(scope),
+            scheme=scope["scheme"],
+            request_id=r.request_id,
+            identity=r.identity,
+            websocket=websocket,
+        )
 
     def _log(
         self, scope: Scope, r: Request, status: int, exchange: Exchange | None, **extra: Any
@@ -190,11 +221,8 @@ class Pipeline:
         try:
             preflight = method == "OPTIONS" and r.origin is not None and r.acr_method is not None
             try:
-                r.path, r.raw_path = judge_path(scope.get("raw_path") or scope["path"].encode())
-                r.route = self.routes.match(
-                    r.path, (r.acr_method or method) if preflight else method
-                )
-                policy = self.cors.policy(r.route.index if r.route else None)
+                # A preflight is judged by the route of the request it asks about.
+                policy = self._judge(scope, r, (r.acr_method or method) if preflight else method)
                 if preflight:
                     assert r.origin is not None and r.acr_method is not None
                     headers = policy.preflight(
@@ -206,23 +234,8 @@ class Pipeline:
                     exchange.status = 204
                     self._log(scope, r, 204, exchange, preflight=True)
                     return
-                if r.origin is not None:
-                    policy.refuse_actual(r.origin, same_origin=self._same_origin(scope, r))
-                if self.draining:
-                    raise ServiceUnavailable("the sidecar is shutting down", retry_after_s=5)
-                if r.route is None:
-                    raise NotFound(
-                        "no route matches this path", details={"path": r.path, "method": method}
-                    )
-                await self._authenticate(scope, r, websocket=False)
+                upstream_headers = await self._admit(scope, r, policy, websocket=False)
                 assert r.credentials is not None
-                upstream_headers = self.headers.upstream_request(
-                    r.headers,
-                    peer=_peer(scope),
-                    scheme=scope["scheme"],
-                    request_id=r.request_id,
-                    identity=r.identity,
-                )
                 origin = r.origin
                 request_id = r.request_id.encode()
                 cors = policy
@@ -292,20 +305,8 @@ class Pipeline:
                 return
             policy: CorsPolicy | None = None
             try:
-                r.path, r.raw_path = judge_path(scope.get("raw_path") or scope["path"].encode())
-                r.route = self.routes.match(r.path, "GET")
-                policy = self.cors.policy(r.route.index if r.route else None)
-                # Browsers apply no CORS to WebSockets: an Origin we do not allow is refused
-                # here, or any site could ride the user's cookies (cross-site WebSocket hijacking).
-                if r.origin is not None:
-                    policy.refuse_websocket(r.origin, same_origin=self._same_origin(scope, r))
-                if self.draining:
-                    raise ServiceUnavailable("the sidecar is shutting down", retry_after_s=5)
-                if r.route is None:
-                    raise NotFound(
-                        "no route matches this path", details={"path": r.path, "method": "GET"}
-                    )
-                await self._authenticate(scope, r, websocket=True)
+                policy = self._judge(scope, r, "GET")
+                upstream_headers = await self._admit(scope, r, policy, websocket=True)
             except ProxyError as exc:
                 r.identity = r.identity or exc.identity
                 await self._deny(scope, send, r, exc, policy)
@@ -320,14 +321,6 @@ class Pipeline:
                 )
                 return
             assert r.route is not None and r.credentials is not None
-            upstream_headers = self.headers.upstream_request(
-                r.headers,
-                peer=_peer(scope),
-                scheme=scope["scheme"],
-                request_id=r.request_id,
-                identity=r.identity,
-                websocket=True,
-            )
 
             async def deny(exc: ProxyError) -> None:
                 await self._deny(scope, send, r, exc, policy)

@@ -21,19 +21,9 @@ import jwt
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.servers import ROOT, Process, Sidecar, start_sidecar, start_upstream
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
 PAGES = Path(__file__).parent / "pages"
 ARTIFACTS = ROOT / "test-artifacts"
 SECRET = "cors-browser-secret-of-at-least-32-bytes!"

@@ -19,20 +19,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from upstream_demo.app import create_app, create_web_app
 
 ServeApp = Callable[..., AbstractAsyncContextManager[str]]
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
 
 
 class BearerGate:
@@ -77,7 +67,7 @@ async def test_the_page_logs_in_lists_models_and_shows_live_events(
         web = create_web_app(api_url=f"http://{api}", ws_url=f"ws://{api}/ws")
         async with serve_app(web, lifespan="off") as page_address, async_playwright() as pw:
             browser = await pw.chromium.launch(
-                executable_path=CHROMIUM, chromium_sandbox=False, args=CHROMIUM_FLAGS
+                executable_path=str(CHROMIUM), chromium_sandbox=False, args=CHROMIUM_ARGS
             )
             try:
                 page = await browser.new_page(viewport={"width": 1280, "height": 860})

@@ -16,19 +16,9 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.support.servers import ROOT, free_port
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-quic",
-    "--disable-sync",
-]
 ARTIFACTS = Path(os.environ.get("AUTHPROXY_ARTIFACTS_DIR", ROOT / "test-artifacts"))
 
 
@@ -113,7 +103,7 @@ def login(page: Page, user: str) -> None:
 @pytest.mark.browser
 def test_make_run_stack_serves_the_whole_story_in_a_browser(stack: Stack) -> None:
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(stack.page_url)
