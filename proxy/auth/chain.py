@@ -156,11 +156,13 @@ class Chain:
             self._metrics.auth.labels("none", "anonymous").inc()
             return None
         self._metrics.auth.labels("none", "missing_credentials").inc()
+        # SPEC: every 401 on a JWT route carries error="invalid_token". RFC 6750 3.1 would rather
+        # leave the error out when nothing was presented (SHOULD NOT, not MUST NOT); clients
+        # written against the contract look for it, so it stays, with a description saying why.
         raise Unauthorized(
             self._missing_message(route, credentials),
             details={"reason": "missing_credentials"},
             bearer=bearer,
-            error=None,
         )
 
     def _missing_message(self, route: RouteSettings, credentials: Credentials) -> str:

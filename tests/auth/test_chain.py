@@ -61,10 +61,11 @@ async def test_a_public_route_needs_nothing_and_ignores_garbage(svc: AuthService
     assert await run(svc, route("public"), bearer=bad(), key="nope") is None
 
 
-async def test_missing_credentials_get_a_bare_bearer_challenge(svc: AuthService) -> None:
+async def test_missing_credentials_get_an_invalid_token_challenge(svc: AuthService) -> None:
     with pytest.raises(Unauthorized) as info:
         await run(svc, route(["jwt", "api_key"]))
-    assert info.value.headers["WWW-Authenticate"] == "Bearer"
+    challenge = info.value.headers["WWW-Authenticate"]
+    assert challenge.startswith('Bearer error="invalid_token", error_description="missing')
     assert info.value.details == {"reason": "missing_credentials"}
     assert "Bearer token or an API key (X-API-Key)" in info.value.message
     with pytest.raises(Unauthorized) as info:
@@ -76,7 +77,7 @@ async def test_a_non_bearer_authorization_is_mentioned_in_the_401(svc: AuthServi
     with pytest.raises(Unauthorized) as info:
         await run(svc, route(["jwt"]), headers=[(b"authorization", b"Basic Zm9vOmJhcg==")])
     assert "not a Bearer token" in info.value.message
-    assert info.value.headers["WWW-Authenticate"] == "Bearer"
+    assert 'error="invalid_token"' in info.value.headers["WWW-Authenticate"]
 
 
 async def test_the_first_method_that_finds_its_credential_decides(svc: AuthService) -> None:

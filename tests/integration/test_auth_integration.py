@@ -109,12 +109,13 @@ def seen(response: httpx.Response) -> dict[str, list[str]]:
     return out
 
 
-def test_missing_credentials_is_401_with_a_plain_bearer_challenge(sidecar: Sidecar) -> None:
+def test_missing_credentials_is_401_with_an_invalid_token_challenge(sidecar: Sidecar) -> None:
     r = httpx.get(f"{sidecar.url}/echo/x")
     assert r.status_code == 401
     assert r.json()["error"] == "unauthorized"
     assert r.headers["www-authenticate"].startswith("Bearer")
-    assert "invalid_token" not in r.headers["www-authenticate"]
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+    assert "missing credentials" in r.headers["www-authenticate"]
 
 
 @pytest.mark.parametrize(
