@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     children: list[subprocess.Popen[bytes]] = []
     names: dict[int, str] = {}
 
-    def stop(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+    def stop() -> None:
         for child in reversed(children):
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -66,7 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
 
-    signal.signal(signal.SIGTERM, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stopping = False
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        # The first Ctrl-C or SIGTERM stops the stack; more (make and the terminal both send
+        # one) are ignored while the children shut down.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         demo = subprocess.Popen(
             [
