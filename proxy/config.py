@@ -66,7 +66,7 @@ class ServerSettings(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
     preserve_host: bool = False
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
-    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
 
     @field_validator("trusted_proxies")
     @classmethod

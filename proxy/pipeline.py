@@ -62,11 +62,13 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def read(cls, scope: Scope, method: str) -> Request:
+    def read(cls, scope: Scope, method: str, max_header_bytes: int) -> Request:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         request_id = None
         r = cls(method=method, headers=headers, request_id="")
+        size = 0
         for name, value in headers:
+            size += len(name) + len(value) + 4
             if name == b"origin":
                 r.origin = value.decode("latin-1")
             elif name == b"host":
@@ -87,6 +89,11 @@ class Request:
                 r.acr_headers = value.decode("latin-1")
             elif name == b"access-control-request-private-network":
                 r.acr_private_network = value.strip().lower() == b"true"
+        if size > max_header_bytes:
+            raise BadRequest(
+                "the request headers are larger than the limit",
+                details={"reason": "headers_too_large", "limit_bytes": max_header_bytes},
+            )
         r.request_id = request_id or new_request_id()
         return r
 
@@ -115,6 +122,7 @@ class Pipeline:
         self.tunnel = tunnel
         self.metrics = metrics
         self.draining = False
+        self.max_header_bytes = settings.server.max_header_bytes
         # Metric children by (route, status): labels() per request costs more than the increment.
         self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -209,7 +217,7 @@ class Pipeline:
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
         try:
-            r = Request.read(scope, method)
+            r = Request.read(scope, method, self.max_header_bytes)
         except ProxyError as exc:
             r = Request(method=method, headers=scope["headers"], request_id=new_request_id())
             await self._reply_error(send, r, exc, None)
@@ -295,7 +303,7 @@ class Pipeline:
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         r = Request(method="GET", headers=scope["headers"], request_id="")
         try:
-            r = Request.read(scope, "GET")
+            r = Request.read(scope, "GET", self.max_header_bytes)
         except ProxyError:
             r.request_id = new_request_id()
         token = logs.request_id_var.set(r.request_id)

@@ -285,6 +285,13 @@ def test_unsafe_paths_are_refused_with_400(sidecar: Sidecar, target: bytes) -> N
     assert r.json()["error"] == "bad_request"
 
 
+def test_headers_over_the_limit_are_400(sidecar: Sidecar) -> None:
+    r = httpx.get(f"{sidecar.url}/echo/x", headers={"X-Big": "a" * 70_000})
+    body = assert_error(r, 400, "bad_request")
+    assert body["details"]["reason"] == "headers_too_large"
+    assert httpx.get(f"{sidecar.url}/echo/x", headers={"X-Big": "a" * 8_000}).status_code == 200
+
+
 def test_no_matching_route_is_404(tmp_path: Path, upstream: Process) -> None:
     s = start_sidecar(
         tmp_path,
