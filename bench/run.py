@@ -27,6 +27,8 @@ from tests.support.servers import ROOT, free_port, spawn, start_sidecar, start_u
 
 HS_SECRET = "bench-secret-bench-secret-bench-secret!"
 API_KEY = "ak_bench_key"
+# The product's default log batching (the test harness turns it off to read logs at once).
+SIDECAR_ENV = {"BENCH_HS_SECRET": HS_SECRET, "AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0.1"}
 
 
 @dataclass
@@ -128,14 +130,14 @@ def main() -> int:
         tmp,
         upstream.port,
         body,
-        env={"BENCH_HS_SECRET": HS_SECRET},
+        env=SIDECAR_ENV,
         upstream="max_connections = 64",
     )
     sidecar_quiet = start_sidecar(
         tmp,
         upstream.port,
         body + "\n[logging]\naccess_log = false\n",
-        env={"BENCH_HS_SECRET": HS_SECRET},
+        env=SIDECAR_ENV,
     )
     nginx_proc, nginx_port = nginx(tmp, upstream.port)
     minimal_port = free_port()

@@ -11,6 +11,7 @@ import signal
 from .auth import AuthService
 from .config import Settings
 from .cors import Cors
+from .ops import logs
 from .ops.admin import AdminApp
 from .ops.metrics import Metrics
 from .pipeline import Pipeline
@@ -95,6 +96,7 @@ class App:
             await self.auth.stop()
         if self.forwarder.session is not None:
             await self.forwarder.session.close()
+        logs.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -427,6 +427,8 @@ class LoggingSettings(_Frozen):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+    # Access lines are written in batches at most this far apart (0: each line at once).
+    flush_interval_s: float = Field(default=0.1, ge=0, le=10)
 
 
 class Settings(_Frozen):

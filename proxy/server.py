@@ -101,7 +101,7 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
 
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests finish, new ones are refused."""
-    logs.configure(settings.logging.level)
+    logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     app = App(settings)
     public_config, admin_config = uvicorn_configs(app, settings)
     public = DrainingServer(public_config, app.begin_drain, app.drained)

@@ -6,12 +6,13 @@ pipeline). Callers pass only values that are safe to print: ids, never tokens, k
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "authproxy_request_id", default=None
@@ -57,10 +58,59 @@ def _not_a_handshake_line(record: logging.LogRecord) -> bool:
     return message != "ASGI callable returned without completing handshake."
 
 
-def configure(level: str = "info") -> None:
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """JSON lines on a stream; access lines are written in batches.
+
+    Measured with the log on a file: a write(2) per request cost ~90 µs of the ~350 µs of CPU a
+    proxied request takes. Access lines wait at most `flush_interval_s` (0: no waiting); any
+    other record, a full batch, shutdown and `flush()` write them first, so order is kept.
+    """
+
+    def __init__(
+        self, stream: TextIO, flush_interval_s: float = 0.1, max_batch_bytes: int = 64 * 1024
+    ) -> None:
+        super().__init__(stream)
+        self.setFormatter(JsonFormatter())
+        self.flush_interval_s = flush_interval_s
+        self.max_batch_bytes = max_batch_bytes
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add_line(self, line: str) -> None:
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if self.flush_interval_s <= 0 or self._pending_bytes >= self.max_batch_bytes:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._timer = loop.call_later(self.flush_interval_s, self.flush)
+
+    def _write_pending(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self.stream.write("".join(self._pending))
+            self._pending.clear()
+            self._pending_bytes = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._write_pending()
+        super().emit(record)
+
+    def flush(self) -> None:
+        self._write_pending()
+        super().flush()
+
+
+def configure(level: str = "info", flush_interval_s: float = 0.1) -> None:
     """Send authproxy's and uvicorn's logs to stdout as JSON lines."""
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler = JsonLinesHandler(sys.stdout, flush_interval_s)
     for name in ("authproxy", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
@@ -72,16 +122,23 @@ def configure(level: str = "info") -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+def flush() -> None:
+    """Write any access lines still waiting (at shutdown)."""
+    handler = _handler_of(ACCESS)
+    if handler is not None:
+        handler.flush()
+
+
 def access(message: str, fields: dict[str, Any]) -> None:
     """Write one access-log line.
 
-    Straight to the configured handler's stream: per request, the logging module's record
-    machinery (record, caller lookup, locks) cost more CPU than everything else in the line.
+    Straight to the configured handler: per request, the logging module's record machinery
+    (record, caller lookup, locks) cost more CPU than everything else in the line.
     """
     if not ACCESS.isEnabledFor(logging.INFO):
         return
     handler = _handler_of(ACCESS)
-    if not isinstance(handler, logging.StreamHandler):
+    if not isinstance(handler, JsonLinesHandler):
         ACCESS.info(message, extra={"fields": fields})
         return
     now = time.time()
@@ -93,8 +150,7 @@ def access(message: str, fields: dict[str, Any]) -> None:
         "message": message,
     }
     line.update(fields)
-    handler.stream.write(_JSON.encode(line) + "\n")
-    handler.flush()
+    handler.add_line(_JSON.encode(line) + "\n")
 
 
 def _handler_of(logger: logging.Logger) -> logging.Handler | None:

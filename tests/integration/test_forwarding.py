@@ -425,6 +425,31 @@ def test_admin_endpoints_live_on_the_admin_listener_only(sidecar: Sidecar) -> No
     assert "authproxy_requests_total" not in r.text
 
 
+def test_access_lines_are_batched_but_written_within_the_flush_interval(
+    tmp_path: Path, upstream: Process
+) -> None:
+    import json
+
+    s = start_sidecar(tmp_path, upstream.port, env={"AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0.3"})
+    try:
+        with httpx.Client() as client:
+            for i in range(50):
+                client.get(f"{s.url}/echo/batch", headers={"X-Request-ID": f"batch-{i}"})
+        sent = time.monotonic()
+        while True:
+            ids = {
+                line.get("request_id")
+                for line in map(json.loads, filter(None, s.output().splitlines()))
+                if line.get("message") == "request"
+            }
+            if {f"batch-{i}" for i in range(50)} <= ids:
+                break
+            assert time.monotonic() - sent < 2.0, "access lines were not written in time"
+            time.sleep(0.02)
+    finally:
+        s.stop()
+
+
 def test_one_json_access_line_per_request_without_credentials(sidecar: Sidecar) -> None:
     import json
 

@@ -180,6 +180,9 @@ def start_sidecar(
     port, admin_port = free_port(), free_port()
     config_path = tmp_path / f"authproxy-{port}.toml"
     config_path.write_text(sidecar_config(upstream_port, port, admin_port, body, server, upstream))
+    # Tests read the log right after a request: access lines are written at once unless a test
+    # asks for batching (the default of 0.1 s) through the same override.
+    env = {"AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0", **(env or {})}
     process = spawn(
         [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)],
         tmp_path / f"sidecar-{port}.log",
