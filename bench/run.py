@@ -94,7 +94,8 @@ def nginx(tmp: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=4, help="per scenario and round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     args = parser.parse_args()
@@ -192,14 +193,25 @@ def main() -> int:
     ]
     try:
         time.sleep(0.5)
-        for name, url, headers in scenarios:
+        for _, url, headers in scenarios:
             wrk(url, 1, args.connections, headers)  # warm-up: pools, caches
-            figure, raw = wrk(url, args.seconds, args.connections, headers)
-            figure.name = name
+        # Round-robin rounds, median per scenario: the machine's noise drifts over a run, and
+        # taking the scenarios one after another would fold that drift into the ratios.
+        runs: dict[str, list[Figure]] = {name: [] for name, _, _ in scenarios}
+        for _ in range(args.rounds):
+            for name, url, headers in scenarios:
+                figure, _raw = wrk(url, args.seconds, args.connections, headers)
+                figure.name = name
+                runs[name].append(figure)
+        for name, _, _ in scenarios:
+            ordered = sorted(runs[name], key=lambda f: f.rps)
+            figure = ordered[len(ordered) // 2]
             figures.append(figure)
             print(
-                f"{name:55s} {figure.rps:10.0f} req/s  p50 {figure.p50_ms:.2f} ms  "
-                f"p99 {figure.p99_ms:.2f} ms",
+                f"{name:62s} {figure.rps:10.0f} req/s  p50 {figure.p50_ms:.2f} ms  "
+                f"p99 {figure.p99_ms:.2f} ms  (rounds: "
+                + ", ".join(f"{f.rps:.0f}" for f in runs[name])
+                + ")",
                 flush=True,
             )
     finally:
@@ -223,6 +235,8 @@ def write_report(path: Path, figures: list[Figure], micro: str, args: argparse.N
         "",
         "Written by `make bench` (`python -m bench.run`). All figures come from one run on this "
         "machine; compare the ratios, not the absolute numbers (shared, noisy 2-core machines). "
+        f"Each figure is the median of {args.rounds} rounds of {args.seconds} s, the scenarios "
+        "taken in turn within each round. "
         "wrk, the upstream, nginx and the sidecar share the same two cores.",
         "",
         f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
