@@ -44,6 +44,7 @@ class App:
         self.tunnel: Tunnel | None = None
         self.started = False
         self.draining = False
+        self.startup_error: Exception | None = None
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -65,6 +66,11 @@ class App:
         1001 when `websocket.drain_s` is over)."""
         if self.tunnel is not None:
             await self.tunnel.drained()
+
+    async def check(self) -> None:
+        """Build every stage as `startup` does, without fetching or serving: for check-config."""
+        async with new_session(self.settings.upstream) as session:
+            AuthService(self.settings, self.metrics, session)
 
     async def startup(self) -> None:
         session = new_session(self.settings.upstream)
@@ -112,7 +118,8 @@ class App:
                 try:
                     await self.startup()
                 except Exception as exc:
-                    log.error("startup failed: %s", exc)
+                    self.startup_error = exc
+                    await self.shutdown()  # whatever started before the failure
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})

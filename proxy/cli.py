@@ -53,7 +53,7 @@ def _check_config(path: str | None) -> int:
     from .app import App
 
     settings = config.load(path)
-    App(settings)  # builds every stage: secrets present, policies compile
+    asyncio.run(App(settings).check())  # every stage, as serve builds it: secrets, key files
     print(f"config OK: {path or config.default_path()}")
     print(
         f"  listen {settings.server.listen}, admin {settings.admin.listen}, "

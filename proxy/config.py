@@ -266,11 +266,20 @@ class JwtSettings(_Frozen):
 class ApiKeySettings(_Frozen):
     """One API key, stored as the SHA-256 of the key."""
 
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=128)
     sha256: str
     scopes: tuple[str, ...] = ()
     expires: datetime | None = None
     disabled: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        if not re.fullmatch(r"[\x21-\x7e]+", value):
+            raise ValueError(
+                f"{value!r}: printable ASCII without spaces (it is sent upstream as X-Auth-Subject)"
+            )
+        return value
 
     @field_validator("sha256")
     @classmethod

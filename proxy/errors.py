@@ -11,7 +11,8 @@
      ├── RateLimited            429 rate_limited
      ├── BadGateway             502 bad_gateway
      ├── ServiceUnavailable     503 service_unavailable (+ Retry-After)
-     └── GatewayTimeout         504 gateway_timeout
+     ├── GatewayTimeout         504 gateway_timeout
+     └── InternalError          500 internal_error (a bug: never a traceback to the client)
 
 Library exceptions are translated into these where they enter (`raise BadGateway(...) from exc`);
 `render` turns one into a response and `close_code` into a WebSocket close code.
@@ -168,6 +169,14 @@ class ServiceUnavailable(ProxyError):
         self, message: str, *, retry_after_s: int = 1, details: Mapping[str, Any] | None = None
     ) -> None:
         super().__init__(message, details=details, headers={"Retry-After": str(retry_after_s)})
+
+
+class InternalError(ProxyError):
+    """A bug in the sidecar: answered as JSON, logged with its type, never with a traceback."""
+
+    status = 500
+    code = "internal_error"
+    close_code = CLOSE_INTERNAL_ERROR
 
 
 class GatewayTimeout(ProxyError):

@@ -2,8 +2,8 @@
 
 A request path is percent-decoded once, judged, and re-encoded canonically for the upstream. Any
 path whose meaning could differ between us and an upstream (dot-segments, empty segments, encoded
-slashes or backslashes, encoded percent-escapes of those, NUL and control characters, invalid UTF-8)
-is refused with 400 instead of being guessed at.
+slashes or backslashes, encoded percent-escapes of those, NUL and control characters, `;` path
+parameters, invalid UTF-8) is refused with 400 instead of being guessed at.
 """
 
 from __future__ import annotations
@@ -48,10 +48,16 @@ def judge_path(raw_path: bytes) -> tuple[str, bytes]:
 
 
 def _check_segments(path: str) -> None:
+    if ";" in path:
+        # Tomcat, Jetty and Spring cut `;params` out of each segment before routing, so
+        # `/public/..;/api/x` would be judged as public and run as /api/x.
+        raise BadRequest(
+            "';' is not allowed in the path (path parameters)", details={"reason": "semicolon"}
+        )
     segments = path.split("/")
     # segments[0] is the empty string before the leading "/"; the last may be empty (trailing "/").
     for i, segment in enumerate(segments[1:], start=1):
-        if segment in (".", ".."):
+        if segment and not segment.strip("."):  # ".", "..", and "..." which some servers fold
             raise BadRequest(
                 "dot-segments are not allowed in the path", details={"reason": "dot_segment"}
             )

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 from .auth import AuthService, Credentials
 from .config import Settings
 from .cors import Cors, CorsPolicy
-from .errors import BadRequest, NotFound, ProxyError, ServiceUnavailable, render
+from .errors import (
+    BadRequest,
+    InternalError,
+    NotFound,
+    ProxyError,
+    ServiceUnavailable,
+    render,
+)
 from .identity import Identity
 from .ops import logs
 from .ops.metrics import Metrics
@@ -224,7 +231,7 @@ class Pipeline:
             self._log(scope, r, exc.status, None, error=exc.code)
             return
         token = logs.request_id_var.set(r.request_id)
-        policy: CorsPolicy | None = None
+        policy: CorsPolicy = self.cors.policy(None)  # until a route is known: the global one
         exchange = Exchange()
         try:
             preflight = method == "OPTIONS" and r.origin is not None and r.acr_method is not None
@@ -279,6 +286,14 @@ class Pipeline:
                     scope, r, exchange.status, exchange, error="upstream_aborted", reason=str(exc)
                 )
                 raise
+            except Exception:
+                log.exception("unexpected error")
+                if exchange.response_started:
+                    raise  # uvicorn cuts the connection: never a silently truncated body
+                bug = InternalError("the sidecar failed on this request")
+                await self._reply_error(send, r, bug, None if preflight else policy)
+                self._log(scope, r, bug.status, exchange, error=bug.code)
+                return
             self._log(
                 scope,
                 r,
@@ -301,18 +316,22 @@ class Pipeline:
     # --- WebSocket -------------------------------------------------------------------------------
 
     async def websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        r = Request(method="GET", headers=scope["headers"], request_id="")
+        unreadable: ProxyError | None = None
         try:
             r = Request.read(scope, "GET", self.max_header_bytes)
-        except ProxyError:
-            r.request_id = new_request_id()
+        except ProxyError as exc:
+            # Refused below, never passed on: the Origin check needs the headers that failed.
+            unreadable = exc
+            r = Request(method="GET", headers=scope["headers"], request_id=new_request_id())
         token = logs.request_id_var.set(r.request_id)
         try:
             message = await receive()
             if message["type"] != "websocket.connect":
                 return
-            policy: CorsPolicy | None = None
+            policy: CorsPolicy = self.cors.policy(None)  # until a route is known: the global one
             try:
+                if unreadable is not None:
+                    raise unreadable
                 policy = self._judge(scope, r, "GET")
                 upstream_headers = await self._admit(scope, r, policy, websocket=True)
             except ProxyError as exc:

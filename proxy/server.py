@@ -15,6 +15,7 @@ import uvloop
 
 from .app import App
 from .config import Settings, split_listen
+from .errors import ConfigError
 from .ops import logs
 
 
@@ -119,7 +120,13 @@ def serve(settings: Settings) -> int:
             return 1
         try:
             if not await _serve_quietly(public):
-                log.error("cannot start on server.listen %s", settings.server.listen)
+                if isinstance(app.startup_error, ConfigError):
+                    log.error("config error: %s", app.startup_error)
+                    return 2
+                if app.startup_error is not None:
+                    log.error("startup failed: %s", app.startup_error)
+                else:
+                    log.error("cannot start on server.listen %s", settings.server.listen)
                 return 1
             return 0
         finally:

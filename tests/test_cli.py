@@ -177,3 +177,20 @@ def test_explain_says_why_a_request_is_accepted_or_refused(tmp_path: Path) -> No
     unsafe = run("explain", "--config", str(config), "GET", "/api/../admin", env=env)
     assert unsafe.returncode == 1
     assert "dot-segment" in unsafe.stdout
+
+
+def test_check_config_and_serve_refuse_a_missing_secret_alike(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    port, admin_port = free_port(), free_port()
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
+        + EXPLAIN_CONFIG.replace("EXPLAIN_SECRET", "UNSET_SECRET_FOR_TEST")
+    )
+    env = {k: v for k, v in os.environ.items() if k != "UNSET_SECRET_FOR_TEST"}
+    checked = run("check-config", "--config", str(config), env=env)
+    assert checked.returncode == 2
+    assert "auth.jwt.providers[0].secret_env" in checked.stderr
+    served = run("serve", "--config", str(config), env=env)
+    assert served.returncode == 2
+    assert "auth.jwt.providers[0].secret_env" in served.stdout
+    assert "Traceback" not in served.stdout + served.stderr

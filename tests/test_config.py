@@ -105,6 +105,10 @@ def test_the_repository_config_is_valid() -> None:
             "auth.token_cookie: cannot be used while a cors table allows origin '*'",
         ),
         (
+            {"auth": {"api_keys": {"keys": [{"id": "bot\nx", "sha256": "a" * 64}]}}},
+            "auth.api_keys.keys[0].id: 'bot\\nx': printable ASCII without spaces",
+        ),
+        (
             {"cors": {"allow_origins": ["https://a.example.com/path"]}},
             "cors.allow_origins: [0] 'https://a.example.com/path' is not an origin",
         ),

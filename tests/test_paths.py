@@ -18,9 +18,9 @@ from proxy.paths import judge_path
         (b"/%61pi/models", "/api/models", b"/api/models"),
         (b"/api/caf%C3%A9", "/api/caf\u00e9", b"/api/caf%C3%A9"),
         (b"/api/a%20b", "/api/a b", b"/api/a%20b"),
-        (b"/api/a;b=c", "/api/a;b=c", b"/api/a;b=c"),
         (b"/api/%7Euser", "/api/~user", b"/api/~user"),
         (b"/api/..x/.y", "/api/..x/.y", b"/api/..x/.y"),
+        (b"/api/a.b/c..d", "/api/a.b/c..d", b"/api/a.b/c..d"),
     ],
 )
 def test_safe_paths_are_judged_decoded_and_sent_canonically(
@@ -54,6 +54,12 @@ def test_safe_paths_are_judged_decoded_and_sent_canonically(
         b"/api/%255cadmin",
         b"api/x",
         b"*",
+        b"/auth/..;/api/models",
+        b"/auth/..%3B/api/x",
+        b"/api/models;x",
+        b"/api/a;jsessionid=1",
+        b"/api/.../x",
+        b"/api/....",
     ],
 )
 def test_ambiguous_paths_are_refused(raw: bytes) -> None:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Iterable
 
 from ..config import Settings
-from ..errors import ConfigError
+from ..errors import BadRequest, ConfigError
 from ..identity import Identity
 
 HOP_BY_HOP = frozenset(
@@ -65,6 +65,27 @@ WEBSOCKET_HANDSHAKE = frozenset(
     }
 )
 SIGNATURE_HEADER = "X-Auth-Signature"
+
+
+def _latin1(value: bytes) -> str:
+    return value.decode("latin-1")
+
+
+def _utf8(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest(
+            "a request header is neither ASCII nor UTF-8", details={"reason": "header_encoding"}
+        ) from None
+
+
+def _same(value: str) -> str:
+    return value
+
+
+def _utf8_as_latin1(value: str) -> str:
+    return value.encode("utf-8").decode("latin-1")
 
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -145,7 +166,13 @@ class HeaderPolicy:
         identity: Identity | None,
         websocket: bool = False,
     ) -> list[tuple[str, str]]:
-        """The headers sent upstream, as latin-1 strings for the HTTP client."""
+        """The headers sent upstream, as strings the hop's client encodes back to the same bytes.
+
+        aiohttp encodes header strings as UTF-8 and `websockets` as latin-1: client bytes are
+        decoded to match (a REST header that is not UTF-8 is refused rather than re-encoded),
+        and the sidecar's own values (identity) reach the upstream as UTF-8 on both hops.
+        """
+        raw, text = (_latin1, _utf8_as_latin1) if websocket else (_utf8, _same)
         drop = self._drop_ws if websocket else self._drop
         named = connection_named(headers)
         trusted = self.trusted(peer)
@@ -166,28 +193,28 @@ class HeaderPolicy:
                     elif name == b"x-forwarded-host":
                         xfh = value
                     elif name in (b"forwarded", b"x-real-ip", b"x-forwarded-port"):
-                        out.append((name.decode("latin-1"), value.decode("latin-1")))
+                        out.append((raw(name), raw(value)))
                 continue
             if name == b"cookie" and self._token_cookie is not None:
                 value = without_cookie(value, self._token_cookie)
                 if not value:
                     continue
-            out.append((name.decode("latin-1"), value.decode("latin-1")))
+            out.append((raw(name), raw(value)))
         client = peer or ""
-        out.append(("x-forwarded-for", f"{xff.decode('latin-1')}, {client}" if xff else client))
-        out.append(("x-forwarded-proto", xfp.decode("latin-1") if xfp else scheme))
+        out.append(("x-forwarded-for", f"{raw(xff)}, {client}" if xff else client))
+        out.append(("x-forwarded-proto", raw(xfp) if xfp else scheme))
         if xfh or host:
-            out.append(("x-forwarded-host", (xfh or host or b"").decode("latin-1")))
+            out.append(("x-forwarded-host", raw(xfh or host or b"")))
         if self._preserve_host and host:
-            out.append(("host", host.decode("latin-1")))
+            out.append(("host", raw(host)))
         out.append(("x-request-id", request_id))
         if identity is not None:
-            out.append(("x-auth-subject", identity.subject))
+            out.append(("x-auth-subject", text(identity.subject)))
             out.append(("x-auth-method", identity.method))
-            out.append(("x-auth-scopes", " ".join(sorted(identity.scopes))))
+            out.append(("x-auth-scopes", text(" ".join(sorted(identity.scopes)))))
             if identity.issuer:
-                out.append(("x-auth-issuer", identity.issuer))
-            out.extend(identity.claim_headers)
+                out.append(("x-auth-issuer", text(identity.issuer)))
+            out.extend((name, text(value)) for name, value in identity.claim_headers)
         if self._secret is not None:
             out.append((SIGNATURE_HEADER, identity_signature(self._secret, request_id, identity)))
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -37,6 +38,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     client_gone: bool = False
+    response_started: bool = False
 
 
 class _Body:
@@ -165,12 +167,25 @@ class Forwarder:
         headers = response_headers(self._headers.downstream_response(response.raw_headers))
         # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        exchange.response_started = True
         content = response.content
         watcher: asyncio.Future[Message] | None = None
         try:
             while True:
                 try:
-                    chunk = await content.readany()
+                    if watcher is None:
+                        chunk = await content.readany()
+                    else:
+                        # A quiet stream (SSE between events) must notice a departed client now,
+                        # not at the next chunk: it holds an upstream connection from the pool.
+                        read = asyncio.ensure_future(content.readany())
+                        either: set[asyncio.Future[Any]] = {read, watcher}
+                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+                        if not read.done():
+                            read.cancel()
+                            exchange.client_gone = True
+                            return
+                        chunk = read.result()
                 except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                     raise UpstreamAborted(translate(exc).message) from exc
                 more = not content.at_eof()
@@ -186,5 +201,8 @@ class Forwarder:
                     exchange.client_gone = True
                     return
         finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
+            if watcher is not None:
+                if watcher.done():
+                    watcher.exception() if not watcher.cancelled() else None
+                else:
+                    watcher.cancel()

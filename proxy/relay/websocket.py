@@ -571,7 +571,8 @@ class Tunnel:
             if s.outcome is None:  # cancelled: nobody decided
                 s.end(SHUTDOWN)
                 s.upstream.transport.abort()
-            self._finish(record, started, s, s.outcome, route, subprotocol=subprotocol)
+            # The upstream's choice, never the echoed entry: that may be `bearer.<token>`.
+            self._finish(record, started, s, s.outcome, route, subprotocol=upstream.subprotocol)
 
     def _register(self, s: Session, started: float) -> None:
         self._sessions.add(s)

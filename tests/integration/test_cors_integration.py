@@ -16,6 +16,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 from websockets.typing import Origin
 
+from tests.support.rawhttp import raw_request
 from tests.support.servers import Process, Sidecar, free_port, start_sidecar
 
 APP = "http://app.test:5173"
@@ -348,6 +349,14 @@ def test_sidecar_413_carries_cors_headers_for_an_allowed_origin(sidecar: Sidecar
     assert_readable_error(r, 413, "payload_too_large")
 
 
+def test_sidecar_400_for_an_unsafe_path_carries_cors_headers_for_an_allowed_origin(
+    sidecar: Sidecar,
+) -> None:
+    r = raw_request(sidecar.port, b"/echo/../x", headers=[(b"Origin", APP.encode())])
+    assert r.status == 400 and r.json()["error"] == "bad_request"
+    assert r.header("access-control-allow-origin") == APP
+
+
 def test_sidecar_502_carries_cors_headers_for_an_allowed_origin(orphan: Sidecar) -> None:
     assert_readable_error(
         httpx.get(orphan.url + "/echo/x", headers={"Origin": APP}), 502, "bad_gateway"
@@ -368,6 +377,22 @@ def assert_websocket_refused(url: str, origin: str) -> None:
 def test_websocket_handshake_from_a_disallowed_origin_is_refused(sidecar: Sidecar) -> None:
     assert_websocket_refused(sidecar.ws_url + "/ws", EVIL)
     assert_websocket_refused(sidecar.ws_url + "/ws", "https://example.com.evil.com")
+
+
+def test_an_oversized_websocket_handshake_is_refused_not_waved_past_the_origin_check(
+    sidecar: Sidecar,
+) -> None:
+    # A page controls part of its handshake's size (cookies, subprotocols): headers the
+    # sidecar refuses to read must refuse the handshake, never skip the Origin check.
+    padding = [(f"X-Pad-{i}", "a" * 7000) for i in range(10)]
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(
+            sidecar.ws_url + "/ws", origin=Origin(EVIL), additional_headers=padding, open_timeout=5
+        ):
+            pass
+    assert refused.value.response.status_code == 400
+    body = json.loads(refused.value.response.body or b"{}")
+    assert body["details"]["reason"] == "headers_too_large"
 
 
 # --- reject_disallowed_origins = false -----------------------------------------------------------

@@ -277,12 +277,27 @@ def test_chunked_body_over_the_limit_is_413(sidecar: Sidecar) -> None:
         b"/echo/%252e%252e/x",
         b"/echo/..",
         b"/echo/%252fx",
+        b"/auth/..;/echo/x",
+        b"/echo/x;jsessionid=1",
     ],
 )
 def test_unsafe_paths_are_refused_with_400(sidecar: Sidecar, target: bytes) -> None:
     r = raw_request(sidecar.port, target)
     assert r.status == 400, (target, r.status, r.body)
     assert r.json()["error"] == "bad_request"
+
+
+def test_utf8_header_bytes_reach_the_upstream_unchanged(sidecar: Sidecar) -> None:
+    r = raw_request(sidecar.port, b"/echo/u", headers=[(b"X-Name", "café".encode())])
+    assert r.status == 200
+    seen = received_headers(r.json())  # the upstream reports header bytes as latin-1
+    assert seen["x-name"] == ["café".encode().decode("latin-1")]
+
+
+def test_a_header_that_is_not_utf8_is_400_not_re_encoded(sidecar: Sidecar) -> None:
+    r = raw_request(sidecar.port, b"/echo/u", headers=[(b"X-Name", b"caf\xe9")])
+    assert r.status == 400
+    assert r.json()["details"]["reason"] == "header_encoding"
 
 
 def test_headers_over_the_limit_are_400(sidecar: Sidecar) -> None:

@@ -258,6 +258,9 @@ async def test_a_bearer_entry_offered_alone_is_echoed_and_nothing_is_offered_ups
     async with open_ws(sidecar, subprotocols=[entry]) as ws:
         assert ws.subprotocol == entry  # browsers fail a handshake that selects nothing
         assert (await info(ws))["subprotocols"] == []
+    # ...and the echoed entry (a credential) stays out of the session's log line.
+    await wait_for(lambda: any(r.get("subject") == "erin" for r in ws_log_lines(sidecar)))
+    assert entry.split(".")[-1] not in sidecar.output()
 
 
 async def test_compression_is_negotiated_per_hop_and_never_copied_across(

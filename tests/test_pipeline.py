@@ -1,0 +1,79 @@
+"""The pipeline in-process: what a bug inside the sidecar looks like from outside."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from proxy import config
+from proxy.app import App
+from proxy.types import Message, Scope
+
+SETTINGS = config.from_dict({"routes": [{"path": "/*", "auth": "public"}]})
+
+
+def scope(path: str = "/x") -> Scope:
+    return {
+        "type": "http",
+        "method": "GET",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(b"host", b"sidecar"), (b"x-request-id", b"bug-1")],
+        "scheme": "http",
+        "client": ("127.0.0.1", 1234),
+        "server": ("127.0.0.1", 8000),
+        "http_version": "1.1",
+        "asgi": {"version": "3.0"},
+    }
+
+
+async def call(app: App) -> list[Message]:
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope(), receive, send)
+    return sent
+
+
+async def test_an_unexpected_error_is_a_json_500_without_a_traceback() -> None:
+    app = App(SETTINGS)
+    await app.startup()
+    try:
+
+        async def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("secret internals")
+
+        app.forwarder.forward = broken  # type: ignore[method-assign]
+        sent = await call(app)
+    finally:
+        await app.shutdown()
+    assert sent[0]["status"] == 500
+    body = json.loads(sent[1]["body"])
+    assert body["error"] == "internal_error" and body["request_id"] == "bug-1"
+    assert "secret internals" not in sent[1]["body"].decode()
+    assert "Traceback" not in sent[1]["body"].decode()
+
+
+async def test_an_error_after_the_response_started_cuts_the_connection() -> None:
+    app = App(SETTINGS)
+    await app.startup()
+    try:
+
+        async def half(scope: Scope, receive: Any, send: Any, **kwargs: Any) -> None:
+            kwargs["exchange"].response_started = True
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            raise RuntimeError("mid-body")
+
+        app.forwarder.forward = half  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="mid-body"):
+            await call(app)
+    finally:
+        await app.shutdown()
