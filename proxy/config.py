@@ -67,6 +67,7 @@ class ServerSettings(_Frozen):
     preserve_host: bool = False
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    header_timeout_s: float = Field(default=10.0, gt=0)
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
@@ -16,6 +17,7 @@ import uvloop
 from .app import App
 from .config import Settings, split_listen
 from .errors import ConfigError
+from .limits import bounded_head_protocol
 from .ops import logs
 
 
@@ -73,7 +75,9 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
     # relay/headers.py against server.trusted_proxies instead.
     common: dict[str, Any] = dict(
         loop="none",
-        http="httptools",
+        http=bounded_head_protocol(
+            settings.server.max_header_bytes, settings.server.header_timeout_s
+        ),
         proxy_headers=False,
         server_header=False,
         date_header=False,
@@ -90,8 +94,7 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
         ws_per_message_deflate=ws.client_compression,
         ws_ping_interval=ws.ping_interval_s or None,
         ws_ping_timeout=ws.ping_interval_s or None,
-        timeout_graceful_shutdown=int(settings.server.graceful_shutdown_s),
-        h11_max_incomplete_event_size=settings.server.max_header_bytes,
+        timeout_graceful_shutdown=math.ceil(settings.server.graceful_shutdown_s),
         **common,
     )
     admin = uvicorn.Config(

@@ -203,7 +203,7 @@ async def test_upstream_gets_exact_path_cleaned_query_and_identity_but_no_creden
 ) -> None:
     sidecar, _ = stack
     tok = token("carol")
-    path = f"/ws/a;b=c/%E2%9C%93?x=%41&token={tok}&y=1+2&api_key=nope&z"
+    path = f"/ws/a,b=c/%E2%9C%93?x=%41&token={tok}&y=1+2&api_key=nope&z"
     async with open_ws(
         sidecar,
         path,
@@ -213,7 +213,7 @@ async def test_upstream_gets_exact_path_cleaned_query_and_identity_but_no_creden
         assert ws.response is not None
         assert ws.response.headers["X-Request-ID"] == "req-tunnel-1"
         report = await info(ws)
-    assert report["raw_path"] == "/ws/a;b=c/%E2%9C%93"
+    assert report["raw_path"] == "/ws/a,b=c/%E2%9C%93"
     assert report["query"] == "x=%41&y=1+2&z"
     headers: dict[str, list[str]] = {}
     for k, v in report["headers"]:

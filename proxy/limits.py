@@ -1,0 +1,96 @@
+"""Limits on the request head that uvicorn's httptools protocol does not set itself.
+
+httptools buffers a request head of any size, and uvicorn has no timeout for a head that never
+ends: a few connections sending endless header lines (or one line every few seconds) would grow
+memory without bound or hold connections forever. This protocol counts the head's bytes as they
+arrive and closes the connection past `server.max_header_bytes`, and closes a connection whose
+head is not complete within `server.header_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .errors import BadRequest, render
+
+
+class BoundedHeadProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a byte budget and a deadline for each request head."""
+
+    max_head_bytes = 64 * 1024
+    head_timeout_s = 10.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._start_head_timer()  # a connection that never sends a byte is a head that never ends
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_head_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_head_bytes:
+            self._refuse()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head_bytes = 0
+        self._start_head_timer()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        self._stop_head_timer()
+        super().on_headers_complete()
+
+    def _start_head_timer(self) -> None:
+        self._stop_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _stop_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_head and not self.transport.is_closing():
+            self.transport.close()
+
+    def _refuse(self) -> None:
+        self._in_head = False
+        self._stop_head_timer()
+        if self.transport.is_closing():
+            return
+        error = BadRequest(
+            "the request headers are larger than the limit",
+            details={"reason": "headers_too_large", "limit_bytes": self.max_head_bytes},
+        )
+        status, headers, body = render(error, "-")
+        head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(
+            name + b": " + value + b"\r\n" for name, value in headers
+        )
+        self.transport.write(head + b"connection: close\r\n\r\n" + body)
+        self.transport.close()
+
+
+def bounded_head_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpToolsProtocol]:
+    """The protocol class with these limits, for uvicorn's `http=` setting."""
+    return type(
+        "BoundedHeadProtocol",
+        (BoundedHeadProtocol,),
+        {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s},
+    )
