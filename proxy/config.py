@@ -343,7 +343,6 @@ class RouteSettings(_Frozen):
     scopes: tuple[str, ...] = ()
     auth_optional: bool = False
     cors: CorsSettings | None = None
-    websocket: bool | None = None
 
     @field_validator("path")
     @classmethod
@@ -365,7 +364,7 @@ class RouteSettings(_Frozen):
     @field_validator("auth", mode="before")
     @classmethod
     def _auth(cls, value: Any) -> tuple[str, ...]:
-        if value == "public":
+        if value == "public" or (isinstance(value, list | tuple) and list(value) == ["public"]):
             return ("public",)
         if isinstance(value, str):
             value = [value]
@@ -654,7 +653,3 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     )
     auth = settings.auth.model_copy(update={"jwt": jwt, "api_keys": api_keys})
     return settings.model_copy(update={"auth": auth})
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

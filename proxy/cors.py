@@ -19,7 +19,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
-from collections.abc import Iterable
 from typing import Any
 
 from .config import CorsSettings, Settings
@@ -408,16 +407,3 @@ class Cors:
     def policy(self, route_index: int | None) -> CorsPolicy:
         """The route's own policy, or the global one (also for requests that match no route)."""
         return self.global_policy if route_index is None else self._routes[route_index]
-
-    @staticmethod
-    def is_preflight(method: str, headers: Iterable[tuple[bytes, bytes]]) -> bool:
-        """OPTIONS with Origin and Access-Control-Request-Method; any other OPTIONS is ordinary."""
-        if method != "OPTIONS":
-            return False
-        origin = request_method = False
-        for name, _ in headers:
-            if name == b"origin":
-                origin = True
-            elif name == b"access-control-request-method":
-                request_method = True
-        return origin and request_method

@@ -68,6 +68,11 @@ class Request:
     credentials: Credentials | None = None
     started: float = field(default_factory=time.perf_counter)
 
+    @property
+    def preflight(self) -> bool:
+        """OPTIONS with Origin and Access-Control-Request-Method; any other OPTIONS is ordinary."""
+        return self.method == "OPTIONS" and self.origin is not None and self.acr_method is not None
+
     @classmethod
     def read(cls, scope: Scope, method: str, max_header_bytes: int) -> Request:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -234,7 +239,7 @@ class Pipeline:
         policy: CorsPolicy = self.cors.policy(None)  # until a route is known: the global one
         exchange = Exchange()
         try:
-            preflight = method == "OPTIONS" and r.origin is not None and r.acr_method is not None
+            preflight = r.preflight
             try:
                 # A preflight is judged by the route of the request it asks about.
                 policy = self._judge(scope, r, (r.acr_method or method) if preflight else method)

@@ -552,21 +552,3 @@ def test_a_star_policy_with_credentials_cannot_be_built() -> None:
     settings = CorsSettings.model_construct(allow_origins=("*",), allow_credentials=True)
     with pytest.raises(ConfigError):
         CorsPolicy(settings, rule="global")
-
-
-PREFLIGHT = [
-    ("OPTIONS", [(b"origin", b"x"), (b"access-control-request-method", b"GET")], True),
-    ("OPTIONS", [(b"access-control-request-method", b"GET"), (b"origin", b"null")], True),
-    ("OPTIONS", [(b"origin", b"x")], False),
-    ("OPTIONS", [(b"access-control-request-method", b"GET")], False),
-    ("OPTIONS", [], False),
-    ("GET", [(b"origin", b"x"), (b"access-control-request-method", b"GET")], False),
-    ("options", [(b"origin", b"x"), (b"access-control-request-method", b"GET")], False),
-]
-
-
-@pytest.mark.parametrize(("method", "headers", "expected"), PREFLIGHT)
-def test_only_options_with_origin_and_request_method_is_a_preflight(
-    method: str, headers: Headers, expected: bool
-) -> None:
-    assert Cors.is_preflight(method, headers) is expected

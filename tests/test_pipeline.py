@@ -77,3 +77,22 @@ async def test_an_error_after_the_response_started_cuts_the_connection() -> None
             await call(app)
     finally:
         await app.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "expected"),
+    [
+        ("OPTIONS", [(b"origin", b"x"), (b"access-control-request-method", b"GET")], True),
+        ("OPTIONS", [(b"access-control-request-method", b"GET"), (b"origin", b"null")], True),
+        ("OPTIONS", [(b"origin", b"x")], False),
+        ("OPTIONS", [(b"access-control-request-method", b"GET")], False),
+        ("OPTIONS", [], False),
+        ("GET", [(b"origin", b"x"), (b"access-control-request-method", b"GET")], False),
+    ],
+)
+def test_only_options_with_origin_and_request_method_is_a_preflight(
+    method: str, headers: list[tuple[bytes, bytes]], expected: bool
+) -> None:
+    from proxy.pipeline import Request
+
+    assert Request.read({"headers": headers}, method, 65536).preflight is expected

@@ -90,11 +90,15 @@ def _model_not_found(model_id: str) -> JSONResponse:
 
 
 class ChatMessage(BaseModel):
+    """One message of a chat completion request."""
+
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=32768)
 
 
 class ChatRequest(BaseModel):
+    """The body of POST /api/chat/completions."""
+
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     stream: bool = False
@@ -102,11 +106,15 @@ class ChatRequest(BaseModel):
 
 
 class LoginRequest(BaseModel):
+    """The body of POST /auth/login."""
+
     username: str = Field(min_length=1, max_length=200)
     password: str = Field(max_length=200)
 
 
 class RefreshRequest(BaseModel):
+    """The body of POST /auth/refresh."""
+
     refresh_token: str = Field(min_length=1, max_length=500)
 
 

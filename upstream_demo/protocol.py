@@ -37,16 +37,22 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
+    """A client's subscribe message."""
+
     topics: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
+    """A client's unsubscribe message."""
+
     topics: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Ping:
+    """A client's ping (its id is echoed in the pong)."""
+
     id: Any = None
 
 

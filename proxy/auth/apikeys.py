@@ -278,13 +278,3 @@ class ApiKeyStore:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(delay, 0.0) + 0.01):
                     await self._changed.wait()
-
-
-def describe(key: ApiKey) -> str:
-    """One line about a key for explain output (never the key itself)."""
-    exp = (
-        "never"
-        if key.expires_at is None
-        else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(key.expires_at))
-    )
-    return f"id {key.id!r}, scopes {' '.join(sorted(key.scopes)) or '(none)'}, expires {exp}"

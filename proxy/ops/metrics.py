@@ -15,7 +15,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "authproxy_requests",
-            "Requests answered, by route, method class and status.",
+            "Requests answered, by route and status.",
             ["route", "status"],
             registry=r,
         )

@@ -317,7 +317,7 @@ class Tunnel:
             self._connect_kwargs["server_hostname"] = self._base_uri.host
         leeway: dict[str, float] = {}
         for p in settings.auth.jwt.providers:
-            leeway[p.name] = leeway[p.issuer] = float(p.leeway_s)
+            leeway[p.name] = float(p.leeway_s)  # a JWT identity's credential_id is its provider
         self._leeway = leeway
         self._sessions: set[Session] = set()
         self._by_key: dict[str, set[Session]] = {}
@@ -374,10 +374,6 @@ class Tunnel:
     async def drained(self) -> None:
         """After `begin_drain`: returns once no session is open, by itself or at the drain's end."""
         await self._all_closed.wait()
-
-    @property
-    def open_sessions(self) -> int:
-        return len(self._sessions)
 
     def _end_all(self, outcome: Outcome) -> None:
         for s in list(self._sessions):
@@ -609,9 +605,7 @@ class Tunnel:
         identity = s.identity
         if identity is not None and identity.expires_at is not None:
             if identity.method == "jwt":
-                leeway = self._leeway.get(
-                    identity.credential_id or "", self._leeway.get(identity.issuer or "", 0.0)
-                )
+                leeway = self._leeway.get(identity.credential_id or "", 0.0)
                 outcome = TOKEN_EXPIRED
             else:
                 leeway, outcome = 0.0, KEY_EXPIRED
