@@ -40,6 +40,9 @@ _FORWARDING = frozenset(
         b"x-forwarded-port",
         b"forwarded",
         b"x-real-ip",
+        b"x-client-ip",
+        b"true-client-ip",
+        b"cf-connecting-ip",
     }
 )
 # Headers some frameworks use to route or dispatch by something other than the request line
@@ -52,6 +55,25 @@ _REROUTING = frozenset(
         b"x-http-method-override",
         b"x-http-method",
         b"x-method-override",
+        b"x-original-uri",
+        b"x-original-method",
+        b"x-forwarded-uri",
+        b"x-forwarded-method",
+        b"x-forwarded-prefix",
+        b"x-script-name",
+    }
+)
+# Identity headers other auth proxies set (oauth2-proxy, Apache, nginx auth_request): an upstream
+# moved behind authproxy may still trust them, so a client must never be able to send them.
+_FOREIGN_IDENTITY = frozenset(
+    {
+        b"remote-user",
+        b"x-remote-user",
+        b"x-forwarded-user",
+        b"x-forwarded-email",
+        b"x-forwarded-preferred-username",
+        b"x-forwarded-groups",
+        b"x-forwarded-access-token",
     }
 )
 # Handshake headers that belong to one WebSocket hop; the tunnel negotiates its own upstream.
@@ -127,7 +149,8 @@ class HeaderPolicy:
     def __init__(self, settings: Settings) -> None:
         self._trusted = settings.server.trusted_networks()
         self._preserve_host = settings.server.preserve_host
-        drop = set(HOP_BY_HOP) | _FORWARDING | _REROUTING | {b"host", b"x-request-id", b"expect"}
+        drop = set(HOP_BY_HOP) | _FORWARDING | _REROUTING | _FOREIGN_IDENTITY
+        drop |= {b"host", b"x-request-id", b"expect"}
         if not settings.auth.forward_credentials:
             drop |= {b"authorization", settings.auth.api_keys.header.lower().encode()}
         for provider in settings.auth.jwt.providers:
@@ -192,7 +215,7 @@ class HeaderPolicy:
                         xfp = value
                     elif name == b"x-forwarded-host":
                         xfh = value
-                    elif name in (b"forwarded", b"x-real-ip", b"x-forwarded-port"):
+                    elif name in _FORWARDING:
                         out.append((raw(name), raw(value)))
                 continue
             if name == b"cookie" and self._token_cookie is not None:

@@ -105,10 +105,34 @@ def test_spoofed_identity_and_forwarding_headers_never_reach_the_upstream(sideca
             "X-Forwarded-Host": "evil.example",
             "Forwarded": "for=6.6.6.6",
             "X-Real-IP": "6.6.6.6",
+            "True-Client-IP": "6.6.6.6",
+            "CF-Connecting-IP": "6.6.6.6",
+            "X-Client-IP": "6.6.6.6",
+            # what oauth2-proxy, Apache and nginx auth_request set for their upstreams
+            "Remote-User": "admin",
+            "X-Remote-User": "admin",
+            "X-Forwarded-User": "admin",
+            "X-Forwarded-Email": "admin@example.com",
+            "X-Forwarded-Groups": "admins",
+            "X-Forwarded-Preferred-Username": "admin",
+            "X-Forwarded-Access-Token": "stolen",
         },
     )
     seen = received_headers(r.json())
     assert not [k for k in seen if k.startswith("x-auth-")]
+    for gone in (
+        "true-client-ip",
+        "cf-connecting-ip",
+        "x-client-ip",
+        "remote-user",
+        "x-remote-user",
+        "x-forwarded-user",
+        "x-forwarded-email",
+        "x-forwarded-groups",
+        "x-forwarded-preferred-username",
+        "x-forwarded-access-token",
+    ):
+        assert gone not in seen, gone
     assert seen["x-forwarded-for"] == ["127.0.0.1"]
     assert seen["x-forwarded-proto"] == ["http"]
     assert seen["x-forwarded-host"] == [f"127.0.0.1:{sidecar.port}"]
@@ -124,6 +148,11 @@ def test_headers_that_would_reroute_the_request_upstream_are_removed(sidecar: Si
             "X-Method-Override": "DELETE",
             "X-Original-URL": "/admin",
             "X-Rewrite-URL": "/admin",
+            "X-Original-URI": "/admin",
+            "X-Forwarded-Uri": "/admin",
+            "X-Forwarded-Prefix": "/admin",
+            "X-Script-Name": "/admin",
+            "X-Forwarded-Method": "DELETE",
         },
     )
     seen = received_headers(r.json())
@@ -131,6 +160,11 @@ def test_headers_that_would_reroute_the_request_upstream_are_removed(sidecar: Si
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-uri",
+        "x-forwarded-uri",
+        "x-forwarded-prefix",
+        "x-script-name",
+        "x-forwarded-method",
         "x-original-url",
         "x-rewrite-url",
     ):
