@@ -16,10 +16,7 @@ class Route:
     prefix: str | None  # "/api/" for "/api/*"; None for an exact pattern
     exact: str | None
     methods: frozenset[str]  # empty: every method
-
-    @property
-    def name(self) -> str:
-        return f"routes[{self.index}] {self.settings.path}"
+    name: str  # "routes[1] /api/*": in logs and metric labels
 
     def matches(self, path: str, method: str) -> bool:
         if self.methods and method not in self.methods:
@@ -43,7 +40,14 @@ class RouteTable:
             if "GET" in methods:
                 methods.add("HEAD")  # RFC 9110 9.3.2: HEAD is GET without the body
             compiled.append(
-                Route(i, r, prefix, None if prefix is not None else r.path, frozenset(methods))
+                Route(
+                    i,
+                    r,
+                    prefix,
+                    None if prefix is not None else r.path,
+                    frozenset(methods),
+                    f"routes[{i}] {r.path}",
+                )
             )
         self.routes: tuple[Route, ...] = tuple(compiled)
 

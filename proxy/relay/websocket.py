@@ -554,6 +554,9 @@ class Tunnel:
             await upstream.close(CLOSE_GOING_AWAY, "client went away")
             self._finish(record, started, None, CLIENT_GONE, route)
             return
+        except BaseException:
+            upstream.transport.abort()  # cancelled (shutdown) before the session existed
+            raise
         loop = asyncio.get_running_loop()
         s = Session(identity, upstream, send, loop.time())
         self._register(s, started)
