@@ -10,6 +10,7 @@ head is not complete within `server.header_timeout_s`.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -70,16 +71,30 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._in_head and not self.transport.is_closing():
             self.transport.close()
 
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's own answer to a request it cannot parse is plain text; ours are JSON.
+        self._answer(
+            BadRequest(
+                f"the request is not valid HTTP/1.1 ({msg})",
+                details={"reason": "malformed_request"},
+            )
+        )
+
     def _refuse(self) -> None:
         self._in_head = False
         self._stop_head_timer()
+        self._answer(
+            BadRequest(
+                "the request headers are larger than the limit",
+                details={"reason": "headers_too_large", "limit_bytes": self.max_head_bytes},
+            )
+        )
+
+    def _answer(self, error: BadRequest) -> None:
+        """The JSON error, then the connection closes: the parser cannot go on after it."""
         if self.transport.is_closing():
             return
-        error = BadRequest(
-            "the request headers are larger than the limit",
-            details={"reason": "headers_too_large", "limit_bytes": self.max_head_bytes},
-        )
-        status, headers, body = render(error, "-")
+        _, headers, body = render(error, os.urandom(16).hex())
         head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(
             name + b": " + value + b"\r\n" for name, value in headers
         )

@@ -101,3 +101,16 @@ def test_a_head_just_under_the_limit_is_served(sidecar: Sidecar) -> None:
         )
         answer = read_all(sock)
     assert answer.startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_request_that_is_not_http_gets_the_json_error_format(sidecar: Sidecar) -> None:
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
+        sock.sendall(
+            b"GET /echo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == "bad_request" and body["details"]["reason"] == "malformed_request"
+    assert set(body) == {"error", "message", "details", "request_id", "timestamp"}
