@@ -189,13 +189,18 @@ class Extractor:
             return b"", []
         kept: list[bytes] = []
         removed: list[tuple[bytes, bytes]] = []
+        dropped = False
         for part in query.split(b"&"):
             name, _, value = part.partition(b"=")
             decoded = _form_decode(name) if b"%" in name or b"+" in name else name
             if decoded in _CREDENTIAL_PARAMS:
                 removed.append((decoded, value))
+            elif decoded.lower().removesuffix(b"[]") in _CREDENTIAL_PARAMS:
+                # `TOKEN=`, `token[]=`: not credentials to us, but frameworks that fold case or
+                # collect arrays would read them as one, so they do not travel on either.
+                dropped = True
             else:
                 kept.append(part)
-        if not removed:
+        if not removed and not dropped:
             return query, []
         return b"&".join(kept), removed

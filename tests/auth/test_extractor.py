@@ -69,6 +69,12 @@ def test_websocket_takes_the_token_from_the_query(param: bytes) -> None:
     assert c.clean_query == b"x=%2F&y"
 
 
+def test_credential_lookalikes_are_dropped_from_the_query_but_are_not_credentials() -> None:
+    c = get([], b"a=1&TOKEN=x&token%5B%5D=y&Access_Token=z&API_KEY=k&keep=2", websocket=True)
+    assert c.clean_query == b"a=1&keep=2"
+    assert c.bearer is None and c.api_key is None
+
+
 def test_clean_query_keeps_every_other_byte_exactly() -> None:
     raw = b"q=a+b%20c&&empty=&token=abc&x=%ZZ&;odd=1&dup=1&dup=2&api_key=k&z"
     c = get([], raw, websocket=True)
