@@ -586,6 +586,12 @@ def _message(error: Any) -> str:
     return msg
 
 
+def describe_validation_error(exc: ValidationError) -> tuple[str, str]:
+    """The first error's key (`keys[0].sha256`, relative to what was validated) and message."""
+    error = exc.errors()[0]
+    return _key(tuple(error["loc"])), _message(error)
+
+
 def from_dict(data: Mapping[str, Any]) -> Settings:
     """Validate a parsed document; errors become one-line `ConfigError`s."""
     raw = _deepcopy(dict(data))
@@ -597,7 +603,8 @@ def from_dict(data: Mapping[str, Any]) -> Settings:
         ctx_error = error.get("ctx", {}).get("error")
         if isinstance(ctx_error, _KeyedError):
             raise ConfigError(ctx_error.key, ctx_error.message) from None
-        raise ConfigError(_key(tuple(error["loc"])) or "config", _message(error)) from None
+        key, message = describe_validation_error(exc)
+        raise ConfigError(key or "config", message) from None
 
 
 def _deepcopy(value: Any) -> Any:

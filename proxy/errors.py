@@ -213,10 +213,14 @@ def bearer_challenge(
     return "Bearer " + ", ".join(params) if params else "Bearer"
 
 
+def rfc3339(when: float) -> str:
+    """A Unix time as RFC 3339 UTC with millisecond precision (error bodies and log lines)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+
+
 def rfc3339_now() -> str:
     """The current UTC time as RFC 3339 with millisecond precision."""
-    now = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    return rfc3339(time.time())
 
 
 def error_body(

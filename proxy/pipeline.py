@@ -29,7 +29,7 @@ from .identity import Identity
 from .ops import logs
 from .ops.metrics import Metrics
 from .paths import judge_path
-from .relay.headers import HeaderPolicy
+from .relay.headers import HeaderPolicy, peer
 from .relay.http import Exchange, Forwarder, UpstreamAborted
 from .routing import Route, RouteTable
 from .types import Receive, Scope, Send
@@ -181,7 +181,7 @@ class Pipeline:
         r.identity = await self.auth.authenticate(r.route.settings, r.credentials)
         return self.headers.upstream_request(
             r.headers,
-            peer=_peer(scope),
+            peer=peer(scope),
             scheme=scope["scheme"],
             request_id=r.request_id,
             identity=r.identity,
@@ -388,8 +388,3 @@ class Pipeline:
             await send({"type": "websocket.http.response.body", "body": body})
         else:
             await send({"type": "websocket.close", "code": exc.close_code})
-
-
-def _peer(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None

@@ -19,13 +19,12 @@ import logging
 import os
 import secrets
 import time
-import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from ..config import ApiKeySettings, ApiKeysSettings
+from ..config import ApiKeySettings, ApiKeysSettings, describe_validation_error, read_toml
 from ..errors import ConfigError
 from ..ops.metrics import Metrics
 from .rejected import Rejected
@@ -82,28 +81,9 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str]:
-    err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return loc, "unknown key"
-    if err["type"] == "missing":
-        return loc, "required key is missing"
-    msg = str(err["msg"]).removeprefix("Value error, ")
-    return loc, msg
-
-
 def read_keys_file(path: str) -> tuple[ApiKeySettings, ...]:
     """Parse and validate a keys file; every problem is a `ConfigError` naming file and key."""
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(path, "file not found") from None
-    except OSError as exc:
-        raise ConfigError(path, f"cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, f"not valid TOML: {exc}") from None
+    data = read_toml(path)
     extra = sorted(set(data) - {"keys"})
     if extra:
         raise ConfigError(f"{path}: {extra[0]}", "unknown key (the file holds only [[keys]])")
@@ -115,7 +95,7 @@ def read_keys_file(path: str) -> tuple[ApiKeySettings, ...]:
         try:
             out.append(ApiKeySettings.model_validate(item))
         except ValidationError as exc:
-            loc, msg = _validation_message(exc)
+            loc, msg = describe_validation_error(exc)
             key_id = item.get("id") if isinstance(item, dict) else None
             who = f" (key {key_id!r})" if isinstance(key_id, str) else ""
             raise ConfigError(

@@ -11,8 +11,9 @@ import contextvars
 import json
 import logging
 import sys
-import time
 from typing import Any, TextIO
+
+from ..errors import rfc3339, rfc3339_now
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "authproxy_request_id", default=None
@@ -27,10 +28,8 @@ class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object; `extra={"fields": {...}}` adds keys."""
 
     def format(self, record: logging.LogRecord) -> str:
-        now = record.created
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-            + f".{int(now % 1 * 1000):03d}Z",
+            "time": rfc3339(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -141,10 +140,8 @@ def access(message: str, fields: dict[str, Any]) -> None:
     if not isinstance(handler, JsonLinesHandler):
         ACCESS.info(message, extra={"fields": fields})
         return
-    now = time.time()
     line: dict[str, Any] = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
-        + f".{int(now % 1 * 1000):03d}Z",
+        "time": rfc3339_now(),
         "level": "info",
         "logger": ACCESS.name,
         "message": message,

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from ..config import Settings
 from ..errors import BadRequest, ConfigError
 from ..identity import Identity
+from ..types import Scope
 
 HOP_BY_HOP = frozenset(
     {
@@ -87,6 +88,12 @@ WEBSOCKET_HANDSHAKE = frozenset(
     }
 )
 SIGNATURE_HEADER = "X-Auth-Signature"
+
+
+def peer(scope: Scope) -> str | None:
+    """The address of the TCP peer (the client, or the proxy in front of us)."""
+    client = scope.get("client")
+    return client[0] if client else None
 
 
 def _latin1(value: bytes) -> str:

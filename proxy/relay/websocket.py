@@ -62,7 +62,7 @@ from ..ops import logs
 from ..ops.metrics import Metrics
 from ..routing import Route
 from ..types import Message, Receive, Scope, Send
-from .headers import HeaderPolicy
+from .headers import HeaderPolicy, peer
 
 log = logging.getLogger("authproxy.websocket")
 
@@ -453,7 +453,7 @@ class Tunnel:
             "auth_method": identity.method if identity else None,
             "subject": identity.subject if identity else None,
             "origin": origin,
-            "client": _peer(scope),
+            "client": peer(scope),
         }
         key = (identity.method, identity.issuer, identity.subject) if identity else None
         refusal = self._admit(key)
@@ -746,8 +746,3 @@ def _revocable_key(identity: Identity | None) -> str | None:
     if identity is not None and identity.method == "api_key":
         return identity.credential_id or identity.subject
     return None
-
-
-def _peer(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
