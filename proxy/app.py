@@ -8,7 +8,9 @@ import contextlib
 import logging
 import signal
 
-from .auth import AuthService
+import aiohttp
+
+from .auth import AuthService, new_key_session
 from .config import Settings
 from .cors import Cors
 from .ops import logs
@@ -17,7 +19,7 @@ from .ops.metrics import Metrics
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
-from .relay.upstream import new_session
+from .relay.upstream import UpstreamPool
 from .relay.websocket import Tunnel
 from .routing import RouteTable
 from .types import Receive, Scope, Send
@@ -36,7 +38,9 @@ class App:
         self.routes = RouteTable(settings.routes)
         self.cors = Cors(settings, self.metrics)
         self.forwarder = Forwarder(
-            settings.upstream.url, settings.server.max_body_bytes, self.headers
+            settings.server.max_body_bytes,
+            self.headers,
+            preserve_host=settings.server.preserve_host,
         )
         self.admin = AdminApp(self.metrics, self.readiness)
         self.pipeline: Pipeline | None = None
@@ -45,6 +49,7 @@ class App:
         self.started = False
         self.draining = False
         self.startup_error: Exception | None = None
+        self._key_session: aiohttp.ClientSession | None = None
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -69,13 +74,15 @@ class App:
 
     async def check(self) -> None:
         """Build every stage as `startup` does, without fetching or serving: for check-config."""
-        async with new_session(self.settings.upstream) as session:
+        UpstreamPool(self.settings.upstream, asyncio.get_running_loop())
+        async with new_key_session() as session:
             AuthService(self.settings, self.metrics, session)
 
     async def startup(self) -> None:
-        session = new_session(self.settings.upstream)
-        self.forwarder.session = session
-        self.auth = AuthService(self.settings, self.metrics, session)
+        self.forwarder.pool = UpstreamPool(self.settings.upstream, asyncio.get_running_loop())
+        # Key fetches have a client of their own: they never wait behind user traffic.
+        self._key_session = new_key_session()
+        self.auth = AuthService(self.settings, self.metrics, self._key_session)
         await self.auth.start()
         self.tunnel = Tunnel(self.settings, self.metrics, self.auth, self.headers)
         await self.tunnel.start()
@@ -100,8 +107,10 @@ class App:
             await self.tunnel.stop()
         if self.auth is not None:
             await self.auth.stop()
-        if self.forwarder.session is not None:
-            await self.forwarder.session.close()
+        if self.forwarder.pool is not None:
+            await self.forwarder.pool.close()
+        if self._key_session is not None:
+            await self._key_session.close()
         logs.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -96,6 +96,9 @@ class UpstreamSettings(_Frozen):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     read_timeout_s: float = Field(default=60.0, gt=0)
     max_connections: int = Field(default=256, ge=1)
+    # Idle pooled connections older than this are not reused: shorter than common upstream
+    # keep-alives (uvicorn 5 s, Node 5 s, nginx 75 s), so the sidecar never races their close.
+    keepalive_s: float = Field(default=4.0, gt=0)
 
     @field_validator("url")
     @classmethod

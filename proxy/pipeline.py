@@ -158,8 +158,8 @@ class Pipeline:
 
     async def _admit(
         self, scope: Scope, r: Request, policy: CorsPolicy, *, websocket: bool
-    ) -> list[tuple[str, str]]:
-        """Origin, draining, route and credentials; the headers to send upstream."""
+    ) -> None:
+        """Origin, draining, route and credentials: raises what refuses the request."""
         if r.origin is not None:
             same_origin = self._same_origin(scope, r)
             if websocket:
@@ -179,14 +179,6 @@ class Pipeline:
             r.headers, scope.get("query_string", b""), websocket=websocket
         )
         r.identity = await self.auth.authenticate(r.route.settings, r.credentials)
-        return self.headers.upstream_request(
-            r.headers,
-            peer=peer(scope),
-            scheme=scope["scheme"],
-            request_id=r.request_id,
-            identity=r.identity,
-            websocket=websocket,
-        )
 
     def _log(
         self, scope: Scope, r: Request, status: int, exchange: Exchange | None, **extra: Any
@@ -254,7 +246,14 @@ class Pipeline:
                     exchange.status = 204
                     self._log(scope, r, 204, exchange, preflight=True)
                     return
-                upstream_headers = await self._admit(scope, r, policy, websocket=False)
+                await self._admit(scope, r, policy, websocket=False)
+                upstream_headers = self.headers.upstream_request(
+                    r.headers,
+                    peer=peer(scope),
+                    scheme=scope["scheme"],
+                    request_id=r.request_id,
+                    identity=r.identity,
+                )
                 assert r.credentials is not None
                 origin = r.origin
                 request_id = r.request_id.encode()
@@ -338,7 +337,14 @@ class Pipeline:
                 if unreadable is not None:
                     raise unreadable
                 policy = self._judge(scope, r, "GET")
-                upstream_headers = await self._admit(scope, r, policy, websocket=True)
+                await self._admit(scope, r, policy, websocket=True)
+                upstream_headers = self.headers.upstream_handshake(
+                    r.headers,
+                    peer=peer(scope),
+                    scheme=scope["scheme"],
+                    request_id=r.request_id,
+                    identity=r.identity,
+                )
             except ProxyError as exc:
                 r.identity = r.identity or exc.identity
                 await self._deny(scope, send, r, exc, policy)

@@ -67,6 +67,16 @@ def refresh_delay(cache_control: str | None, provider: JwtProviderSettings) -> f
     return high
 
 
+def new_key_session() -> aiohttp.ClientSession:
+    """The client for key fetches (JWKS): apart from the upstream pool, so a fetch never waits
+    behind user traffic, and with nothing of the environment (no proxies, no cookies)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=8, ttl_dns_cache=60),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+    )
+
+
 class JwksCache:
     """One provider's keys from its `jwks_url`."""
 

@@ -109,12 +109,15 @@ def _utf8(value: bytes) -> str:
         ) from None
 
 
-def _same(value: str) -> str:
-    return value
-
-
-def _utf8_as_latin1(value: str) -> str:
-    return value.encode("utf-8").decode("latin-1")
+def _wire(value: str) -> bytes:
+    """A value the sidecar made, as header bytes: UTF-8, and never able to end the header line
+    (identity values are checked where they are made; this is the last line of defence)."""
+    data = value.encode("utf-8")
+    if b"\r" in data or b"\n" in data or b"\0" in data:
+        raise BadRequest(
+            "an identity value cannot be sent as a header", details={"reason": "identity_value"}
+        )
+    return data
 
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
@@ -194,19 +197,44 @@ class HeaderPolicy:
         scheme: str,
         request_id: str,
         identity: Identity | None,
-        websocket: bool = False,
-    ) -> list[tuple[str, str]]:
-        """The headers sent upstream, as strings the hop's client encodes back to the same bytes.
+    ) -> list[tuple[bytes, bytes]]:
+        """The headers sent upstream on the REST hop, as the bytes that go on the wire.
 
-        aiohttp encodes header strings as UTF-8 and `websockets` as latin-1: client bytes are
-        decoded to match (a REST header that is not UTF-8 is refused rather than re-encoded),
-        and the sidecar's own values (identity) reach the upstream as UTF-8 on both hops.
+        Client bytes pass unchanged when they are UTF-8 (anything else is refused rather than
+        guessed at); the sidecar's own values (identity) are UTF-8.
         """
-        raw, text = (_latin1, _utf8_as_latin1) if websocket else (_utf8, _same)
-        drop = self._drop_ws if websocket else self._drop
+        out = self._upstream(headers, self._drop, peer, scheme, request_id, identity)
+        for _, value in out:
+            if not value.isascii():
+                _utf8(value)
+        return out
+
+    def upstream_handshake(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        peer: str | None,
+        scheme: str,
+        request_id: str,
+        identity: Identity | None,
+    ) -> list[tuple[str, str]]:
+        """The headers of the upstream WebSocket handshake, as strings `websockets` encodes as
+        latin-1 back to the same bytes (so identity values still reach the upstream as UTF-8)."""
+        out = self._upstream(headers, self._drop_ws, peer, scheme, request_id, identity)
+        return [(_latin1(name), _latin1(value)) for name, value in out]
+
+    def _upstream(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        drop: frozenset[bytes],
+        peer: str | None,
+        scheme: str,
+        request_id: str,
+        identity: Identity | None,
+    ) -> list[tuple[bytes, bytes]]:
         named = connection_named(headers)
         trusted = self.trusted(peer)
-        out: list[tuple[str, str]] = []
+        out: list[tuple[bytes, bytes]] = []
         host = xff = xfp = xfh = None
         for name, value in headers:
             if name == b"host":
@@ -223,30 +251,33 @@ class HeaderPolicy:
                     elif name == b"x-forwarded-host":
                         xfh = value
                     elif name in _FORWARDING:
-                        out.append((raw(name), raw(value)))
+                        out.append((name, value))
                 continue
             if name == b"cookie" and self._token_cookie is not None:
                 value = without_cookie(value, self._token_cookie)
                 if not value:
                     continue
-            out.append((raw(name), raw(value)))
-        client = peer or ""
-        out.append(("x-forwarded-for", f"{raw(xff)}, {client}" if xff else client))
-        out.append(("x-forwarded-proto", raw(xfp) if xfp else scheme))
+            out.append((name, value))
+        client = (peer or "").encode("latin-1")
+        out.append((b"x-forwarded-for", xff + b", " + client if xff else client))
+        out.append((b"x-forwarded-proto", xfp if xfp else scheme.encode("latin-1")))
         if xfh or host:
-            out.append(("x-forwarded-host", raw(xfh or host or b"")))
+            out.append((b"x-forwarded-host", xfh or host or b""))
         if self._preserve_host and host:
-            out.append(("host", raw(host)))
-        out.append(("x-request-id", request_id))
+            out.append((b"host", host))
+        out.append((b"x-request-id", request_id.encode("latin-1")))
         if identity is not None:
-            out.append(("x-auth-subject", text(identity.subject)))
-            out.append(("x-auth-method", identity.method))
-            out.append(("x-auth-scopes", text(" ".join(sorted(identity.scopes)))))
+            out.append((b"x-auth-subject", _wire(identity.subject)))
+            out.append((b"x-auth-method", identity.method.encode("latin-1")))
+            out.append((b"x-auth-scopes", _wire(" ".join(sorted(identity.scopes)))))
             if identity.issuer:
-                out.append(("x-auth-issuer", text(identity.issuer)))
-            out.extend((name, text(value)) for name, value in identity.claim_headers)
+                out.append((b"x-auth-issuer", _wire(identity.issuer)))
+            out.extend(
+                (name.encode("latin-1"), _wire(value)) for name, value in identity.claim_headers
+            )
         if self._secret is not None:
-            out.append((SIGNATURE_HEADER, identity_signature(self._secret, request_id, identity)))
+            signature = identity_signature(self._secret, request_id, identity)
+            out.append((SIGNATURE_HEADER.encode("latin-1"), signature.encode("latin-1")))
         return out
 
     @staticmethod

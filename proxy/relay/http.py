@@ -2,31 +2,35 @@
 
 Raw ASGI on purpose: Starlette's StreamingResponse watches for disconnects in a way that races with
 reading the request body under uvicorn, which hangs an echo.
+
+The common exchange (a body that arrived with its head, an answer that fits a few reads) costs one
+`write` up, one wait for the head and one or two `send`s down: no task, no timeout context. Only a
+streamed upload gets a task of its own, and only a streamed answer watches for a departed client.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
 
 from ..errors import PayloadTooLarge, ProxyError
 from ..types import Message, Receive, Scope, Send
 from .headers import HeaderPolicy
-from .upstream import translate, upstream_url
+from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
+
+# Methods that carry no body unless they say so (aiohttp's and browsers' rule): the others get
+# `Content-Length: 0` when the client sent no framing at all.
+_BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
 
 
 class UpstreamAborted(Exception):
     """The upstream failed after the response had started: the client connection must be cut."""
 
 
-class ClientGone(Exception):
-    """The client disconnected before the exchange finished."""
+__all__ = ["ClientGone", "Exchange", "Forwarder", "UpstreamAborted"]
 
 
 @dataclass(slots=True)
@@ -41,48 +45,97 @@ class Exchange:
     response_started: bool = False
 
 
-class _Body:
-    """The request body as an async iterator over ASGI `http.request` messages, size-limited."""
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        "the request body is larger than the limit", details={"limit_bytes": limit}
+    )
 
-    def __init__(self, receive: Receive, first: bytes, limit: int, exchange: Exchange) -> None:
+
+class _Upload:
+    """The rest of a streamed request body, relayed by a task while the answer comes back."""
+
+    def __init__(
+        self,
+        conn: Connection,
+        receive: Receive,
+        limit: int,
+        exchange: Exchange,
+        chunked: bool,
+    ) -> None:
+        self.error: BaseException | None = None
+        self.done = False
+        self._conn = conn
         self._receive = receive
-        self._first = first
         self._limit = limit
         self._exchange = exchange
-        self.too_large = False
-        self.done = False
+        self._chunked = chunked
+        self.task = asyncio.ensure_future(self._run())
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._first:
-            yield self._first
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                self._exchange.client_gone = True
-                raise ClientGone()
-            chunk = message.get("body", b"")
-            self._exchange.bytes_in += len(chunk)
-            if self._exchange.bytes_in > self._limit:
-                self.too_large = True
-                raise PayloadTooLarge(
-                    "the request body is larger than the limit",
-                    details={"limit_bytes": self._limit},
-                )
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                self.done = True
-                return
+    async def _run(self) -> None:
+        conn, exchange = self._conn, self._exchange
+        try:
+            while True:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    exchange.client_gone = True
+                    raise ClientGone()
+                chunk: bytes = message.get("body", b"")
+                exchange.bytes_in += len(chunk)
+                if exchange.bytes_in > self._limit:
+                    raise _too_large(self._limit)
+                more = message.get("more_body", False)
+                if chunk:
+                    conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if self._chunked else chunk)
+                if not more:
+                    if self._chunked:
+                        conn.write(b"0\r\n\r\n")
+                    await conn.drain()
+                    self.done = True
+                    return
+                await conn.drain()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            # Cut the upstream so the exchange waiting on it wakes; the forwarder reads `error`.
+            self.error = exc
+            conn.interrupt() if isinstance(exc, ClientGone) else conn.abort()
+
+    def stop(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
 
 
 class Forwarder:
     """Sends one request to the upstream and streams the answer to the client."""
 
-    def __init__(self, base_url: str, max_body_bytes: int, headers: HeaderPolicy) -> None:
-        self._base = base_url
+    def __init__(
+        self, max_body_bytes: int, headers: HeaderPolicy, *, preserve_host: bool = False
+    ) -> None:
         self._limit = max_body_bytes
         self._headers = headers
-        self.session: aiohttp.ClientSession | None = None  # set by the app's lifespan
+        self._preserve_host = preserve_host
+        self.pool: UpstreamPool | None = None  # set by the app's lifespan
+
+    def _head(
+        self,
+        method: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        framing: bytes,
+    ) -> bytes:
+        assert self.pool is not None
+        origin = self.pool.origin
+        target = origin.prefix + raw_path
+        if query:
+            target += b"?" + query
+        parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
+        if not self._preserve_host:
+            parts += (b"host: ", origin.host_header, b"\r\n")
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts += (framing, b"\r\n")
+        return b"".join(parts)
 
     async def forward(
         self,
@@ -92,117 +145,140 @@ class Forwarder:
         *,
         raw_path: bytes,
         query: bytes,
-        headers: list[tuple[str, str]],
+        headers: Headers,
         content_length: int | None,
         response_headers: Callable[[Headers], Headers],
         exchange: Exchange,
     ) -> None:
         """Forward; raises ProxyError before the response starts, UpstreamAborted after."""
-        assert self.session is not None, "the app's lifespan has not started"
-        if content_length is not None and content_length > self._limit:
-            raise PayloadTooLarge(
-                "the request body is larger than the limit", details={"limit_bytes": self._limit}
-            )
+        pool = self.pool
+        assert pool is not None, "the app's lifespan has not started"
+        limit = self._limit
+        if content_length is not None and content_length > limit:
+            raise _too_large(limit)
+        method: str = scope["method"]
         first = await receive()
         if first["type"] == "http.disconnect":
             exchange.client_gone = True
             return
         chunk: bytes = first.get("body", b"")
         exchange.bytes_in = len(chunk)
-        if exchange.bytes_in > self._limit:
-            raise PayloadTooLarge(
-                "the request body is larger than the limit", details={"limit_bytes": self._limit}
-            )
-        body: _Body | None = None
-        data: bytes | _Body | None
-        if first.get("more_body", False):
-            body = _Body(receive, chunk, self._limit, exchange)
-            data = body
+        if exchange.bytes_in > limit:
+            raise _too_large(limit)
+        streamed = first.get("more_body", False)
+        # The client's Content-Length travels in `headers`; otherwise we frame the body.
+        if content_length is not None:
+            framing = b""
+        elif streamed:
+            framing = b"transfer-encoding: chunked\r\n"
+            if chunk:
+                chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        elif chunk or method not in _BODYLESS:
+            framing = b"content-length: %d\r\n" % len(chunk)
         else:
-            data = chunk if chunk or content_length is not None else None
-        url = upstream_url(self._base, raw_path, query)
-        try:
-            response = await self.session.request(
-                scope["method"],
-                url,
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                compress=None,
-                auto_decompress=False,
-            )
-        except ProxyError:
-            raise
-        except ClientGone:
-            return
-        except Exception as exc:
-            if body is not None and body.too_large:
-                raise PayloadTooLarge(
-                    "the request body is larger than the limit",
-                    details={"limit_bytes": self._limit},
-                ) from None
-            if exchange.client_gone:
+            framing = b""
+        request = self._head(method, raw_path, query, headers, framing) + chunk
+        head_only = method == "HEAD"
+
+        conn = await pool.acquire()
+        upload: _Upload | None = None
+        for attempt in (1, 2):
+            conn.begin(head_only)
+            conn.write(request)
+            if streamed:
+                upload = _Upload(conn, receive, limit, exchange, content_length is None)
+            try:
+                await conn.response_head()
+                break
+            except ClientGone:
+                exchange.client_gone = True
+                pool.release(conn, conn.end())
                 return
-            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
-                raise translate(exc) from exc
-            raise
+            except ProxyError as exc:
+                stale = (
+                    conn.reused
+                    and not conn.received
+                    and exc.details.get("reason") in ("upstream_disconnected",)
+                )
+                pool.release(conn, conn.end())
+                if upload is not None:
+                    upload.stop()
+                    if isinstance(upload.error, ProxyError):
+                        raise upload.error from None
+                    if isinstance(upload.error, ClientGone):
+                        return
+                if exchange.client_gone:
+                    return
+                if attempt == 1 and stale and not streamed and method in IDEMPOTENT:
+                    # A pooled connection the upstream had closed while we were not looking.
+                    conn = await pool.acquire(fresh=True)
+                    continue
+                raise
+            except BaseException:
+                if upload is not None:
+                    upload.stop()
+                conn.end()
+                pool.release(conn, False)
+                raise
         try:
-            await self._stream_back(response, send, receive, body, response_headers, exchange)
+            await self._stream_back(conn, send, receive, upload, response_headers, exchange)
         finally:
-            if exchange.client_gone or not response.content.at_eof():
-                response.close()  # an unfinished body: the connection cannot be reused
-            else:
-                response.release()
+            reusable = conn.end()
+            if upload is not None and not upload.done:
+                upload.stop()
+                reusable = False
+            pool.release(conn, reusable and not exchange.client_gone)
 
     async def _stream_back(
         self,
-        response: aiohttp.ClientResponse,
+        conn: Connection,
         send: Send,
         receive: Receive,
-        body: _Body | None,
+        upload: _Upload | None,
         response_headers: Callable[[Headers], Headers],
         exchange: Exchange,
     ) -> None:
-        exchange.status = exchange.upstream_status = response.status
-        headers = response_headers(self._headers.downstream_response(response.raw_headers))
+        status = conn.status
+        exchange.status = exchange.upstream_status = status
+        headers = response_headers(self._headers.downstream_response(conn.headers))
         # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         exchange.response_started = True
-        content = response.content
         watcher: asyncio.Future[Message] | None = None
+
+        def departed(_: asyncio.Future[Message]) -> None:
+            conn.interrupt()
+
         try:
             while True:
                 try:
-                    if watcher is None:
-                        chunk = await content.readany()
-                    else:
-                        # A quiet stream (SSE between events) must notice a departed client now,
-                        # not at the next chunk: it holds an upstream connection from the pool.
-                        read = asyncio.ensure_future(content.readany())
-                        either: set[asyncio.Future[Any]] = {read, watcher}
-                        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-                        if not read.done():
-                            read.cancel()
-                            exchange.client_gone = True
-                            return
-                        chunk = read.result()
-                except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                    raise UpstreamAborted(translate(exc).message) from exc
-                more = not content.at_eof()
+                    chunk = await conn.read() if not conn.finished else b""
+                except ClientGone:
+                    exchange.client_gone = True
+                    return
+                except ProxyError as exc:
+                    if upload is not None and isinstance(upload.error, ClientGone):
+                        exchange.client_gone = True
+                        return
+                    raise UpstreamAborted(exc.message) from exc
+                more = not conn.finished
                 if chunk or not more:
                     exchange.bytes_out += len(chunk)
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
                 if not more:
                     return
-                if watcher is None and (body is None or body.done):
+                if watcher is None and (upload is None or upload.done):
                     # uvicorn drops writes to a closed connection silently; its receive() tells.
+                    # A quiet stream (SSE between events) must notice at once: it holds a pooled
+                    # upstream connection.
                     watcher = asyncio.ensure_future(receive())
-                if watcher is not None and watcher.done():
-                    exchange.client_gone = True
-                    return
+                    watcher.add_done_callback(departed)
         finally:
             if watcher is not None:
+                # Never let a late callback interrupt the connection's next exchange.
+                watcher.remove_done_callback(departed)
                 if watcher.done():
-                    watcher.exception() if not watcher.cancelled() else None
+                    if not watcher.cancelled():
+                        watcher.exception()
                 else:
                     watcher.cancel()

@@ -29,7 +29,7 @@ def upstream(
     for k, v in p.upstream_request(
         headers, peer=peer, scheme="http", request_id="rid", identity=identity
     ):
-        out.setdefault(k.lower(), []).append(v)
+        out.setdefault(k.decode("latin-1").lower(), []).append(v.decode("utf-8"))
     return out
 
 
