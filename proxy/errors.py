@@ -20,6 +20,7 @@ Library exceptions are translated into these where they enter (`raise BadGateway
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Mapping
@@ -213,9 +214,16 @@ def bearer_challenge(
     return "Bearer " + ", ".join(params) if params else "Bearer"
 
 
+@functools.lru_cache(maxsize=8)
+def _second(second: int) -> str:
+    # strftime and gmtime once a second, not once a line.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def rfc3339(when: float) -> str:
     """A Unix time as RFC 3339 UTC with millisecond precision (error bodies and log lines)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
+    second = int(when)
+    return f"{_second(second)}.{int((when - second) * 1000):03d}Z"
 
 
 def rfc3339_now() -> str:

@@ -10,12 +10,74 @@ head is not complete within `server.header_timeout_s`.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import BadRequest, render
+from .ids import new_request_id
+
+# Writes at most this big wait to be joined with the next one; bigger ones go out at once.
+_CORK_BYTES = 16 * 1024
+
+
+class CorkedTransport:
+    """The client transport, with writes made in one loop iteration joined into one.
+
+    uvicorn writes a response's head and its body with two `write` calls: two system calls and
+    two TCP segments for every small answer. Here the first write waits until the loop's next
+    iteration and any write before then goes out with it. Everything else is the transport's.
+    """
+
+    __slots__ = ("_transport", "_loop", "_pending")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            if len(data) > _CORK_BYTES:
+                self._transport.write(pending)
+                self._transport.write(data)
+            else:
+                self._transport.write(pending + data)
+        elif len(data) > _CORK_BYTES or not data:
+            self._transport.write(data)
+        else:
+            self._pending = bytes(data)
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            self._transport.write(pending)
+
+    def writelines(self, lines: Any) -> None:
+        self.flush()
+        self._transport.writelines(lines)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._pending or b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class BoundedHeadProtocol(HttpToolsProtocol):
@@ -31,7 +93,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        corked = CorkedTransport(transport, self.loop)
+        super().connection_made(corked)  # type: ignore[arg-type]
         self._start_head_timer()  # a connection that never sends a byte is a head that never ends
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -94,7 +157,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         """The JSON error, then the connection closes: the parser cannot go on after it."""
         if self.transport.is_closing():
             return
-        _, headers, body = render(error, os.urandom(16).hex())
+        _, headers, body = render(error, new_request_id())
         head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(
             name + b": " + value + b"\r\n" for name, value in headers
         )

@@ -8,7 +8,6 @@ refusal) here, in one place, with the request id and the CORS headers the browse
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from .errors import (
     render,
 )
 from .identity import Identity
+from .ids import new_request_id
 from .ops import logs
 from .ops.metrics import Metrics
 from .paths import judge_path
@@ -38,11 +38,6 @@ if TYPE_CHECKING:
     from .relay.websocket import Tunnel
 
 log = logging.getLogger("authproxy.pipeline")
-
-
-def new_request_id() -> str:
-    """32 random hex digits (os.urandom: a few times cheaper than uuid4 per request)."""
-    return os.urandom(16).hex()
 
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
