@@ -24,6 +24,7 @@ from typing import Any
 from .config import CorsSettings, Settings
 from .errors import ConfigError, Forbidden
 from .ops.metrics import Metrics
+from .public_suffixes import wildcard_problem
 
 logger = logging.getLogger("authproxy.cors")
 
@@ -126,6 +127,10 @@ def _config_origin(value: str, key: str) -> tuple[str, str, int, bool]:
         raise ConfigError(
             key, f"{value!r} is not an origin (scheme://host[:port], optionally scheme://*.domain)"
         )
+    # Config refuses these already; a policy built another way must not echo https://evil.com.
+    problem = wildcard_problem(parsed[1]) if wildcard else None
+    if problem is not None:
+        raise ConfigError(key, f"{value!r}: {problem}")
     return (*parsed, wildcard)
 
 

@@ -149,6 +149,15 @@ def test_an_origin_the_policy_cannot_parse_is_a_config_error_naming_the_key(bad:
     assert caught.value.key == "cors.allow_origins[1]"
 
 
+@pytest.mark.parametrize("wildcard", ["https://*.com", "https://*.co.uk", "https://*.github.io"])
+def test_a_policy_never_echoes_every_site_under_a_public_suffix(wildcard: str) -> None:
+    # Config refuses these; a policy built from unvalidated settings must refuse them too.
+    settings = CorsSettings.model_construct(allow_origins=(APP, wildcard), allow_credentials=True)
+    with pytest.raises(ConfigError, match="public suffix") as caught:
+        CorsPolicy(settings, rule="global", metrics=Metrics())
+    assert caught.value.key == "cors.allow_origins[1]"
+
+
 def test_a_route_origin_error_names_the_routes_key() -> None:
     settings = from_dict(
         {

@@ -32,6 +32,7 @@ from .rejected import Rejected
 log = logging.getLogger("authproxy.auth")
 
 MAX_KEY_CHARS = 4096
+INVALID_KEY = ("invalid_api_key", "invalid API key")  # what a client hears for every bad key
 _MAX_TIMER_S = 60.0  # re-check expiries at least this often (wall clock may jump)
 
 
@@ -157,12 +158,24 @@ class ApiKeyStore:
         if len(presented) > MAX_KEY_CHARS:
             raise Rejected("malformed", "API key too long")
         key = self._by_hash.get(hash_key(presented))
+        # Unknown, disabled and expired look alike to the client: different answers would tell
+        # whoever holds a leaked or retired key that it exists. The log keeps which, and the id.
         if key is None:
-            raise Rejected("unknown_api_key", "unknown API key")
+            raise Rejected("unknown_api_key", "unknown API key", client=INVALID_KEY)
         if key.disabled:
-            raise Rejected("api_key_disabled", "API key disabled")
+            raise Rejected(
+                "api_key_disabled",
+                f"API key {key.id!r} is disabled",
+                client=INVALID_KEY,
+                log_fields={"key_id": key.id},
+            )
         if key.expires_at is not None and time.time() >= key.expires_at:
-            raise Rejected("api_key_expired", "API key expired")
+            raise Rejected(
+                "api_key_expired",
+                f"API key {key.id!r} has expired",
+                client=INVALID_KEY,
+                log_fields={"key_id": key.id},
+            )
         return key
 
     @property

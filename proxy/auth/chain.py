@@ -11,6 +11,7 @@ request carried no authentication), unless the route is `auth_optional`.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +24,8 @@ from .extractor import Credentials
 from .jwt import JwtVerifier
 from .rejected import Rejected
 from .scopes import require_scopes
+
+log = logging.getLogger("authproxy.auth")
 
 
 def fingerprint(secret: str) -> str:
@@ -134,8 +137,26 @@ class Chain:
                 self._metrics.auth.labels(name, exc.reason).inc()
                 if trace is not None:
                     trace.append(Attempt(name, found, f"refused: {exc.message}"))
+                reason, message = exc.client or (exc.reason, exc.message)
+                if exc.client is not None:
+                    # The access line carries the client's reason; this one, the precise one.
+                    # No fingerprint of the credential: for a password pasted into the API key
+                    # header, even a hash prefix would help to guess it.
+                    log.info(
+                        "%s refused: %s",
+                        name,
+                        exc.message,
+                        extra={
+                            "fields": {
+                                "event": "auth_refused",
+                                "method": name,
+                                "reason": exc.reason,
+                                **exc.log_fields,
+                            }
+                        },
+                    )
                 raise Unauthorized(
-                    exc.message, details={"reason": exc.reason, "method": name}, bearer=bearer
+                    message, details={"reason": reason, "method": name}, bearer=bearer
                 ) from None
             except ProxyError as exc:
                 self._metrics.auth.labels(name, str(exc.details.get("reason", exc.code))).inc()

@@ -26,6 +26,7 @@ import math
 import os
 import re
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -45,8 +46,12 @@ from .rejected import Rejected
 log = logging.getLogger("authproxy.auth")
 
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
-# A value an upstream header can carry unambiguously: latin-1, no controls, no edge whitespace.
-_HEADER_VALUE = re.compile(r"[\x21-\x7e\x80-\xff](?:[\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?")
+# A value an upstream header can carry unambiguously: latin-1 without C0/C1 controls, NBSP or
+# the soft hyphen, and no space at either edge (only U+0020, and only inside).
+_SHOWN = r"\x21-\x7e\xa1-\xac\xae-\xff"
+_HEADER_VALUE = re.compile(rf"[{_SHOWN}](?:[\x20{_SHOWN}]*[{_SHOWN}])?")
+# Controls, Unicode spaces and line separators, format characters (ZWSP, soft hyphen, BOM, bidi).
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
 _PRINTABLE_ALG = re.compile(r"[A-Za-z0-9+\-]{1,16}")
 _MAX_HEADER_VALUE = 4096
 _MAX_CANDIDATES = 8  # keys tried for a token without `kid`
@@ -87,6 +92,17 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
 def header_safe(value: str) -> bool:
     """Can `value` be sent as an HTTP header value without CR/LF/NUL tricks or re-encoding?"""
     return len(value) <= _MAX_HEADER_VALUE and bool(_HEADER_VALUE.fullmatch(value))
+
+
+def deceptive(value: str) -> bool:
+    """Does `value` hold what an upstream may strip, split on or not show?
+
+    `"admin\u00a0"` is `"admin"` after Python's `strip()`, U+0085 ends a line for
+    `str.splitlines()`, a zero-width space hides in a log: such a value names someone else.
+    """
+    return value != value.strip(" ") or any(
+        c != " " and unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in value
+    )
 
 
 def _typ_equal(a: str, b: str) -> bool:
@@ -274,6 +290,12 @@ class Provider:
             value = claims.get(claim)
             if isinstance(value, str) and header_safe(value):
                 out.append((header, value))
+            elif isinstance(value, str) and deceptive(value):
+                # Dropping it would let the upstream fall back to a default; refuse the token.
+                raise Rejected(
+                    "malformed_claim",
+                    f"claim {claim!r} (sent as {header}) holds a control or invisible character",
+                )
             elif value is not None:
                 log.debug(
                     "provider %r: claim %r not sent as %s (not a safe string)",

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from proxy.auth import AuthService, hash_key, key_record, new_key
+from proxy.auth.rejected import Rejected
 from proxy.config import ApiKeySettings
 from proxy.errors import ConfigError, Unauthorized
 from proxy.identity import Identity
@@ -42,10 +43,17 @@ async def auth(
 
 
 async def reason_of(svc: AuthService, key: str) -> str:
+    """The precise reason a key is refused, as the log and metrics keep it.
+
+    The client is told only that the key is invalid (see the oracle test below).
+    """
     with pytest.raises(Unauthorized) as info:
         await auth(svc, key)
     assert key not in info.value.message
-    return str(info.value.details["reason"])
+    assert info.value.details["reason"] == "invalid_api_key"
+    with pytest.raises(Rejected) as precise:
+        svc.api_keys.lookup(key)
+    return precise.value.reason
 
 
 def write_keys(path: Path, *records: dict[str, Any], raw: str | None = None) -> None:
@@ -309,3 +317,36 @@ def test_new_key_hash_key_and_the_record_round_trip() -> None:
     assert ApiKeySettings.model_validate(parsed).sha256 == hash_key(key)
     tricky = key_record('we"ird\nid', key, table="keys")
     assert tomllib.loads(tricky)["keys"][0]["id"] == 'we"ird\nid'
+
+
+async def test_unknown_disabled_and_expired_keys_look_alike_to_the_client(
+    make_service: MakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An oracle: different 401s told a key-holder which of their stolen or old keys still exist.
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    svc = await make_service(
+        make_settings(
+            api_keys={
+                "keys": [record("off", KEY_A, disabled=True), record("old", KEY_B, expires=past)]
+            }
+        )
+    )
+    seen = []
+    with caplog.at_level(logging.INFO, "authproxy.auth"):
+        for key in (KEY_A, KEY_B, KEY_C):
+            with pytest.raises(Unauthorized) as info:
+                await auth(svc, key)
+            exc = info.value
+            seen.append((exc.message, exc.details, exc.headers, exc.status))
+    assert seen[0] == seen[1] == seen[2]
+    assert seen[0][1] == {"reason": "invalid_api_key", "method": "api_key"}
+    # The operator still learns exactly what happened, and which key (never the key itself).
+    refused = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "auth_refused"]
+    assert [r.fields["reason"] for r in refused] == [  # type: ignore[attr-defined]
+        "api_key_disabled",
+        "api_key_expired",
+        "unknown_api_key",
+    ]
+    assert [r.fields.get("key_id") for r in refused] == ["off", "old", None]  # type: ignore[attr-defined]
+    for key in (KEY_A, KEY_B, KEY_C):
+        assert key not in caplog.text and hash_key(key)[:12] not in caplog.text

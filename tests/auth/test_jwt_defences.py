@@ -363,6 +363,37 @@ async def test_a_subject_that_is_not_a_safe_header_value_is_refused(
         assert reason(exc) in ("malformed_claim", "missing_sub")
 
 
+# "admin\u00a0" is "admin" to an upstream that strip()s, and NEL/C1 controls end lines in some
+# parsers: refused wherever they stand, like every other control or Unicode space.
+INVISIBLE = ["\u00a0", "\u0085", "\u0080", "\u009f", "\u00ad", "\u2028", "\u3000", "\u200b"]
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+async def test_a_subject_with_unicode_space_or_c1_control_is_refused(
+    service: AuthService, char: str
+) -> None:
+    for sub in (f"admin{char}", f"{char}admin", f"ad{char}min"):
+        exc = await refuse(service, rs256(mint_pyjwt, sub=sub))
+        assert reason(exc) == "malformed_claim"
+
+
+@pytest.mark.parametrize("char", INVISIBLE, ids=[f"U+{ord(c):04X}" for c in INVISIBLE])
+async def test_a_claim_header_value_with_unicode_space_or_c1_control_is_refused(
+    make_service: MakeService, jwks_file: Path, char: str
+) -> None:
+    svc = await make_service(
+        make_settings([provider(jwks_file=str(jwks_file), claim_headers={"X-User-Org": "org"})])
+    )
+    for org in (f"acme{char}", f"ac{char}me"):
+        exc = await refuse(svc, rs256(mint_pyjwt, org=org))
+        assert reason(exc) == "malformed_claim"
+
+
+async def test_latin1_letters_and_inner_spaces_are_still_accepted(service: AuthService) -> None:
+    for sub in ("José", "Ada Lovelace", "user@example.com"):
+        assert (await accept(service, rs256(mint_pyjwt, sub=sub))).subject == sub
+
+
 async def test_scopes_come_from_scope_scp_or_scopes_and_junk_is_dropped(
     service: AuthService,
 ) -> None:
@@ -395,16 +426,13 @@ async def test_custom_scope_claim_and_claim_headers(
     )
     ident = await accept(
         svc,
-        rs256(
-            mint_pyjwt,
-            permissions=["p:1"],
-            email="a@example.com",
-            org="evil\r\nX-Auth-Subject: admin",
-            role=["admin"],
-        ),
+        rs256(mint_pyjwt, permissions=["p:1"], email="a@example.com", org="Zürich", role=["admin"]),
     )
     assert ident.scopes == {"p:1"}
-    assert ident.claim_headers == (("X-User-Email", "a@example.com"),)
+    # A value that is not a string is not sent; one that is a string must be safe to send.
+    assert ident.claim_headers == (("X-User-Email", "a@example.com"), ("X-User-Org", "Zürich"))
+    exc = await refuse(svc, rs256(mint_pyjwt, email="a@example.com", org="evil\r\nX-Auth: x"))
+    assert reason(exc) == "malformed_claim" and "X-User-Org" in exc.message
 
 
 async def test_a_missing_hs_secret_is_a_config_error_naming_the_key(
