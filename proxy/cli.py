@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,7 +55,11 @@ def _check_config(path: str | None) -> int:
 
     settings = config.load(path)
     asyncio.run(App(settings).check())  # every stage, as serve builds it: secrets, key files
-    print(f"config OK: {path or config.default_path()}")
+    warnings = config.warnings(settings)
+    for line in warnings:
+        print(f"authproxy: config warning: {line}", file=sys.stderr)
+    counted = f" ({len(warnings)} warning{'s' if len(warnings) != 1 else ''})" if warnings else ""
+    print(f"config OK: {path or config.default_path()}{counted}")
     print(
         f"  listen {settings.server.listen}, admin {settings.admin.listen}, "
         f"upstream {settings.upstream.url}"
@@ -113,6 +118,16 @@ def _explain(path: str | None, method: str, target: str, raw_headers: list[str])
 
 
 def _serve(path: str | None) -> int:
-    from .server import serve
+    from . import workers
+    from .server import serve, serve_worker
 
-    return serve(config.load(path))
+    role = workers.WorkerRole.from_environ(os.environ)
+    if role is not None:  # started by a supervisor, with the settings it validated
+        return serve_worker(role.settings(), role)
+    settings = config.load(path)
+    count = workers.count(settings.server.workers)
+    if count > 1:
+        from .supervisor import supervise
+
+        return supervise(settings, count)
+    return serve(settings)

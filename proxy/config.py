@@ -22,11 +22,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from .errors import ConfigError
+from .public_suffixes import wildcard_problem
 
 ENV_PREFIX = "AUTHPROXY__"
 AUTH_METHODS = ("jwt", "api_key")
@@ -36,10 +38,39 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 9110 header name / method
 _SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token
+# The IANA HTTP Method Registry (RFC 9110, WebDAV and its relatives, QUERY; not PRI, which is
+# the HTTP/2 preface): anything else is almost always a typo ("GTE") that would never match.
+HTTP_METHODS = frozenset(
+    "ACL BASELINE-CONTROL BIND CHECKIN CHECKOUT CONNECT COPY DELETE GET HEAD LABEL LINK LOCK "
+    "MERGE MKACTIVITY MKCALENDAR MKCOL MKREDIRECTREF MKWORKSPACE MOVE OPTIONS ORDERPATCH PATCH "
+    "POST PROPFIND PROPPATCH PUT QUERY REBIND REPORT SEARCH TRACE UNBIND UNCHECKOUT UNLINK "
+    "UNLOCK UPDATE UPDATEREDIRECTREF VERSION-CONTROL".split()
+)
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bools(cls, value: Any, info: ValidationInfo) -> Any:
+        # TOML has real booleans; pydantic would read "yes", "off", 1 or "true" (a string, or an
+        # unparsed environment value) as one, so a typo could switch something on.
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and field.annotation is bool and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+
+def _http_methods(value: tuple[str, ...], *, star: bool = False) -> tuple[str, ...]:
+    for m in value:
+        if star and m == "*":
+            continue
+        if not _TOKEN.fullmatch(m):
+            raise ValueError(f"not an HTTP method: {m!r}")
+        if m.upper() not in HTTP_METHODS:
+            raise ValueError(f"unknown HTTP method {m!r} (not in the IANA method registry)")
+    return tuple(m.upper() for m in value)
 
 
 def _host_port(value: str) -> str:
@@ -62,6 +93,8 @@ class ServerSettings(_Frozen):
     """The public listener."""
 
     listen: HostPort = "127.0.0.1:8000"
+    # Processes sharing the public port; "auto": one per usable core (`workers.count`).
+    workers: int | Literal["auto"] = 1
     trusted_proxies: tuple[str, ...] = ()
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
     preserve_host: bool = False
@@ -69,14 +102,28 @@ class ServerSettings(_Frozen):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
 
+    @field_validator("workers", mode="plain")
+    @classmethod
+    def _workers(cls, value: object) -> int | Literal["auto"]:
+        if value == "auto":
+            return "auto"
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError(f'expected an integer >= 1 or "auto", got {value!r}')
+
     @field_validator("trusted_proxies")
     @classmethod
     def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for i, cidr in enumerate(value):
             try:
-                ipaddress.ip_network(cidr, strict=False)
+                network = ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ValueError(f"[{i}] is not a CIDR: {cidr!r}") from None
+            if network.network_address != ipaddress.ip_interface(cidr).ip:
+                # 10.1.2.3/16 trusts 10.1.0.0/16: sixty-five thousand addresses, not one.
+                raise ValueError(
+                    f"[{i}] {cidr!r} has host bits set (did you mean {str(network)!r}?)"
+                )
         return value
 
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -127,10 +174,7 @@ class CorsSettings(_Frozen):
     @field_validator("allow_methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for m in value:
-            if m != "*" and not _TOKEN.fullmatch(m):
-                raise ValueError(f"not an HTTP method: {m!r}")
-        return tuple(m.upper() for m in value)
+        return _http_methods(value, star=True)
 
     @field_validator("allow_headers", "expose_headers")
     @classmethod
@@ -160,6 +204,11 @@ class CorsSettings(_Frozen):
                 raise ValueError(
                     f"[{i}] {origin!r} is not an origin (scheme://host[:port], "
                     "optionally scheme://*.domain)"
+                )
+            problem = wildcard_problem(host[2:]) if host.startswith("*.") else None
+            if problem is not None:
+                raise ValueError(
+                    f"[{i}] {origin!r}: {problem}; list your own domain, e.g. https://*.example.com"
                 )
         return value
 
@@ -359,10 +408,7 @@ class RouteSettings(_Frozen):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for m in value:
-            if not _TOKEN.fullmatch(m):
-                raise ValueError(f"not an HTTP method: {m!r}")
-        return tuple(m.upper() for m in value)
+        return _http_methods(value)
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -497,6 +543,57 @@ def _unique_key_ids(keys: tuple[ApiKeySettings, ...]) -> None:
         if key.id in seen:
             raise ValueError(f"two keys share the id {key.id!r}")
         seen.add(key.id)
+
+
+# --- warnings: valid, but probably not what was meant -------------------------------------------
+
+
+def warnings(settings: Settings) -> list[str]:
+    """One line per thing the config allows but probably does not mean, each naming its key.
+
+    `check-config` prints them and `serve` logs them at start; neither refuses the config.
+    """
+    out: list[str] = []
+    routes = settings.routes
+    if not routes:
+        out.append("routes: none configured: every request gets 404")
+    for j, later in enumerate(routes):
+        for i, earlier in enumerate(routes[:j]):
+            if _covers(earlier, later):
+                out.append(
+                    f"routes[{j}]: never matches: routes[{i}] ({earlier.path}) "
+                    "matches every request it would"
+                )
+                break
+    keys = settings.auth.api_keys
+    if not keys.keys and keys.keys_file is None:
+        out.extend(
+            f"routes[{i}].auth: 'api_key' is listed but no API key is configured "
+            "(auth.api_keys.keys, auth.api_keys.keys_file)"
+            for i, route in enumerate(routes)
+            if "api_key" in route.auth
+        )
+    return out
+
+
+def _covers(earlier: RouteSettings, later: RouteSettings) -> bool:
+    """Does `earlier` match every request `later` does (first match wins, so `later` is dead)?
+
+    Mirrors `routing.RouteTable` (a test holds the two together): `/api/*` is the prefix
+    `/api/`, `*` is `/`, GET also matches HEAD, no methods means every method.
+    """
+    if earlier.methods:
+        if not later.methods or not _with_head(later.methods) <= _with_head(earlier.methods):
+            return False
+    prefix = "/" if earlier.path == "*" else earlier.path[:-1] if earlier.path[-1:] == "*" else None
+    if prefix is None:
+        return earlier.path == later.path
+    later_path = "/" if later.path == "*" else later.path.rstrip("*")
+    return later_path.startswith(prefix)
+
+
+def _with_head(methods: tuple[str, ...]) -> set[str]:
+    return {*methods, "HEAD"} if "GET" in methods else set(methods)
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Runs the app on uvicorn: the public listener and the admin listener in one event loop."""
+"""Runs the app on uvicorn: the public listener and the admin listener in one event loop; or, as
+one of `server.workers` processes, the public listener alone (supervisor.py runs the admin one)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
@@ -16,9 +19,12 @@ import uvloop
 
 from .app import App
 from .config import Settings, split_listen
+from .config import warnings as config_warnings
 from .errors import ConfigError
 from .limits import bounded_head_protocol
 from .ops import logs
+from .types import ASGIApp
+from .workers import WorkerRole, reuseport_socket, serve_readiness
 
 
 class QuietServer(uvicorn.Server):
@@ -69,21 +75,7 @@ class DrainingServer(uvicorn.Server):
 def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvicorn.Config]:
     """The public and admin listeners' uvicorn configurations."""
     host, port = split_listen(settings.server.listen)
-    admin_host, admin_port = split_listen(settings.admin.listen)
     ws = settings.websocket
-    # uvicorn's own proxy-headers handling trusts 127.0.0.1; forwarding headers are decided in
-    # relay/headers.py against server.trusted_proxies instead.
-    common: dict[str, Any] = dict(
-        loop="none",
-        http=bounded_head_protocol(
-            settings.server.max_header_bytes, settings.server.header_timeout_s
-        ),
-        proxy_headers=False,
-        server_header=False,
-        date_header=False,
-        log_config=None,
-        access_log=False,
-    )
     public = uvicorn.Config(
         app,
         host=host,
@@ -95,12 +87,45 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
         ws_ping_interval=ws.ping_interval_s or None,
         ws_ping_timeout=ws.ping_interval_s or None,
         timeout_graceful_shutdown=math.ceil(settings.server.graceful_shutdown_s),
-        **common,
+        **_common_options(settings),
     )
-    admin = uvicorn.Config(
-        app.admin, host=admin_host, port=admin_port, lifespan="off", ws="none", **common
+    return public, admin_config(app.admin, settings)
+
+
+def admin_config(admin: ASGIApp, settings: Settings) -> uvicorn.Config:
+    """The admin listener's uvicorn configuration (a process's own admin app, or a group's)."""
+    admin_host, admin_port = split_listen(settings.admin.listen)
+    return uvicorn.Config(
+        admin,
+        host=admin_host,
+        port=admin_port,
+        lifespan="off",
+        ws="none",
+        **_common_options(settings),
     )
-    return public, admin
+
+
+def _common_options(settings: Settings) -> dict[str, Any]:
+    # uvicorn's own proxy-headers handling trusts 127.0.0.1; forwarding headers are decided in
+    # relay/headers.py against server.trusted_proxies instead.
+    return dict(
+        loop="none",
+        http=bounded_head_protocol(
+            settings.server.max_header_bytes, settings.server.header_timeout_s
+        ),
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        log_config=None,
+        access_log=False,
+    )
+
+
+def log_config_warnings(settings: Settings) -> None:
+    """What `check-config` prints as warnings, logged once at start."""
+    log = logging.getLogger("authproxy")
+    for line in config_warnings(settings):
+        log.warning("config warning: %s", line, extra={"fields": {"event": "config_warning"}})
 
 
 def serve(settings: Settings) -> int:
@@ -112,25 +137,19 @@ def serve(settings: Settings) -> int:
     admin = QuietServer(admin_config)
 
     log = logging.getLogger("authproxy")
+    log_config_warnings(settings)
 
     async def run() -> int:
         # The admin listener first: /healthz answers while the app starts (JWKS are fetched).
-        admin_task = asyncio.create_task(_serve_quietly(admin))
+        admin_task = asyncio.create_task(serve_quietly(admin))
         while not admin.started and not admin_task.done():
             await asyncio.sleep(0.01)
         if admin_task.done():
             log.error("cannot listen on admin.listen %s", settings.admin.listen)
             return 1
         try:
-            if not await _serve_quietly(public):
-                if isinstance(app.startup_error, ConfigError):
-                    log.error("config error: %s", app.startup_error)
-                    return 2
-                if app.startup_error is not None:
-                    log.error("startup failed: %s", app.startup_error)
-                else:
-                    log.error("cannot start on server.listen %s", settings.server.listen)
-                return 1
+            if not await serve_quietly(public):
+                return _startup_failure(app, settings)
             return 0
         finally:
             admin.should_exit = True
@@ -149,10 +168,71 @@ def serve(settings: Settings) -> int:
     return uvloop.run(run())
 
 
-async def _serve_quietly(server: uvicorn.Server) -> bool:
+def serve_worker(settings: Settings, role: WorkerRole) -> int:
+    """One of `server.workers` processes: the public listener on a SO_REUSEPORT socket of its own.
+    The supervisor runs the admin listener and asks this process for its readiness; SIGTERM,
+    SIGINT and SIGHUP reach it from the supervisor and mean what they mean to a single process."""
+    logs.configure(settings.logging.level, settings.logging.flush_interval_s)
+    app = App(settings)
+    public_config, _ = uvicorn_configs(app, settings)
+    public = DrainingServer(public_config, app.begin_drain, app.drained)
+    log = logging.getLogger("authproxy")
+    host, _ = split_listen(settings.server.listen)
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = reuseport_socket(host, role.port)
+        except OSError as exc:
+            log.error("cannot listen on server.listen %s: %s", settings.server.listen, exc)
+            return 1
+
+        def orphaned() -> None:  # the supervisor is gone: drain as on SIGTERM, then exit
+            loop.remove_reader(role.parent_fd)
+            public.handle_exit(signal.SIGTERM, None)
+
+        loop.add_reader(role.parent_fd, orphaned)
+        public_task = asyncio.create_task(serve_quietly(public, [sock]))
+        while not public.started and not public_task.done():
+            await asyncio.sleep(0.01)
+        readiness: asyncio.Server | None = None
+        if not public_task.done():
+            # Answering on its readiness socket is how the supervisor learns this worker started.
+            readiness = await serve_readiness(role.readiness_path, app.readiness)
+        try:
+            if not await public_task:
+                return _startup_failure(app, settings)
+            return 0
+        finally:
+            if readiness is not None:
+                readiness.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(role.readiness_path)
+
+    log.info(
+        "authproxy worker starting",
+        extra={"fields": {"worker": role.index, "listen": settings.server.listen}},
+    )
+    return uvloop.run(run())
+
+
+def _startup_failure(app: App, settings: Settings) -> int:
+    """The exit status (and its one log line) when the public listener did not start."""
+    log = logging.getLogger("authproxy")
+    if isinstance(app.startup_error, ConfigError):
+        log.error("config error: %s", app.startup_error)
+        return 2
+    if app.startup_error is not None:
+        log.error("startup failed: %s", app.startup_error)
+    else:
+        log.error("cannot start on server.listen %s", settings.server.listen)
+    return 1
+
+
+async def serve_quietly(server: uvicorn.Server, sockets: list[socket.socket] | None = None) -> bool:
     """Run a uvicorn server; False when it could not start (uvicorn exits the process then)."""
     try:
-        await server.serve()
+        await server.serve(sockets)
     except SystemExit:
         return False
     return server.started

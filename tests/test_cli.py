@@ -194,3 +194,35 @@ def test_check_config_and_serve_refuse_a_missing_secret_alike(tmp_path: Path) ->
     assert served.returncode == 2
     assert "auth.jwt.providers[0].secret_env" in served.stdout
     assert "Traceback" not in served.stdout + served.stderr
+
+
+def test_check_config_refuses_a_wildcard_origin_over_a_public_suffix(tmp_path: Path) -> None:
+    # https://*.com passed check-config and then echoed https://evil.com with credentials.
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[cors]\nallow_origins = ["https://*.com"]\nallow_credentials = true\n'
+        '[[routes]]\npath = "/*"\nauth = "public"\n'
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("authproxy: config error: cors.allow_origins: [0] 'https://*.com'")
+    assert "public suffix" in lines[0]
+
+
+def test_check_config_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[routes]]\npath = "/*"\nauth = "public"\n'
+        '[[routes]]\npath = "/admin/*"\nauth = ["api_key"]\n'
+    )
+    result = run("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "authproxy: config warning: routes[1]: never matches: "
+        "routes[0] (/*) matches every request it would",
+        "authproxy: config warning: routes[1].auth: 'api_key' is listed but no API key is "
+        "configured (auth.api_keys.keys, auth.api_keys.keys_file)",
+    ]
+    assert "config OK" in result.stdout and "2 warnings" in result.stdout

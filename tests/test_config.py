@@ -203,3 +203,243 @@ def test_api_key_expiry_accepts_toml_datetimes_and_rfc3339_strings(tmp_path: Pat
     )
     keys = config.load(path, environ={}).auth.api_keys.keys
     assert keys[0].expires == keys[1].expires
+
+
+# --- origins a wildcard cannot mean: the Public Suffix List ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://*.com",
+        "https://*.co.uk",
+        "https://*.github.io",  # the list's private section counts: anyone gets a github.io site
+        "http://*.com:8080",
+        "https://*.COM",
+        "https://*.рф",  # an IDN TLD, as written ...
+        "https://*.xn--p1ai",  # ... and as punycode
+        "https://*.unlisted-tld",  # the list's default rule: an unknown TLD is a public suffix
+        "https://*.amazonaws.com",  # not itself public, but s3.amazonaws.com below it is
+        "https://*.kawasaki.jp",  # covered by the wildcard rule *.kawasaki.jp
+        "https://*.0.1",  # would match 10.0.0.1, 127.0.0.1, ...
+    ],
+)
+def test_a_wildcard_origin_over_a_public_suffix_is_refused_naming_the_key(origin: str) -> None:
+    message = error_of({"cors": {"allow_origins": ["https://app.example.com", origin]}})
+    assert message.startswith(f"cors.allow_origins: [1] {origin!r}"), message
+    assert "\n" not in message
+
+
+def test_a_route_wildcard_over_a_public_suffix_names_the_routes_key() -> None:
+    message = error_of(
+        {
+            "routes": [
+                {"path": "/a/*", "auth": "public"},
+                {"path": "/b/*", "auth": "public", "cors": {"allow_origins": ["https://*.co.uk"]}},
+            ]
+        }
+    )
+    assert message.startswith("routes[1].cors.allow_origins: [0] 'https://*.co.uk'"), message
+
+
+def test_a_public_suffix_wildcard_from_the_environment_is_refused_too(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"^cors\.allow_origins: \[0\] 'https://\*\.com'"):
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_ORIGINS": '["https://*.com"]'})
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "https://*.example.com",
+        "https://*.example.co.uk",
+        "https://*.myname.github.io",
+        "https://*.bücher.example",
+        "https://*.corp.internal",
+        "http://*.localhost:5173",  # names under localhost are loopback (RFC 6761): nobody else's
+        "https://com",  # not a wildcard: exactly that origin
+    ],
+)
+def test_a_wildcard_under_a_registrable_domain_still_works(origin: str) -> None:
+    assert config.from_dict({"cors": {"allow_origins": [origin]}}).cors.allow_origins == (origin,)
+
+
+def test_the_public_suffix_list_is_bundled_and_never_fetched() -> None:
+    # The check must work offline, at start-up, with the list the package shipped.
+    import publicsuffixlist
+
+    assert Path(publicsuffixlist.PSLFILE).is_file()
+    assert "// ===BEGIN PRIVATE DOMAINS===" in Path(publicsuffixlist.PSLFILE).read_text("utf-8")
+
+
+# --- config that opens (or closes) more than it says -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"routes": [{"path": "/a", "auth": "public", "methods": ["GET", "GTE"]}]},
+            "routes[0].methods: unknown HTTP method 'GTE'",
+        ),
+        ({"cors": {"allow_methods": ["GET", "PSOT"]}}, "cors.allow_methods: unknown HTTP method"),
+        ({"cors": {"allow_credentials": "yes"}}, "cors.allow_credentials: expected true or false"),
+        ({"cors": {"allow_credentials": "true"}}, "cors.allow_credentials: expected true or false"),
+        ({"cors": {"allow_private_network": 1}}, "cors.allow_private_network: expected true or"),
+        ({"server": {"preserve_host": "on"}}, "server.preserve_host: expected true or false"),
+        (
+            {"routes": [{"path": "/a", "auth": ["jwt"], "auth_optional": "no"}]},
+            "routes[0].auth_optional: expected true or false",
+        ),
+        (
+            {"auth": {"api_keys": {"keys": [{"id": "a", "sha256": "a" * 64, "disabled": "yes"}]}}},
+            "auth.api_keys.keys[0].disabled: expected true or false",
+        ),
+        (
+            {"server": {"trusted_proxies": ["10.0.0.0/8", "10.1.2.3/16"]}},
+            "server.trusted_proxies: [1] '10.1.2.3/16' has host bits set "
+            "(did you mean '10.1.0.0/16'?)",
+        ),
+        (
+            {"server": {"trusted_proxies": ["fd00::1/64"]}},
+            "server.trusted_proxies: [0] 'fd00::1/64' has host bits set",
+        ),
+    ],
+)
+def test_config_that_cannot_mean_what_it_says_is_an_error(
+    data: dict[str, Any], expected: str
+) -> None:
+    message = error_of(data)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_a_string_boolean_from_the_environment_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    settings = config.load(path, environ={"AUTHPROXY__CORS__ALLOW_CREDENTIALS": "true"})
+    assert settings.cors.allow_credentials is True
+    with pytest.raises(ConfigError, match=r"^cors\.allow_credentials: expected true or false"):
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_CREDENTIALS": "yes"})
+
+
+def test_registered_methods_and_single_addresses_are_accepted() -> None:
+    settings = config.from_dict(
+        {
+            "server": {"trusted_proxies": ["10.0.0.0/8", "192.0.2.7", "fd00::/8"]},
+            "cors": {"allow_methods": ["get", "QUERY", "*"]},
+            "routes": [{"path": "/dav/*", "auth": "public", "methods": ["PROPFIND", "get"]}],
+        }
+    )
+    assert settings.routes[0].methods == ("PROPFIND", "GET")
+
+
+def warnings_of(data: dict[str, Any]) -> list[str]:
+    return config.warnings(config.from_dict(data))
+
+
+KEY = {"id": "bot", "sha256": "a" * 64}
+
+
+def test_the_repository_config_has_no_warnings() -> None:
+    settings = config.load(Path(__file__).parents[1] / "config.toml", environ={})
+    assert config.warnings(settings) == []
+
+
+def test_no_routes_at_all_is_a_warning() -> None:
+    assert warnings_of({}) == ["routes: none configured: every request gets 404"]
+
+
+def test_a_duplicate_route_is_a_warning_naming_both() -> None:
+    found = warnings_of(
+        {
+            "routes": [
+                {"path": "/api/*", "auth": "public"},
+                {"path": "/api/*", "auth": ["api_key"]},
+            ],
+            "auth": {"api_keys": {"keys": [KEY]}},
+        }
+    )
+    assert found == ["routes[1]: never matches: routes[0] (/api/*) matches every request it would"]
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later"),
+    [
+        ({"path": "*"}, {"path": "/api/x"}),
+        ({"path": "/*"}, {"path": "/api/*"}),
+        ({"path": "/api/*"}, {"path": "/api/models"}),
+        ({"path": "/api/*"}, {"path": "/api/"}),
+        ({"path": "/x"}, {"path": "/x", "methods": ["POST"]}),
+        ({"path": "/x", "methods": ["GET", "POST"]}, {"path": "/x", "methods": ["POST"]}),
+        # GET matches HEAD too
+        ({"path": "/x", "methods": ["GET"]}, {"path": "/x", "methods": ["HEAD"]}),
+    ],
+)
+def test_a_route_shadowed_by_an_earlier_one_is_a_warning(
+    earlier: dict[str, Any], later: dict[str, Any]
+) -> None:
+    found = warnings_of({"routes": [{**earlier, "auth": "public"}, {**later, "auth": "public"}]})
+    assert len(found) == 1 and found[0].startswith("routes[1]: never matches: routes[0]"), found
+
+
+@pytest.mark.parametrize(
+    ("earlier", "later"),
+    [
+        ({"path": "/api/*"}, {"path": "/api"}),
+        ({"path": "/api/x"}, {"path": "/api/*"}),
+        ({"path": "/x", "methods": ["POST"]}, {"path": "/x"}),
+        ({"path": "/x", "methods": ["POST"]}, {"path": "/x", "methods": ["GET"]}),
+        ({"path": "/api/*", "methods": ["GET"]}, {"path": "/api/x", "methods": ["GET", "PUT"]}),
+    ],
+)
+def test_a_route_that_can_still_match_is_no_warning(
+    earlier: dict[str, Any], later: dict[str, Any]
+) -> None:
+    routes = [{**earlier, "auth": "public"}, {**later, "auth": "public"}]
+    assert warnings_of({"routes": routes}) == []
+
+
+def test_api_key_auth_without_any_key_is_a_warning() -> None:
+    routes = [{"path": "/api/*", "auth": ["jwt", "api_key"]}]
+    providers = [{**PROVIDER}]
+    found = warnings_of({"routes": routes, "auth": {"jwt": {"providers": providers}}})
+    assert found == [
+        "routes[0].auth: 'api_key' is listed but no API key is configured "
+        "(auth.api_keys.keys, auth.api_keys.keys_file)"
+    ]
+    with_keys = {"routes": routes, "auth": {"jwt": {"providers": providers}, "api_keys": {}}}
+    with_keys["auth"]["api_keys"] = {"keys": [KEY]}
+    assert warnings_of(with_keys) == []
+    with_keys["auth"]["api_keys"] = {"keys_file": "keys.toml"}
+    assert warnings_of(with_keys) == []
+
+
+def test_the_shadowing_warning_agrees_with_the_route_table() -> None:
+    # warnings() judges routes without the routing module (config sits below it): every pair of
+    # small routes, against every request that could tell them apart.
+    import itertools
+
+    from proxy.routing import RouteTable
+
+    paths = ["*", "/*", "/a", "/a/", "/a/*", "/a/b", "/a/b/*", "/b/*"]
+    method_sets = [[], ["GET"], ["HEAD"], ["POST"], ["GET", "POST"], ["HEAD", "POST"]]
+    requests = [
+        (path, method)
+        for path in ["/", "/a", "/a/", "/a/b", "/a/b/", "/a/b/c", "/b/", "/b/x", "/c"]
+        for method in ["GET", "HEAD", "POST", "PUT"]
+    ]
+    routes = [
+        config.RouteSettings(path=p, methods=tuple(m), auth=("public",))
+        for p, m in itertools.product(paths, method_sets)
+    ]
+    for earlier, later in itertools.product(routes, routes):
+        settings = config.Settings(routes=(earlier, later))
+        table = RouteTable(settings.routes)
+        reachable = any(
+            (hit := table.match(path, method)) is not None and hit.index == 1
+            for path, method in requests
+        )
+        shadowed = any(w.startswith("routes[1]: never matches") for w in config.warnings(settings))
+        assert shadowed is not reachable, (earlier, later)

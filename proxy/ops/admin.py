@@ -4,17 +4,28 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..types import Receive, Scope, Send
-from .metrics import Metrics
+
+
+class Exposition(Protocol):
+    """What /metrics serves: one process's metrics, or a whole group's."""
+
+    def render(self) -> bytes: ...
 
 
 class AdminApp:
     """Liveness, readiness and Prometheus metrics."""
 
-    def __init__(self, metrics: Metrics, readiness: Callable[[], dict[str, bool]]) -> None:
+    def __init__(self, metrics: Exposition, readiness: Callable[[], dict[str, bool]]) -> None:
         self._metrics = metrics
         self._readiness = readiness
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether /readyz answers 200, and what its body details: here, this process's checks."""
+        checks = self._readiness()
+        return all(checks.values()), {"checks": checks}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -23,9 +34,8 @@ class AdminApp:
         if path == "/healthz":
             await _reply(send, 200, b"application/json", b'{"status":"ok"}')
         elif path == "/readyz":
-            checks = self._readiness()
-            ready = all(checks.values())
-            body = json.dumps({"status": "ready" if ready else "not_ready", "checks": checks})
+            ready, details = await self.readiness()
+            body = json.dumps({"status": "ready" if ready else "not_ready", **details})
             await _reply(send, 200 if ready else 503, b"application/json", body.encode())
         elif path == "/metrics":
             await _reply(
