@@ -25,6 +25,7 @@ from .limits import bounded_head_protocol
 from .ops import logs
 from .types import ASGIApp
 from .workers import WorkerRole, reuseport_socket, serve_readiness
+from .wsprotocol import LeanWebSocketProtocol
 
 
 class QuietServer(uvicorn.Server):
@@ -81,7 +82,7 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
         host=host,
         port=port,
         lifespan="on",
-        ws="websockets-sansio",
+        ws=LeanWebSocketProtocol,
         ws_max_size=ws.max_message_bytes,
         ws_per_message_deflate=ws.client_compression,
         ws_ping_interval=ws.ping_interval_s or None,

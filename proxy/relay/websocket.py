@@ -142,6 +142,9 @@ SERVER_STOPPED = Outcome(
     False,
     True,
 )
+UPSTREAM_PING_TIMEOUT = Outcome.by_proxy(
+    "upstream_ping_timeout", CLOSE_INTERNAL_ERROR, "upstream keepalive ping timeout"
+)
 CLIENT_GONE = Outcome.by_client(
     "client_gone", CLOSE_ABNORMAL, "", CLOSE_GOING_AWAY, "client went away"
 )
@@ -269,15 +272,20 @@ class Session:
     messages_out: int = 0  # upstream -> client
     bytes_out: int = 0
     outcome: Outcome | None = None
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    # The task relaying upstream -> client while the relay runs; ending the session stops it.
+    relay: asyncio.Task[Any] | None = None
     timers: list[asyncio.TimerHandle] = field(default_factory=list)
     idle_timer: asyncio.TimerHandle | None = None
+    wheel_slot: int | None = None  # where the keepalive wheel holds it
+    ping_task: asyncio.Future[None] | None = None  # only while a ping waits for its pong
 
     def end(self, outcome: Outcome) -> None:
         """Decide how the session ends; the first decision wins."""
         if self.outcome is None:
             self.outcome = outcome
-            self.ended.set()
+            relay = self.relay
+            if relay is not None and relay is not asyncio.current_task():
+                relay.cancel()
 
 
 IdentityKey = tuple[str, str | None, str]
@@ -304,8 +312,10 @@ class Tunnel:
             compression="deflate" if ws.upstream_compression else None,
             open_timeout=settings.upstream.connect_timeout_s,
             close_timeout=CLOSE_TIMEOUT_S,
-            ping_interval=ws.ping_interval_s or None,
-            ping_timeout=ws.ping_interval_s or None,
+            # Pings on this hop come from the session's timer (`_ping`), not from a keepalive
+            # task per connection that websockets would keep asleep for the session's life.
+            ping_interval=None,
+            ping_timeout=None,
             max_size=ws.max_message_bytes,
             max_queue=ws.queue_messages,
             user_agent_header=None,  # the client's User-Agent travels with its headers, if any
@@ -329,6 +339,12 @@ class Tunnel:
         self._drained = False
         self._unsubscribe: Callable[[], None] | None = None
         self._revoked_at: dict[str, float] = {}  # key id -> perf_counter() of its revocation
+        interval = ws.ping_interval_s
+        slots = max(1, round(interval)) if interval else 0
+        self._wheel: list[set[Session]] = [set() for _ in range(slots)]
+        self._wheel_tick_s = interval / slots if slots else 0.0
+        self._wheel_at = 0
+        self._wheel_timer: asyncio.TimerHandle | None = None
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -355,6 +371,9 @@ class Tunnel:
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._wheel_timer is not None:
+            self._wheel_timer.cancel()
+            self._wheel_timer = None
 
     def begin_drain(self) -> None:
         """SIGTERM: refuse nothing here (the pipeline does), close sessions with 1001 after
@@ -463,6 +482,8 @@ class Tunnel:
         try:
             try:
                 upstream = await self._connect(raw_path, credentials, upstream_headers)
+                # Consumed: the caller's frame would keep every header alive for hours.
+                upstream_headers.clear()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -557,6 +578,9 @@ class Tunnel:
         except BaseException:
             upstream.transport.abort()  # cancelled (shutdown) before the session existed
             raise
+        # The request we sent is never read again: let its headers go. (Not `response`: websockets
+        # takes the first event after a None response for the handshake's answer.)
+        upstream.request = None
         loop = asyncio.get_running_loop()
         s = Session(identity, upstream, send, loop.time())
         self._register(s, started)
@@ -575,6 +599,7 @@ class Tunnel:
 
     def _register(self, s: Session, started: float) -> None:
         self._sessions.add(s)
+        self._wheel_add(s)
         self._all_closed.clear()
         key_id = _revocable_key(s.identity)
         if key_id is not None:
@@ -590,6 +615,7 @@ class Tunnel:
             timer.cancel()
         if s.idle_timer is not None:
             s.idle_timer.cancel()
+        self._wheel_remove(s)
         self._sessions.discard(s)
         key_id = _revocable_key(s.identity)
         if key_id is not None:
@@ -619,6 +645,51 @@ class Tunnel:
         if ws.idle_timeout_s:
             s.idle_timer = loop.call_later(ws.idle_timeout_s, self._idle_check, s, loop)
 
+    # --- upstream keepalive -------------------------------------------------------------------
+    # One wheel for every session instead of a keepalive task (websockets') or a timer each: a
+    # slot a second, a session in the slot of the second it began, each slot pinged once a round
+    # of `ping_interval_s`. Idle feeds cost a set entry here, not a kilobyte of task.
+
+    def _wheel_add(self, s: Session) -> None:
+        if self._wheel:
+            s.wheel_slot = self._wheel_at
+            self._wheel[self._wheel_at].add(s)
+            if self._wheel_timer is None:
+                self._wheel_timer = asyncio.get_running_loop().call_later(
+                    self._wheel_tick_s, self._wheel_turn
+                )
+
+    def _wheel_remove(self, s: Session) -> None:
+        if s.wheel_slot is not None:
+            self._wheel[s.wheel_slot].discard(s)
+            s.wheel_slot = None
+        if s.ping_task is not None:
+            s.ping_task.cancel()
+
+    def _wheel_turn(self) -> None:
+        self._wheel_timer = None
+        self._wheel_at = (self._wheel_at + 1) % len(self._wheel)
+        for s in self._wheel[self._wheel_at]:
+            if s.outcome is None and s.ping_task is None:
+                s.ping_task = asyncio.ensure_future(self._ping(s))
+        if self._sessions:
+            self._wheel_timer = asyncio.get_running_loop().call_later(
+                self._wheel_tick_s, self._wheel_turn
+            )
+
+    async def _ping(self, s: Session) -> None:
+        """No pong within `ping_interval_s` ends the session with 1011 both ways (what websockets'
+        own keepalive would do)."""
+        try:
+            pong = await s.upstream.ping()
+            await asyncio.wait_for(pong, self._ws.ping_interval_s)
+        except TimeoutError:
+            s.end(UPSTREAM_PING_TIMEOUT)
+        except ConnectionClosed:
+            pass  # the relay sees it too and decides
+        finally:
+            s.ping_task = None
+
     def _idle_check(self, s: Session, loop: asyncio.AbstractEventLoop) -> None:
         # Messages only touch `last_activity`; the timer re-arms itself for the remainder.
         remaining = s.last_activity + self._ws.idle_timeout_s - loop.time()
@@ -629,14 +700,27 @@ class Tunnel:
             s.idle_timer = loop.call_later(remaining, self._idle_check, s, loop)
 
     async def _relay(self, s: Session, receive: Receive) -> None:
+        """Client -> upstream in a task of its own, upstream -> client in this one.
+
+        One task fewer per session than a task each way plus a waiter: idle sessions are what a
+        model-event feed mostly is, and each task is a kilobyte. Whatever ends the session (either
+        direction, a timer, a revocation) cancels this task through `Session.end`; that one
+        cancellation is taken back here, any other (shutdown) goes on.
+        """
+        if s.outcome is not None:
+            return  # ended before it began (revoked or draining at registration)
+        task = asyncio.current_task()
         up = asyncio.create_task(self._client_to_upstream(s, receive))
-        down = asyncio.create_task(self._upstream_to_client(s))
+        s.relay = task
         try:
-            await s.ended.wait()
+            await self._upstream_to_client(s)
+        except asyncio.CancelledError:
+            if task is None or s.outcome is None or task.uncancel() > 0:
+                raise
         finally:
+            s.relay = None
             up.cancel()
-            down.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
+            await asyncio.gather(up, return_exceptions=True)
 
     async def _client_to_upstream(self, s: Session, receive: Receive) -> None:
         upstream = s.upstream

@@ -4,6 +4,8 @@ what each side receives, and how each side is closed."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import json
 import resource
@@ -602,12 +604,13 @@ async def test_a_thousand_concurrent_sessions_are_held_open(stack: Stack) -> Non
     if soft < 4096:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(8192, hard), hard))
     n = 1000
-    headers = bearer("crowd")
+    # Twenty callers of fifty sessions each: one caller alone stops at the per-identity cap.
+    headers = [bearer(f"crowd-{i}") for i in range(20)]
     gate = asyncio.Semaphore(100)
 
     async def one(i: int) -> ClientConnection:
         async with gate:
-            ws = await open_ws(sidecar, headers=headers)
+            ws = await open_ws(sidecar, headers=headers[i % len(headers)])
             await ws.send(f"hello {i}")
             assert await ws.recv() == f"hello {i}"
             return ws
@@ -625,3 +628,63 @@ async def test_a_thousand_concurrent_sessions_are_held_open(stack: Stack) -> Non
             assert await ws.recv() == "still here"
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+# --- upstream keepalive --------------------------------------------------------------------------
+
+
+async def test_an_idle_session_to_a_live_upstream_survives_many_ping_rounds(
+    own_stack: Callable[..., Stack],
+) -> None:
+    sidecar, _ = own_stack("ping_interval_s = 0.3")
+    async with open_ws(sidecar, headers=bearer()) as ws:
+        await asyncio.sleep(1.5)  # five rounds of the keepalive wheel, every one answered
+        await ws.send("still here")
+        assert await ws.recv() == "still here"
+    await wait_for(lambda: bool(ws_log_lines(sidecar)))
+    assert ws_log_lines(sidecar)[-1]["end"] == "client_closed"
+
+
+async def test_an_upstream_that_stops_answering_pings_ends_the_session_with_1011(
+    tmp_path: Path,
+) -> None:
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A complete handshake, then silence: the process is alive, the application is not.
+        head = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = CONFIG.replace("KEYS_FILE", str(tmp_path / "none.toml")).format(
+        websocket_extra="ping_interval_s = 0.4"
+    )
+    (tmp_path / "none.toml").write_text("")
+    sidecar = start_sidecar(tmp_path, port, body, env={"TUNNEL_TEST_SECRET": SECRET})
+    try:
+        async with open_ws(sidecar, headers=bearer()) as ws:
+            started = time.monotonic()
+            code, reason = await close_of(ws, timeout=10)
+            assert code == 1011 and "ping" in reason
+            assert time.monotonic() - started < 5
+        await wait_for(lambda: bool(ws_log_lines(sidecar)))
+        assert ws_log_lines(sidecar)[-1]["end"] == "upstream_ping_timeout"
+    finally:
+        sidecar.stop()
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,91 @@
+"""Contracts with the libraries whose internals authproxy leans on: each fails loudly, naming what
+changed, when an upgrade moves something we rely on (the versions are pinned in constraints.txt)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import inspect
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+from websockets.asyncio.client import ClientConnection
+
+from proxy.wsprotocol import LeanWebSocketProtocol
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def test_uvicorn_sansio_websocket_protocol_keeps_what_the_lean_protocol_clears() -> None:
+    # LeanWebSocketProtocol drops `request`/`response` once `handshake_complete` is set by the
+    # accept in `send`: those names must still be uvicorn's.
+    source = inspect.getsource(WebSocketsSansIOProtocol)
+    for name in ("self.request = event", "self.response = self.conn.accept(event)"):
+        assert name in source, f"uvicorn no longer has {name!r}"
+    assert "self.handshake_complete = True" in inspect.getsource(WebSocketsSansIOProtocol.send)
+
+
+async def test_the_lean_protocol_lets_the_handshake_go_after_accepting() -> None:
+    accepted = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        accepted.set()
+        await receive()
+
+    config = uvicorn.Config(app, ws=LeanWebSocketProtocol, lifespan="off")
+    config.load()
+    protocol = LeanWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    key = base64.b64encode(b"0123456789abcdef")
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await asyncio.wait_for(accepted.wait(), 5)
+    expected = base64.b64encode(
+        hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
+    )
+    assert transport.written.startswith(b"HTTP/1.1 101")
+    assert expected in transport.written
+    assert protocol.request is None and protocol.response is None
+    protocol.connection_lost(None)
+    for task in list(protocol.tasks):
+        await asyncio.wait_for(task, 5)
+
+
+def test_websockets_client_takes_the_first_event_after_a_none_response_as_the_handshake() -> None:
+    # The tunnel clears `request` on its upstream connection but never `response`, because of
+    # this: if websockets stops doing it, clearing `response` too would be safe (and cheaper).
+    source = inspect.getsource(ClientConnection.process_event)
+    assert "if self.response is None" in source
+    assert "self.request" in inspect.getsource(ClientConnection.handshake)
