@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES := chromium
-BENCH_APT_PACKAGES := nginx wrk
+# The bench's contenders and clients: nginx and Caddy (Debian's own builds), wrk, curl.
+BENCH_APT_PACKAGES := nginx wrk caddy curl
+BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install system-deps bench-deps run test lint typecheck unit bench clean
 
@@ -26,7 +28,9 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-bench-deps:
+# What `make bench` needs beyond `make install`: the packages above, and the `bench` extra
+# (fastapi-proxy-lib, granian, py-spy) in the venv.
+bench-deps: $(BENCH_STAMP)
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
@@ -46,8 +50,13 @@ typecheck: install
 test: system-deps install lint typecheck
 	$(VENV)/bin/pytest
 
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# BENCH_ARGS=--quick: one short round of every figure (a smoke test of the harness).
 bench: install bench-deps
-	$(PY) -m bench.run
+	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

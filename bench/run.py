@@ -1,268 +1,479 @@
-"""Runs every benchmark in one go and rewrites BENCHMARKS.md.
+"""Runs every figure with every contender in one go and rewrites BENCHMARKS.md.
 
-Throughput figures are taken in one run and reported as ratios to the upstream served directly,
-because these machines are shared and noisy: sidecar vs. upstream direct vs. nginx in front of the
-same upstream. Load goes to loopback only, bounded in time.
+    python -m bench.run            # the full run (`make bench`), about five minutes
+    python -m bench.run --quick    # one short round of everything: a smoke test of the harness
+
+Contenders: the upstream served directly, the sidecar (public, JWT and API-key routes; one worker
+and, when the sidecar knows `server.workers`, two), nginx, Caddy, nginx `auth_request` to a Python
+JWT service, fastapi-proxy-lib, and the sidecar's app under granian. Figures (one module each):
+`http_load` (wrk, 32 and 1 connections, CPU per request), `ws_echo`, `ws_idle`, `bulk`; `report`
+writes the file. The machine is shared and noisy, so every round runs every scenario of every
+figure in turn and each figure is the median of the rounds. Load goes to loopback only, bounded in
+time. A contender that cannot start, or answers wrongly, is left out with a note in the report;
+the rest still run.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import os
-import platform
-import re
+import asyncio
+import json
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
-import jwt
+import httpx
 
-from tests.support.servers import ROOT, free_port, spawn, start_sidecar, start_upstream
+from tests.support.servers import ROOT
 
-HS_SECRET = "bench-secret-bench-secret-bench-secret!"
-API_KEY = "ak_bench_key"
-# The product's default log batching (the test harness turns it off to read logs at once).
-SIDECAR_ENV = {"BENCH_HS_SECRET": HS_SECRET, "AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0.1"}
+from . import bulk, contenders, hotspots, http_load, report, tokens, ws_echo, ws_idle
+from .contenders import Server
+from .http_load import Target
+from .report import DIRECT, FPL, JWT_W1, NGINX, NGINX_AUTH, SIDECAR_W1, Results
 
+T = TypeVar("T")
 
-@dataclass
-class Figure:
-    name: str
-    rps: float
-    p50_ms: float
-    p99_ms: float
-    command: str
-
-
-def wrk(url: str, seconds: int, connections: int, headers: dict[str, str]) -> tuple[Figure, str]:
-    args = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    for k, v in headers.items():
-        args += ["-H", f"{k}: {v}"]
-    args.append(url)
-    out = subprocess.run(args, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-    def pct(p: str) -> float:
-        m = re.search(rf"^\s+{p}%\s+([\d.]+)(us|ms|s)", out, re.M)
-        if not m:
-            return float("nan")
-        value, unit = float(m.group(1)), m.group(2)
-        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
-
-    shown = " ".join(a if " " not in a else repr(a) for a in args)
-    shown = shown.replace(headers.get("Authorization", "\0"), "Bearer <token>")
-    return Figure("", rps, pct("50"), pct("99"), shown), out
+QUICK = {
+    "rounds": 1,
+    "seconds": 1,
+    "latency_seconds": 1,
+    "ws_seconds": 1.0,
+    "idle_sockets": 100,
+    "bulk_mib": 10,
+    "profile_seconds": 1,
+}
 
 
-def nginx(tmp: Path, upstream_port: int) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        textwrap.dedent(f"""
-        worker_processes 1;
-        error_log {tmp}/nginx-error.log;
-        pid {tmp}/nginx.pid;
-        events {{ worker_connections 1024; }}
-        http {{
-            access_log off;
-            upstream backend {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
-            server {{
-                listen 127.0.0.1:{port};
-                location / {{
-                    proxy_pass http://backend;
-                    proxy_http_version 1.1;
-                    proxy_set_header Connection "";
-                    proxy_set_header X-Forwarded-For $remote_addr;
-                }}
-            }}
-        }}
-        """)
-    )
-    proc = subprocess.Popen(
-        ["nginx", "-c", str(conf), "-p", str(tmp), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return proc, port
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=int, default=4, help="per scenario and round")
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (a smoke test)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3, help="wrk run at --connections")
+    parser.add_argument("--latency-seconds", type=int, default=2, help="wrk run at 1 connection")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--ws-seconds", type=float, default=3.0)
+    parser.add_argument("--ws-connections", type=int, default=8)
+    parser.add_argument("--idle-sockets", type=int, default=1000)
+    parser.add_argument("--bulk-mib", type=int, default=100)
+    parser.add_argument("--profile-seconds", type=int, default=3)
+    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument("--skip-verify", action="store_true", help="skip bench.verify")
+    parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
-    args = parser.parse_args()
-    for tool in ("wrk", "nginx"):
-        if not shutil.which(tool):
-            print(f"bench: {tool} is missing (make bench installs it)", file=sys.stderr)
-            return 2
-    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
-    upstream = start_upstream("bench.upstream:app", tmp, extra_args=["--http", "httptools"])
+    if parser.parse_args(argv).quick:
+        # Short defaults; a flag given explicitly still wins.
+        parser.set_defaults(**QUICK, skip_verify=True)
+    return parser.parse_args(argv)
 
-    body = f"""
-        [[auth.jwt.providers]]
-        name = "bench"
-        issuer = "https://idp.bench"
-        audiences = ["bench"]
-        secret_env = "BENCH_HS_SECRET"
-        algorithms = ["HS256"]
-        [auth.api_keys]
-        [[auth.api_keys.keys]]
-        id = "bench"
-        sha256 = "{hashlib.sha256(API_KEY.encode()).hexdigest()}"
-        [[routes]]
-        path = "/public/*"
-        auth = "public"
-        [[routes]]
-        path = "/jwt/*"
-        auth = ["jwt"]
-        [[routes]]
-        path = "/key/*"
-        auth = ["api_key"]
-        """
-    sidecar = start_sidecar(
-        tmp,
-        upstream.port,
-        body,
-        env=SIDECAR_ENV,
-        upstream="max_connections = 64",
-    )
-    sidecar_quiet = start_sidecar(
-        tmp,
-        upstream.port,
-        body + "\n[logging]\naccess_log = false\n",
-        env=SIDECAR_ENV,
-    )
-    nginx_proc, nginx_port = nginx(tmp, upstream.port)
-    minimal_port = free_port()
-    minimal = spawn(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.minimal_proxy:app",
-            "--port",
-            str(minimal_port),
-            "--http",
-            "httptools",
-            "--loop",
-            "uvloop",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        tmp / "minimal.log",
-        minimal_port,
-        env={"MINIMAL_PROXY_UPSTREAM": f"http://127.0.0.1:{upstream.port}"},
-    )
-    token = jwt.encode(
-        {
-            "sub": "bench",
-            "iss": "https://idp.bench",
-            "aud": "bench",
-            "exp": int(time.time()) + 3600,
-            "scope": "models:read",
-        },
-        HS_SECRET,
-        algorithm="HS256",
-    )
-    figures: list[Figure] = []
-    scenarios = [
-        ("upstream direct", f"http://127.0.0.1:{upstream.port}/public/x", {}),
-        ("nginx -> upstream", f"http://127.0.0.1:{nginx_port}/public/x", {}),
-        (
-            "bare aiohttp ASGI proxy (bench/minimal_proxy.py, no policy)",
-            f"http://127.0.0.1:{minimal_port}/public/x",
-            {},
-        ),
-        ("sidecar, public route", f"{sidecar.url}/public/x", {}),
-        (
-            "sidecar, JWT route (HS256, cached verification)",
-            f"{sidecar.url}/jwt/x",
-            {"Authorization": f"Bearer {token}"},
-        ),
-        ("sidecar, API key route", f"{sidecar.url}/key/x", {"X-API-Key": API_KEY}),
-        ("sidecar, public route, access log off", f"{sidecar_quiet.url}/public/x", {}),
-    ]
+
+class Run:
+    """One bench run: its directory, credentials, running contenders and what they measured."""
+
+    def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.creds = tokens.make(tmp)
+        self.servers: list[Server] = []
+        self.results = Results()
+        self._failed: set[tuple[str, str]] = set()
+
+    def note(self, text: str) -> None:
+        print(f"bench: {text}", flush=True)
+        self.results.notes.append(text)
+
+    def start(self, name: str, starter: Callable[[], T]) -> T | None:
+        try:
+            return starter()
+        except Exception as exc:
+            self.note(f"{name}: could not start ({_last_line(exc)})")
+            return None
+
+    def measure(self, figure: str, label: str, job: Callable[[], T]) -> T | None:
+        """One job of a round; a failure is noted once per contender and the run goes on."""
+        try:
+            return job()
+        except Exception as exc:
+            if (figure, label) not in self._failed:
+                self._failed.add((figure, label))
+                self.note(f"{figure}, {label}: a round failed ({_last_line(exc)})")
+            return None
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            try:
+                server.stop()
+            except Exception as exc:
+                print(f"bench: stopping {server.name}: {exc}", file=sys.stderr)
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def _http_ok(target: Target) -> str:
+    """'' when the scenario answers 200, else what it answered."""
     try:
-        time.sleep(0.5)
-        for _, url, headers in scenarios:
-            wrk(url, 1, args.connections, headers)  # warm-up: pools, caches
-        # Round-robin rounds, median per scenario: the machine's noise drifts over a run, and
-        # taking the scenarios one after another would fold that drift into the ratios.
-        runs: dict[str, list[Figure]] = {name: [] for name, _, _ in scenarios}
-        for _ in range(args.rounds):
-            for name, url, headers in scenarios:
-                figure, _raw = wrk(url, args.seconds, args.connections, headers)
-                figure.name = name
-                runs[name].append(figure)
-        for name, _, _ in scenarios:
-            ordered = sorted(runs[name], key=lambda f: f.rps)
-            figure = ordered[len(ordered) // 2]
-            figures.append(figure)
+        response = httpx.get(target.url, headers=target.headers, timeout=10)
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if response.status_code != 200:
+        return f"answered {response.status_code}: {response.text[:160]!r}"
+    return ""
+
+
+def start_contenders(run: Run) -> dict[str, Server]:
+    """Every contender that starts, by label; what does not is noted."""
+    tmp, creds = run.tmp, run.creds
+    started: dict[str, Server] = {}
+    up = contenders.upstream(tmp)  # without it nothing can be measured: let it raise
+    run.servers.append(up)
+    started[DIRECT] = up
+
+    why_not = contenders.sidecar_accepts_workers(tmp, up.port, creds)
+    if why_not:
+        run.note(
+            "sidecar w2: skipped, `python -m proxy check-config` refuses `server.workers = 2` "
+            f"({why_not})"
+        )
+    workers_known = not why_not
+
+    def add(label: str, starter: Callable[[], Server]) -> None:
+        server = run.start(label, starter)
+        if server is not None:
+            run.servers.append(server)
+            started[label] = server
+
+    add(SIDECAR_W1, lambda: contenders.sidecar(tmp, up.port, creds, 1 if workers_known else None))
+    if workers_known:
+        add("sidecar w2", lambda: contenders.sidecar(tmp, up.port, creds, 2))
+    add("granian", lambda: contenders.granian_sidecar(tmp, up.port, creds))
+    if shutil.which("nginx"):
+        pair = run.start("nginx", lambda: contenders.nginx_auth_request(tmp, up.port, creds))
+        if pair is not None:
+            run.servers += pair
+            started[NGINX], started[NGINX_AUTH] = pair
+    else:
+        run.note("nginx: not installed (make bench-deps installs it)")
+    if shutil.which("caddy"):
+        add("Caddy", lambda: contenders.caddy(tmp, up.port))
+    else:
+        run.note("Caddy: not installed (make bench-deps installs it)")
+    add(FPL, lambda: contenders.fastapi_proxy_lib(tmp, up.port))
+    for server in started.values():
+        count = len(server.processes())
+        run.results.details.append(
+            f"{server.name}: {server.detail} ({count} process{'es' if count > 1 else ''})"
+        )
+    return started
+
+
+def http_targets(run: Run, s: dict[str, Server]) -> tuple[list[Target], list[Target]]:
+    """The scenarios at --connections, and the subset measured at one connection."""
+    rs = {"Authorization": f"Bearer {run.creds.rs_token}"}
+    hs = {"Authorization": f"Bearer {run.creds.hs_token}"}
+    key = {"X-API-Key": run.creds.api_key}
+    wanted: list[tuple[str, str, str, dict[str, str], bool]] = [
+        # (label, contender, path, headers, also at one connection)
+        (DIRECT, DIRECT, "/public/x", {}, True),
+        (NGINX, NGINX, "/public/x", {}, True),
+        ("Caddy", "Caddy", "/public/x", {}, True),
+        (NGINX_AUTH + ", JWT (RS256)", NGINX_AUTH, "/jwt/x", rs, True),
+        (FPL, FPL, "/public/x", {}, True),
+        ("sidecar w1, public route", SIDECAR_W1, "/public/x", {}, True),
+        (JWT_W1, SIDECAR_W1, "/jwt/x", rs, True),
+        ("sidecar w1, JWT route (HS256, cached)", SIDECAR_W1, "/jwt/x", hs, False),
+        ("sidecar w1, API-key route", SIDECAR_W1, "/key/x", key, True),
+        ("sidecar w2, public route", "sidecar w2", "/public/x", {}, False),
+        ("sidecar w2, JWT route (RS256, cached)", "sidecar w2", "/jwt/x", rs, False),
+        ("sidecar w2, API-key route", "sidecar w2", "/key/x", key, False),
+        ("granian + sidecar app, JWT route (RS256, cached)", "granian", "/jwt/x", rs, True),
+    ]
+    many: list[Target] = []
+    one: list[Target] = []
+    for label, name, path, headers, at_one in wanted:
+        if name not in s:
+            continue
+        # The report judges targets by the plain labels; the auth_request row keeps its name.
+        label = NGINX_AUTH if name == NGINX_AUTH else label
+        target = Target(label, s[name], path, headers, "direct" if name == DIRECT else "proxy")
+        problem = _http_ok(target)
+        if problem:
+            run.note(f"{label}: left out of the HTTP figures, GET {path} {problem}")
+            continue
+        many.append(target)
+        if at_one:
+            one.append(target)
+    return many, one
+
+
+def ws_targets(run: Run, s: dict[str, Server]) -> list[tuple[str, Server, str, dict[str, str]]]:
+    rs = {"Authorization": f"Bearer {run.creds.rs_token}"}
+    wanted = [
+        (DIRECT, DIRECT, {}),
+        (SIDECAR_W1, SIDECAR_W1, rs),
+        (NGINX, NGINX, {}),
+        ("Caddy", "Caddy", {}),
+    ]
+    found = []
+    for label, name, headers in wanted:
+        if name not in s:
+            continue
+        url = s[name].ws_url + "/ws"
+        try:
+            asyncio.run(ws_echo.measure(url, headers, 1, 0.1))
+        except Exception as exc:
+            run.note(f"{label}: left out of the WebSocket figures ({_last_line(exc)})")
+            continue
+        found.append((label, s[name], url, headers))
+    return found
+
+
+def bulk_targets(run: Run, s: dict[str, Server]) -> list[tuple[str, str]]:
+    probe = bulk.make_file(run.tmp / "probe.bin", 4096)
+    found = []
+    for label in (DIRECT, SIDECAR_W1, NGINX, "Caddy"):
+        if label not in s:
+            continue
+        url = s[label].url + "/public/bulk"
+        try:
+            bulk.download(url, 4096)
+            bulk.upload(url, probe)
+        except Exception as exc:
+            run.note(f"{label}: left out of the bulk figures ({_last_line(exc)})")
+            continue
+        found.append((label, url))
+    return found
+
+
+def ws_echo_rate(url: str, headers: dict[str, str], args: argparse.Namespace) -> float:
+    out = subprocess.run(
+        ws_echo_command(url, headers, args),
+        capture_output=True,
+        text=True,
+        timeout=args.ws_seconds + 60,
+        cwd=ROOT,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip() or f"exited {out.returncode}")
+    return float(json.loads(out.stdout)["rate"])
+
+
+def ws_echo_command(url: str, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
+    command = [sys.executable, "-m", "bench.ws_echo", url]
+    command += ["--connections", str(args.ws_connections), "--seconds", str(args.ws_seconds)]
+    for name, value in headers.items():
+        command += ["-H", f"{name}: {value}"]
+    return command
+
+
+def shown(command: list[str], secrets: dict[str, str]) -> str:
+    text = shlex.join(["python" if c == sys.executable else c for c in command])
+    for secret, name in secrets.items():
+        text = text.replace(secret, name)
+    return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this run measures: the scenarios that answered correctly at start."""
+
+    many: list[Target]  # HTTP at --connections
+    one: list[Target]  # HTTP at one connection
+    ws: list[tuple[str, Server, str, dict[str, str]]]  # label, server, URL, headers
+    transfers: list[tuple[str, str]]  # label, URL
+    upload_file: Path
+    secrets: dict[str, str]  # credential -> how commands show it
+
+
+def plan(run: Run) -> Plan:
+    s = start_contenders(run)
+    many, one = http_targets(run, s)
+    upload = bulk.make_file(run.tmp / "upload.bin", run.args.bulk_mib * 1024 * 1024)
+    return Plan(
+        many,
+        one,
+        ws_targets(run, s),
+        bulk_targets(run, s),
+        upload,
+        {
+            run.creds.rs_token: "<RS256 token>",
+            run.creds.hs_token: "<HS256 token>",
+            run.creds.api_key: "<API key>",
+            str(upload): f"<a {run.args.bulk_mib} MiB file>",
+        },
+    )
+
+
+def idle_memory(run: Run, p: Plan) -> None:
+    for label, server, url, headers in p.ws:
+        if label == DIRECT:
+            continue
+        job = partial(ws_idle.measure, server, url, headers, run.args.idle_sockets)
+        idle = run.measure("idle WebSockets", label, job)
+        if idle is not None:
+            run.results.idle[label] = idle
+            print(f"idle WS  {label:55s} {idle.kb_per_socket:8.1f} KB/socket", flush=True)
+
+
+def one_round(run: Run, p: Plan) -> None:
+    """Every scenario of every rate figure once, in a fixed order."""
+    args, results = run.args, run.results
+    for target in p.many:
+        job = partial(http_load.run, target, args.seconds, args.connections)
+        sample = run.measure("HTTP", target.name, job)
+        if sample is not None:
+            results.http32.setdefault(target.name, (target, []))[1].append(sample)
             print(
-                f"{name:62s} {figure.rps:10.0f} req/s  p50 {figure.p50_ms:.2f} ms  "
-                f"p99 {figure.p99_ms:.2f} ms  (rounds: "
-                + ", ".join(f"{f.rps:.0f}" for f in runs[name])
-                + ")",
+                f"c{args.connections:<3d} {target.name:55s} {sample.rps:9.0f} req/s "
+                f"p50 {sample.p50_ms:6.2f} p99 {sample.p99_ms:6.2f} ms "
+                f"cpu {sample.cpu_us:5.0f} µs/req errors {sample.errors}",
                 flush=True,
             )
-    finally:
-        nginx_proc.terminate()
-        nginx_proc.wait()
-        minimal.stop()
-        sidecar.stop()
-        sidecar_quiet.stop()
-        upstream.stop()
-    micro = subprocess.run(
-        [sys.executable, "-m", "bench.verify"], capture_output=True, text=True, cwd=ROOT, check=True
-    ).stdout
-    write_report(Path(args.output), figures, micro, args)
-    return 0
+    for target in p.one:
+        job = partial(http_load.run, target, args.latency_seconds, 1)
+        sample = run.measure("HTTP, 1 connection", target.name, job)
+        if sample is not None:
+            results.http1.setdefault(target.name, (target, []))[1].append(sample)
+            print(
+                f"c1   {target.name:55s} p50 {sample.p50_ms:6.3f} p99 {sample.p99_ms:6.3f} ms",
+                flush=True,
+            )
+    for label, _server, url, headers in p.ws:
+        rate = run.measure("WebSocket echo", label, partial(ws_echo_rate, url, headers, args))
+        if rate is not None:
+            results.ws_echo.setdefault(label, []).append(rate)
+            print(f"ws echo  {label:55s} {rate:9.0f} msg/s", flush=True)
+    size = p.upload_file.stat().st_size
+    for label, url in p.transfers:
+        up = run.measure("upload", label, partial(bulk.upload, url, p.upload_file))
+        down = run.measure("download", label, partial(bulk.download, url, size))
+        if up is not None:
+            results.upload.setdefault(label, []).append(up)
+        if down is not None:
+            results.download.setdefault(label, []).append(down)
+        print(f"bulk     {label:55s} up {up or 0:7.0f} down {down or 0:7.0f} MiB/s", flush=True)
 
 
-def write_report(path: Path, figures: list[Figure], micro: str, args: argparse.Namespace) -> None:
-    direct = figures[0].rps
-    lines = [
-        "# Benchmarks",
-        "",
-        "Written by `make bench` (`python -m bench.run`). All figures come from one run on this "
-        "machine; compare the ratios, not the absolute numbers (shared, noisy 2-core machines). "
-        f"Each figure is the median of {args.rounds} rounds of {args.seconds} s, the scenarios "
-        "taken in turn within each round. "
-        "wrk, the upstream, nginx and the sidecar share the same two cores.",
-        "",
-        f"- when: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}",
-        "- upstream: `bench/upstream.py` on uvicorn (httptools), one process; sidecar: "
-        "`python -m proxy serve`, one process (uvloop, httptools, aiohttp client); nginx: one "
-        "worker, keepalive pool to the upstream",
-        "",
-        "## Throughput, small GET (34-byte JSON answer)",
-        "",
-        "| path | req/s | vs. direct | vs. nginx | vs. bare aiohttp proxy | p50 ms | p99 ms |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    nginx_rps = figures[1].rps
-    bare_rps = figures[2].rps
-    for f in figures:
-        lines.append(
-            f"| {f.name} | {f.rps:,.0f} | {f.rps / direct:.2f} | {f.rps / nginx_rps:.2f} "
-            f"| {f.rps / bare_rps:.2f} | {f.p50_ms:.2f} | {f.p99_ms:.2f} |"
+def profile(run: Run, p: Plan) -> None:
+    jwt = next((t for t in p.many if t.name == JWT_W1), None)
+    if jwt is None or run.args.no_profile:
+        return
+    seconds, connections = run.args.profile_seconds, run.args.connections
+    job = partial(hotspots.record, jwt, seconds, connections, run.tmp / "prof")
+    found = run.measure("profile", JWT_W1, job)
+    if found is not None:
+        run.results.profile = found.markdown()
+        run.results.profile_command = (
+            f"py-spy record --pid <each sidecar process> --duration {seconds} --rate 400 "
+            "--nonblocking --format raw, while "
+            + http_load.command(jwt, seconds + 2, connections, p.secrets)
         )
-    lines += ["", "Commands (the token is a valid HS256 JWT):", ""]
-    lines += [f"- {f.name}: `{f.command}`" for f in figures]
-    lines += ["", "## Token verification cost (in-process, `python -m bench.verify`)", "", micro]
-    path.write_text("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+
+
+def commands(args: argparse.Namespace, p: Plan) -> dict[str, list[str]]:
+    size = p.upload_file.stat().st_size
+    return {
+        f"HTTP, {args.connections} connections": [
+            f"{t.name}: {http_load.command(t, args.seconds, args.connections, p.secrets)}"
+            for t in p.many
+        ],
+        "HTTP, 1 connection": [
+            f"{t.name}: {http_load.command(t, args.latency_seconds, 1, p.secrets)}" for t in p.one
+        ],
+        "WebSocket echo": [
+            f"{label}: {shown(ws_echo_command(url, h, args), p.secrets)}"
+            for label, _, url, h in p.ws
+        ],
+        "Idle WebSockets (RSS read from /proc by `bench.ws_idle.measure`)": [
+            f"{label}: {shown(ws_idle.command(url, args.idle_sockets, h), p.secrets)}"
+            for label, _, url, h in p.ws
+            if label != DIRECT
+        ],
+        "Bulk transfer": [
+            f"{label} {what}: {shown(argv, p.secrets)}"
+            for label, url in p.transfers
+            for what, argv in (
+                ("upload", bulk.upload_args(url, p.upload_file)),
+                ("download", bulk.download_args(url, size)),
+            )
+        ],
+    }
+
+
+def bench(run: Run) -> None:
+    p = plan(run)
+    print("bench: warming up", flush=True)
+    for target in p.many:
+        job = partial(http_load.warm, target, run.args.connections)
+        run.measure("warm-up", target.name, job)
+    # Memory first, on processes that have only been warmed up: after the bulk transfers the
+    # allocators hold freed buffers that new sockets would reuse, and the figure would flatter.
+    idle_memory(run, p)
+    for n in range(run.args.rounds):
+        print(f"bench: round {n + 1} of {run.args.rounds}", flush=True)
+        one_round(run, p)
+    # After the rounds, so the sampler's own cost lands on no figure.
+    profile(run, p)
+    run.results.commands = commands(run.args, p)
+
+
+def verify(run: Run) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.verify"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    if out.returncode == 0:
+        run.results.verify = out.stdout
+    else:
+        run.note(f"bench.verify failed ({_last_line(RuntimeError(out.stderr))})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = contenders.missing_tools(["wrk", "curl"])
+    if missing:
+        print(
+            f"bench: {', '.join(missing)} missing (make bench-deps installs them)", file=sys.stderr
+        )
+        return 2
+    # The contenders inherit it: 1,000 idle sockets through a proxy are 2,000 descriptors there.
+    ws_idle.raise_fd_limit(4 * args.idle_sockets + 1024)
+    began = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    run = Run(args, tmp)
+    try:
+        bench(run)
+    finally:
+        run.stop()
+        if args.keep:
+            print(f"bench: logs and configs kept in {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not args.skip_verify:
+        verify(run)
+    invocation = "`python -m bench.run" + "".join(f" {a}" for a in (argv or sys.argv[1:])) + "`"
+    meta = {
+        "rounds": str(args.rounds),
+        "connections": str(args.connections),
+        "ws_connections": str(args.ws_connections),
+        "bulk_mib": str(args.bulk_mib),
+        "invocation": f"{invocation}, {time.monotonic() - began:.0f} s",
+    }
+    report.write(Path(args.output), run.results, meta)
+    print(f"bench: wrote {args.output} in {time.monotonic() - began:.0f} s")
+    return 0
 
 
 if __name__ == "__main__":
