@@ -19,5 +19,9 @@ class Identity:
     expires_at: float | None = None
     # The JWT provider's name or the API key's id: what a revocation is announced under.
     credential_id: str | None = None
+    # JWT: the fingerprint of the provider's key that verified the signature (not the `kid`: a
+    # kid may be reused for a new key). A WebSocket opened with it ends when that key leaves the
+    # provider's key set.
+    signing_key: str | None = None
     # Extra upstream headers mapped from claims (`claim_headers`), already validated names.
     claim_headers: tuple[tuple[str, str], ...] = ()

@@ -12,6 +12,11 @@ Order of checks, cheapest and most dangerous first:
      `required_claims`, `max_lifetime_s`, `sub` usable as a header value, scopes.
 A verified token is cached (LRU keyed by its SHA-256) until its `exp`, so a busy client's repeated
 token costs one dictionary lookup.
+
+The identity names the key that verified it (`signing_key`, the key's fingerprint). When a refresh
+or a reload yields a set without a key, that key is withdrawn: its cached verdicts are dropped and
+subscribers (the WebSocket tunnel) hear the provider and the withdrawn fingerprints. Only a set
+that was fetched and parsed counts; a failed fetch keeps the last good keys and withdraws nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import re
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -44,6 +49,9 @@ from .keys import KeyError_, KeySet, VerifyKey, hmac_key, load_pem, parse_jwks
 from .rejected import Rejected
 
 log = logging.getLogger("authproxy.auth")
+
+# (provider name, fingerprints of the keys that left its set)
+WithdrawalCallback = Callable[[str, frozenset[str]], None]
 
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
 # A value an upstream header can carry unambiguously: latin-1 without C0/C1 controls, NBSP or
@@ -201,6 +209,7 @@ class Provider:
                 else f"{which} of provider {self.name!r} cannot verify {alg!r}",
             )
         payload: bytes | None = None
+        signing_key = ""
         for key in candidates:
             try:
                 decoded = self._jws.decode_complete(raw, key=key.key, algorithms=[alg])
@@ -208,7 +217,7 @@ class Provider:
                 continue
             except (PyJWTError, ValueError, TypeError) as exc:
                 raise Rejected("malformed", "malformed token") from exc
-            payload = decoded["payload"]
+            payload, signing_key = decoded["payload"], key.fingerprint
             break
         if payload is None:
             raise Rejected("bad_signature", "signature verification failed")
@@ -218,11 +227,13 @@ class Provider:
             raise Rejected("malformed", "malformed token (payload is not JSON)") from None
         if not isinstance(claims, dict):
             raise Rejected("malformed", "malformed token (payload is not a JSON object)")
-        return self.check_claims(claims, time.time())
+        return self.check_claims(claims, time.time(), signing_key)
 
     # -- 5. claims ---------------------------------------------------------------------------
 
-    def check_claims(self, claims: Mapping[str, Any], now: float) -> Identity:
+    def check_claims(
+        self, claims: Mapping[str, Any], now: float, signing_key: str | None = None
+    ) -> Identity:
         s = self.settings
         leeway = float(s.leeway_s)
         exp = _number(claims, "exp")
@@ -266,6 +277,7 @@ class Provider:
             issuer=s.issuer,
             expires_at=exp,
             credential_id=self.name,
+            signing_key=signing_key,
             claim_headers=self._headers(claims),
         )
 
@@ -350,6 +362,8 @@ class JwtVerifier:
         self._max_bytes = settings.max_token_bytes
         self._cache_size = settings.cache_size
         self._cache: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
+        self._subscribers: dict[int, WithdrawalCallback] = {}
+        self._next_subscriber = 0
         self.providers: list[Provider] = []
         self.jwks: list[JwksCache] = []
         for i, p in enumerate(settings.providers):
@@ -388,20 +402,58 @@ class JwtVerifier:
             provider.keys.keys = keys
             self._keys_changed(provider.name)(old, keys)
 
-    def _keys_changed(self, name: str) -> Any:
+    def subscribe_withdrawals(self, callback: WithdrawalCallback) -> Callable[[], None]:
+        """`callback(provider, fingerprints)` whenever keys leave a provider's set; returns an
+        unsubscribe."""
+        token = self._next_subscriber
+        self._next_subscriber += 1
+        self._subscribers[token] = callback
+
+        def unsubscribe() -> None:
+            self._subscribers.pop(token, None)
+
+        return unsubscribe
+
+    def _keys_changed(self, name: str) -> Callable[[KeySet | None, KeySet], None]:
         def changed(old: KeySet | None, new: KeySet) -> None:
-            # A key that disappeared may have been withdrawn because it leaked: forget every
-            # cached verdict of this provider instead of honouring them until their `exp`.
-            if old is not None and old.fingerprints() - new.fingerprints():
-                self.purge(name)
+            # Called only with a set that was fetched (or read) and parsed: a failed fetch never
+            # gets here, so an endpoint that is down withdraws nothing.
+            if old is None:
+                return
+            withdrawn = old.fingerprints() - new.fingerprints()
+            if withdrawn:
+                self._withdrawn(name, old, withdrawn)
 
         return changed
 
-    def purge(self, provider: str | None = None) -> None:
+    def _withdrawn(self, name: str, old: KeySet, withdrawn: frozenset[str]) -> None:
+        # A key that disappeared may have been withdrawn because it leaked: its verdicts are not
+        # honoured until their `exp`, and the sessions it opened are closed.
+        kids = ", ".join(k.kid or "(no kid)" for k in old.keys if k.fingerprint in withdrawn)
+        log.warning(
+            "provider %r: %d signing key(s) withdrawn (%s); tokens they verified are refused "
+            "and their WebSocket sessions closed",
+            name,
+            len(withdrawn),
+            kids,
+        )
+        self.purge(name, withdrawn)
+        for callback in list(self._subscribers.values()):
+            try:
+                callback(name, withdrawn)
+            except Exception:  # one broken subscriber must not stop a key refresh
+                log.exception("provider %r: key withdrawal callback failed", name)
+
+    def purge(self, provider: str | None = None, keys: frozenset[str] | None = None) -> None:
+        """Forget cached verdicts: all, a provider's, or those its `keys` verified."""
         if provider is None:
             self._cache.clear()
             return
-        for k in [k for k, (ident, _) in self._cache.items() if ident.credential_id == provider]:
+        for k in [
+            k
+            for k, (ident, _) in self._cache.items()
+            if ident.credential_id == provider and (keys is None or ident.signing_key in keys)
+        ]:
             del self._cache[k]
 
     def peek_provider(self, token: str) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import aiohttp
 
 from ..config import RouteSettings, Settings
+from ..errors import BadRequest
 from ..identity import Identity
 from ..ops.metrics import Metrics
 from .apikeys import ApiKeyStore
@@ -61,7 +62,10 @@ class AuthService:
     async def authenticate(
         self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
     ) -> Identity | None:
-        """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise."""
+        """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise (and
+        400 for a query that hides a credential behind a `;`, on every route)."""
+        if credentials.query_refusal is not None:
+            raise BadRequest(credentials.query_refusal, details={"reason": "credential_in_query"})
         return await self._chain.run(route, credentials, trace)
 
     def reload_keys(self) -> None:
@@ -72,3 +76,10 @@ class AuthService:
     def subscribe_revocations(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """`callback(key_id)` whenever an API key stops being usable; returns an unsubscribe."""
         return self.api_keys.subscribe(callback)
+
+    def subscribe_key_withdrawals(
+        self, callback: Callable[[str, frozenset[str]], None]
+    ) -> Callable[[], None]:
+        """`callback(provider, fingerprints)` whenever signing keys leave a JWT provider's set
+        (a JWKS refresh or a key file reload; never a failed fetch); returns an unsubscribe."""
+        return self.jwt.subscribe_withdrawals(callback)

@@ -19,6 +19,7 @@ How a session ends (`Outcome`, decided by the pure functions below, then carried
     upstream vanishes (no close)    the client gets 1011 "upstream went away"
     upstream message too big        websockets closes the upstream with 1009; the client gets 1009
     JWT expires (exp + leeway)      client 4401 "token expired", upstream 1001
+    JWT's signing key withdrawn     client 4401 "signing key withdrawn", upstream 1001
     API key revoked / expires       client 4403 "api key revoked" / "api key expired", upstream 1001
     idle (`idle_timeout_s`)         1000 "idle timeout" to both
     `max_connection_lifetime_s`     1001 "connection lifetime exceeded" to both
@@ -36,7 +37,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -120,6 +121,11 @@ class Outcome:
 
 TOKEN_EXPIRED = Outcome.by_proxy(
     "token_expired", CLOSE_TOKEN_EXPIRED, "token expired", CLOSE_GOING_AWAY
+)
+# The key that verified the session's token left its provider's set (JWKS refresh, key file
+# reload): like an expiry, the client reconnects with a fresh token, signed by a current key.
+SIGNING_KEY_WITHDRAWN = Outcome.by_proxy(
+    "signing_key_withdrawn", CLOSE_TOKEN_EXPIRED, "signing key withdrawn", CLOSE_GOING_AWAY
 )
 KEY_REVOKED = Outcome.by_proxy(
     "api_key_revoked", CLOSE_REVOKED, "api key revoked", CLOSE_GOING_AWAY
@@ -289,6 +295,8 @@ class Session:
 
 
 IdentityKey = tuple[str, str | None, str]
+SigningKey = tuple[str, str]  # (JWT provider, key fingerprint)
+_K = TypeVar("_K", str, SigningKey)
 
 
 class Tunnel:
@@ -331,14 +339,16 @@ class Tunnel:
         self._leeway = leeway
         self._sessions: set[Session] = set()
         self._by_key: dict[str, set[Session]] = {}
+        self._by_signing_key: dict[SigningKey, set[Session]] = {}
         self._admitted = 0
         self._per_identity: dict[IdentityKey, int] = {}
         self._all_closed = asyncio.Event()
         self._all_closed.set()
         self._drain_handle: asyncio.TimerHandle | None = None
         self._drained = False
-        self._unsubscribe: Callable[[], None] | None = None
+        self._unsubscribe: list[Callable[[], None]] = []
         self._revoked_at: dict[str, float] = {}  # key id -> perf_counter() of its revocation
+        self._withdrawn_at: dict[SigningKey, float] = {}  # likewise, for JWT signing keys
         interval = ws.ping_interval_s
         slots = max(1, round(interval)) if interval else 0
         self._wheel: list[set[Session]] = [set() for _ in range(slots)]
@@ -350,7 +360,10 @@ class Tunnel:
 
     async def start(self) -> None:
         """Called from the app's lifespan startup."""
-        self._unsubscribe = self.auth.subscribe_revocations(self._revoked)
+        self._unsubscribe = [
+            self.auth.subscribe_revocations(self._revoked),
+            self.auth.subscribe_key_withdrawals(self._keys_withdrawn),
+        ]
 
     async def stop(self) -> None:
         """Called from the app's lifespan shutdown: every session is closed by now."""
@@ -368,9 +381,9 @@ class Tunnel:
             )
             for s in list(self._sessions):
                 s.upstream.transport.abort()
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
         if self._wheel_timer is not None:
             self._wheel_timer.cancel()
             self._wheel_timer = None
@@ -402,11 +415,35 @@ class Tunnel:
         # Remembered for a while: a session authenticated before the revocation may still be
         # connecting upstream, and must not slip through once it registers.
         now = time.perf_counter()
-        horizon = now - self.settings.upstream.connect_timeout_s - 60
-        self._revoked_at = {k: t for k, t in self._revoked_at.items() if t > horizon}
+        self._revoked_at = self._recent(self._revoked_at, now)
         self._revoked_at[key_id] = now
         for s in list(self._by_key.get(key_id, ())):
             s.end(KEY_REVOKED)
+
+    def _keys_withdrawn(self, provider: str, fingerprints: frozenset[str]) -> None:
+        # As `_revoked`, for the JWT signing keys that left a provider's set: O(sessions they
+        # verified), remembered for the sessions still connecting upstream.
+        now = time.perf_counter()
+        self._withdrawn_at = self._recent(self._withdrawn_at, now)
+        ended = 0
+        for fingerprint in fingerprints:
+            key = (provider, fingerprint)
+            self._withdrawn_at[key] = now
+            for s in list(self._by_signing_key.get(key, ())):
+                s.end(SIGNING_KEY_WITHDRAWN)
+                ended += 1
+        if ended:
+            log.info(
+                "websocket: closing %d session(s) verified by a withdrawn key of provider %r",
+                ended,
+                provider,
+            )
+
+    def _recent(self, marks: dict[_K, float], now: float) -> dict[_K, float]:
+        """The marks younger than the longest a session can take from authentication to
+        registration (the upstream handshake), with a margin."""
+        horizon = now - self.settings.upstream.connect_timeout_s - 60
+        return {k: t for k, t in marks.items() if t > horizon}
 
     # --- admission --------------------------------------------------------------------------------
 
@@ -606,6 +643,11 @@ class Tunnel:
             self._by_key.setdefault(key_id, set()).add(s)
             if self._revoked_at.get(key_id, float("-inf")) >= started:
                 s.end(KEY_REVOKED)
+        signing_key = _signing_key(s.identity)
+        if signing_key is not None:
+            self._by_signing_key.setdefault(signing_key, set()).add(s)
+            if self._withdrawn_at.get(signing_key, float("-inf")) >= started:
+                s.end(SIGNING_KEY_WITHDRAWN)
         self.metrics.websockets_open.inc()
         if self._drained:
             s.end(DRAINING)
@@ -617,13 +659,8 @@ class Tunnel:
             s.idle_timer.cancel()
         self._wheel_remove(s)
         self._sessions.discard(s)
-        key_id = _revocable_key(s.identity)
-        if key_id is not None:
-            group = self._by_key.get(key_id)
-            if group is not None:
-                group.discard(s)
-                if not group:
-                    del self._by_key[key_id]
+        _unindex(self._by_key, _revocable_key(s.identity), s)
+        _unindex(self._by_signing_key, _signing_key(s.identity), s)
         self.metrics.websockets_open.dec()
         if not self._sessions:
             self._all_closed.set()
@@ -830,3 +867,23 @@ def _revocable_key(identity: Identity | None) -> str | None:
     if identity is not None and identity.method == "api_key":
         return identity.credential_id or identity.subject
     return None
+
+
+def _signing_key(identity: Identity | None) -> SigningKey | None:
+    if (
+        identity is not None
+        and identity.method == "jwt"
+        and identity.credential_id is not None
+        and identity.signing_key is not None
+    ):
+        return (identity.credential_id, identity.signing_key)
+    return None
+
+
+def _unindex(index: dict[_K, set[Session]], key: _K | None, s: Session) -> None:
+    if key is not None:
+        group = index.get(key)
+        if group is not None:
+            group.discard(s)
+            if not group:
+                del index[key]

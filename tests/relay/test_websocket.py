@@ -21,6 +21,7 @@ from proxy.ops.metrics import Metrics
 from proxy.relay.headers import HeaderPolicy
 from proxy.relay.websocket import (
     KEY_REVOKED,
+    SIGNING_KEY_WITHDRAWN,
     TOKEN_EXPIRED,
     Session,
     Tunnel,
@@ -173,10 +174,17 @@ def test_text_is_counted_in_utf8_bytes() -> None:
 class FakeAuth:
     def __init__(self) -> None:
         self.callbacks: list[Callable[[str], None]] = []
+        self.withdrawals: list[Callable[[str, frozenset[str]], None]] = []
 
     def subscribe_revocations(self, callback: Callable[[str], None]) -> Callable[[], None]:
         self.callbacks.append(callback)
         return lambda: self.callbacks.remove(callback)
+
+    def subscribe_key_withdrawals(
+        self, callback: Callable[[str, frozenset[str]], None]
+    ) -> Callable[[], None]:
+        self.withdrawals.append(callback)
+        return lambda: self.withdrawals.remove(callback)
 
 
 def tunnel(**websocket: Any) -> Tunnel:
@@ -205,6 +213,15 @@ def test_anonymous_sessions_count_only_towards_the_total() -> None:
     assert t._admit(None) is None
     assert t._admit(None) is None
     assert isinstance(t._admit(None), ServiceUnavailable)
+
+
+def test_by_default_one_identity_cannot_take_every_slot() -> None:
+    t = tunnel()
+    cap = t.settings.websocket.max_connections_per_identity
+    assert 0 < cap < t.settings.websocket.max_connections
+    assert all(t._admit(who("a")) is None for _ in range(cap))
+    assert isinstance(t._admit(who("a")), RateLimited)
+    assert t._admit(who("b")) is None
 
 
 def test_zero_means_no_per_identity_cap() -> None:
@@ -250,3 +267,58 @@ async def test_a_key_revoked_while_its_session_connected_upstream_is_ended_on_re
     for s in (late, fresh):
         t._unregister(s)
     await t.stop()
+
+
+def jwt_identity(sub: str, provider: str, key: str) -> Identity:
+    return Identity(
+        "jwt", sub, issuer=f"https://{provider}", credential_id=provider, signing_key=key
+    )
+
+
+async def test_a_withdrawn_signing_key_ends_only_the_sessions_it_verified() -> None:
+    t = tunnel()
+    await t.start()
+    auth = t.auth
+    assert isinstance(auth, FakeAuth) and len(auth.withdrawals) == 1
+
+    def session(identity: Identity) -> Session:
+        s = Session(identity, None, None, 0.0)  # type: ignore[arg-type]
+        t._register(s, started=time.perf_counter())
+        return s
+
+    doomed = session(jwt_identity("a", "idp", "fp-old"))
+    doomed_too = session(jwt_identity("b", "idp", "fp-old"))
+    other_key = session(jwt_identity("a", "idp", "fp-new"))
+    other_provider = session(jwt_identity("a", "partner", "fp-old"))  # same key, other trust
+    api_key = session(Identity("api_key", "fp-old", credential_id="fp-old"))
+    auth.withdrawals[0]("idp", frozenset({"fp-old", "fp-never-used"}))
+    assert doomed.outcome is SIGNING_KEY_WITHDRAWN and doomed_too.outcome is SIGNING_KEY_WITHDRAWN
+    assert all(s.outcome is None for s in (other_key, other_provider, api_key))
+    for s in (doomed, doomed_too, other_key, other_provider, api_key):
+        t._unregister(s)
+    assert t._by_signing_key == {}
+    await t.stop()
+    assert auth.withdrawals == []
+
+
+async def test_a_key_withdrawn_while_its_session_connected_upstream_is_ended_on_register() -> None:
+    t = tunnel()
+    await t.start()
+    authenticated = time.perf_counter()
+    t._keys_withdrawn("idp", frozenset({"fp-old"}))  # while the upstream handshake was under way
+    late = Session(jwt_identity("a", "idp", "fp-old"), None, None, 0.0)  # type: ignore[arg-type]
+    t._register(late, started=authenticated)
+    assert late.outcome is SIGNING_KEY_WITHDRAWN
+    fresh = Session(jwt_identity("a", "idp", "fp-old"), None, None, 0.0)  # type: ignore[arg-type]
+    t._register(fresh, started=time.perf_counter())  # verified after: the key is back
+    assert fresh.outcome is None
+    for s in (late, fresh):
+        t._unregister(s)
+    await t.stop()
+
+
+def test_a_withdrawn_signing_key_closes_like_an_expired_token() -> None:
+    o = SIGNING_KEY_WITHDRAWN
+    assert (o.client_code, o.client_reason) == (4401, "signing key withdrawn")
+    assert (o.upstream_code, o.upstream_reason) == (1001, "signing key withdrawn")
+    assert o.why == "signing_key_withdrawn"
