@@ -41,6 +41,8 @@ class App:
             settings.server.max_body_bytes,
             self.headers,
             preserve_host=settings.server.preserve_host,
+            send_timeout_s=settings.server.send_timeout_s,
+            client_body_timeout_s=settings.server.client_body_timeout_s,
         )
         self.admin = AdminApp(self.metrics, self.readiness)
         self.pipeline: Pipeline | None = None

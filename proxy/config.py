@@ -10,6 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
+import unicodedata
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,19 @@ def _host_port(value: str) -> str:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 
 
+def _header_name(value: str) -> str:
+    if value == "*":
+        raise ValueError(
+            "'*' is not a header name: leave forward_headers unset to forward every header"
+        )
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"not a header name: {value!r}")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
 def split_listen(value: str) -> tuple[str, int]:
     """`'127.0.0.1:8000'` -> `('127.0.0.1', 8000)`; `'[::1]:8000'` -> `('::1', 8000)`."""
     host, _, port = value.rpartition(":")
@@ -101,6 +115,10 @@ class ServerSettings(_Frozen):
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
+    # nginx's send_timeout and client_body_timeout: a client that takes no response bytes, or
+    # sends no request bytes, for this long is cut and its upstream connection freed.
+    send_timeout_s: float = Field(default=60.0, gt=0)
+    client_body_timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("workers", mode="plain")
     @classmethod
@@ -146,6 +164,12 @@ class UpstreamSettings(_Frozen):
     # Idle pooled connections older than this are not reused: shorter than common upstream
     # keep-alives (uvicorn 5 s, Node 5 s, nginx 75 s), so the sidecar never races their close.
     keepalive_s: float = Field(default=4.0, gt=0)
+    # Concurrent upstream requests one client address may have (0: no cap); the address is the
+    # TCP peer, or the X-Forwarded-For entry a trusted proxy vouches for.
+    max_concurrent_per_client: int = Field(default=0, ge=0)
+    # Unset: every request header passes but those relay/headers.py removes. A list: only these
+    # (and what the sidecar adds itself) reach the upstream, deny by default.
+    forward_headers: tuple[HeaderName, ...] | None = None
 
     @field_validator("url")
     @classmethod
@@ -453,7 +477,9 @@ class WebSocketSettings(_Frozen):
     idle_timeout_s: float = Field(default=0.0, ge=0)  # 0: no idle timeout
     max_connection_lifetime_s: float = Field(default=0.0, ge=0)  # 0: unlimited
     max_connections: int = Field(default=10_000, ge=1)
-    max_connections_per_identity: int = Field(default=0, ge=0)  # 0: unlimited
+    # One identity (JWT subject, API key) may hold at most this many sessions, so one caller cannot
+    # take every slot; 100 is far beyond a user's tabs. 0 lifts the cap (one service identity).
+    max_connections_per_identity: int = Field(default=100, ge=0)
     drain_s: float = Field(default=5.0, ge=0)
     ping_interval_s: float = Field(default=20.0, ge=0)
     queue_messages: int = Field(default=16, ge=1)
@@ -470,6 +496,12 @@ class IdentitySettings(_Frozen):
 
     sign: bool = False
     secret_env: str | None = None
+    # "v2" binds method, path, query, a timestamp and every identity header; "v1" (the old
+    # scheme, identity values and request id only) is kept for upstreams not yet migrated.
+    signature: Literal["v1", "v2"] = "v2"
+    # The tolerance upstreams should allow between X-Auth-Timestamp and their clock: the sidecar
+    # only stamps the time, the checker refuses anything older (or newer) than this.
+    max_skew_s: int = Field(default=30, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _secret(self) -> IdentitySettings:
@@ -652,7 +684,11 @@ def _key(loc: tuple[int | str, ...]) -> str:
         elif part.startswith(("function-", "tagged-", "list[", "tuple[", "literal[")):
             continue
         else:
-            out += ("." if out else "") + part
+            # A quoted TOML key may hold any character: one holding a control character or a line
+            # break is shown escaped, so the error stays one line (and a terminal escape inert).
+            breaks = any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in part)
+            shown = repr(part) if breaks else part
+            out += ("." if out else "") + shown
     return out
 
 

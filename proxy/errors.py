@@ -7,6 +7,7 @@
      ├── Forbidden              403 forbidden
      │    └── InsufficientScope 403 forbidden, error="insufficient_scope"
      ├── NotFound               404 not_found
+     ├── RequestTimeout         408 request_timeout
      ├── PayloadTooLarge        413 payload_too_large
      ├── RateLimited            429 rate_limited
      ├── BadGateway             502 bad_gateway
@@ -141,6 +142,14 @@ class PayloadTooLarge(ProxyError):
     status = 413
     code = "payload_too_large"
     close_code = CLOSE_MESSAGE_TOO_BIG
+
+
+class RequestTimeout(ProxyError):
+    """The client stopped sending its request body (server.client_body_timeout_s)."""
+
+    status = 408
+    code = "request_timeout"
+    close_code = CLOSE_POLICY_VIOLATION
 
 
 class RateLimited(ProxyError):

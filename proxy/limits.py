@@ -5,6 +5,12 @@ ends: a few connections sending endless header lines (or one line every few seco
 memory without bound or hold connections forever. This protocol counts the head's bytes as they
 arrive and closes the connection past `server.max_header_bytes`, and closes a connection whose
 head is not complete within `server.header_timeout_s`.
+
+Two more things uvicorn passes to the app that the sidecar must not judge: the fields of a chunked
+body's trailer section (uvicorn appends them to the very list the scope carries as its headers, so
+a trailer that arrives with the head would be read as a request header: an API key, a second Host),
+which are dropped here; and the authority of an absolute-form request target, which uvicorn drops
+while keeping the Host, so such a target is refused unless it names the Host (`authority.py`).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .authority import absolute_form_problem
 from .errors import BadRequest, render
 from .ids import new_request_id
 
@@ -80,8 +87,13 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+class _Refused(Exception):
+    """Raised from a parser callback to stop httptools; `send_400_response` then answers."""
+
+
 class BoundedHeadProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a byte budget and a deadline for each request head."""
+    """uvicorn's httptools protocol with a byte budget and a deadline for each request head, and
+    nothing but the header section as the request's headers."""
 
     max_head_bytes = 64 * 1024
     head_timeout_s = 10.0
@@ -91,6 +103,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refusal: BadRequest | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         corked = CorkedTransport(transport, self.loop)
@@ -114,10 +127,22 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._start_head_timer()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # httptools reports trailer fields through the same callback once the head is over; they
+        # are dropped: nothing judges or forwards them (the body is re-framed upstream anyway).
+        if self._in_head:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
         self._stop_head_timer()
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            problem = absolute_form_problem(url, [v for n, v in self.headers if n == b"host"])
+            if problem is not None:
+                self._refusal = BadRequest(problem, details={"reason": "invalid_host"})
+                raise _Refused  # httptools stops; uvicorn answers through send_400_response
         super().on_headers_complete()
 
     def _start_head_timer(self) -> None:
@@ -136,8 +161,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         # uvicorn's own answer to a request it cannot parse is plain text; ours are JSON.
+        refusal, self._refusal = self._refusal, None
         self._answer(
-            BadRequest(
+            refusal
+            or BadRequest(
                 f"the request is not valid HTTP/1.1 ({msg})",
                 details={"reason": "malformed_request"},
             )

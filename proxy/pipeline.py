@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .auth import AuthService, Credentials
+from .authority import valid_host
+from .client_address import client_address
 from .config import Settings
 from .cors import Cors, CorsPolicy
 from .errors import (
@@ -21,6 +23,7 @@ from .errors import (
     InternalError,
     NotFound,
     ProxyError,
+    RateLimited,
     ServiceUnavailable,
     render,
 )
@@ -30,7 +33,7 @@ from .ops import logs
 from .ops.metrics import Metrics
 from .paths import judge_path
 from .relay.headers import HeaderPolicy, peer
-from .relay.http import Exchange, Forwarder, UpstreamAborted
+from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .routing import Route, RouteTable
 from .types import Receive, Scope, Send
 
@@ -79,6 +82,10 @@ class Request:
             if name == b"origin":
                 r.origin = value.decode("latin-1")
             elif name == b"host":
+                # RFC 9112 3.2: one valid Host or 400, checked before it can become
+                # X-Forwarded-Host or (server.preserve_host) the upstream's Host.
+                if r.host is not None or not valid_host(value):
+                    raise _bad_host("more than one Host header" if r.host else "an invalid Host")
                 r.host = value.decode("latin-1")
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
@@ -101,8 +108,14 @@ class Request:
                 "the request headers are larger than the limit",
                 details={"reason": "headers_too_large", "limit_bytes": max_header_bytes},
             )
+        if r.host is None and scope.get("http_version") == "1.1":
+            raise _bad_host("no Host header")  # HTTP/1.0 may omit it
         r.request_id = request_id or new_request_id()
         return r
+
+
+def _bad_host(what: str) -> BadRequest:
+    return BadRequest(f"the request has {what}", details={"reason": "invalid_host"})
 
 
 class Pipeline:
@@ -132,6 +145,28 @@ class Pipeline:
         self.max_header_bytes = settings.server.max_header_bytes
         # Metric children by (route, status): labels() per request costs more than the increment.
         self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._per_client = settings.upstream.max_concurrent_per_client
+        self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
+
+    def _take_client_slot(self, scope: Scope, r: Request) -> str:
+        """Count one more upstream request for this client address, or refuse it (429)."""
+        address = client_address(r.headers, peer(scope), self.headers.trusted) or "-"
+        open_now = self._in_flight.get(address, 0)
+        if open_now >= self._per_client:
+            raise RateLimited(
+                "too many concurrent requests from this client",
+                details={"reason": "client_concurrency", "limit": self._per_client},
+                headers={"Retry-After": "1"},
+            )
+        self._in_flight[address] = open_now + 1
+        return address
+
+    def _give_client_slot(self, address: str) -> None:
+        left = self._in_flight[address] - 1
+        if left:
+            self._in_flight[address] = left
+        else:
+            del self._in_flight[address]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -242,14 +277,17 @@ class Pipeline:
                     self._log(scope, r, 204, exchange, preflight=True)
                     return
                 await self._admit(scope, r, policy, websocket=False)
+                assert r.credentials is not None
                 upstream_headers = self.headers.upstream_request(
                     r.headers,
                     peer=peer(scope),
                     scheme=scope["scheme"],
                     request_id=r.request_id,
                     identity=r.identity,
+                    method=method,
+                    raw_path=r.raw_path,
+                    query=r.credentials.clean_query,
                 )
-                assert r.credentials is not None
                 origin = r.origin
                 request_id = r.request_id.encode()
                 cors = policy
@@ -258,17 +296,22 @@ class Pipeline:
                     h.append((b"x-request-id", request_id))
                     return cors.response_headers(origin, h)
 
-                await self.forwarder.forward(
-                    scope,
-                    receive,
-                    send,
-                    raw_path=r.raw_path,
-                    query=r.credentials.clean_query,
-                    headers=upstream_headers,
-                    content_length=r.content_length,
-                    response_headers=response_headers,
-                    exchange=exchange,
-                )
+                client = self._take_client_slot(scope, r) if self._per_client else None
+                try:
+                    await self.forwarder.forward(
+                        scope,
+                        receive,
+                        send,
+                        raw_path=r.raw_path,
+                        query=r.credentials.clean_query,
+                        headers=upstream_headers,
+                        content_length=r.content_length,
+                        response_headers=response_headers,
+                        exchange=exchange,
+                    )
+                finally:
+                    if client is not None:
+                        self._give_client_slot(client)
             except ProxyError as exc:
                 exchange.status = exc.status
                 r.identity = r.identity or exc.identity
@@ -283,6 +326,12 @@ class Pipeline:
                 self.metrics.upstream_errors.labels("aborted_mid_response").inc()
                 self._log(
                     scope, r, exchange.status, exchange, error="upstream_aborted", reason=str(exc)
+                )
+                raise
+            except ClientStalled as exc:
+                # Not the upstream's failure: no upstream_errors count. Raising cuts the client.
+                self._log(
+                    scope, r, exchange.status, exchange, error="send_timeout", reason=str(exc)
                 )
                 raise
             except Exception:
@@ -333,12 +382,15 @@ class Pipeline:
                     raise unreadable
                 policy = self._judge(scope, r, "GET")
                 await self._admit(scope, r, policy, websocket=True)
+                assert r.credentials is not None
                 upstream_headers = self.headers.upstream_handshake(
                     r.headers,
                     peer=peer(scope),
                     scheme=scope["scheme"],
                     request_id=r.request_id,
                     identity=r.identity,
+                    raw_path=r.raw_path,
+                    query=r.credentials.clean_query,
                 )
             except ProxyError as exc:
                 r.identity = r.identity or exc.identity

@@ -65,6 +65,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(the sidecar's [identity] sign = true, same secret_env)",
     )
     parser.add_argument(
+        "--identity-signature",
+        choices=["v1", "v2"],
+        default="v2",
+        help="the signature scheme to accept, the sidecar's identity.signature (default "
+        "%(default)s; only this one is accepted)",
+    )
+    parser.add_argument(
+        "--identity-max-skew-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="refuse v2 signatures whose X-Auth-Timestamp is further than this from the clock "
+        "(the sidecar's identity.max_skew_s; default %(default)s)",
+    )
+    parser.add_argument(
         "--issuer", default=None, help="token issuer (default http://127.0.0.1:<port>)"
     )
     parser.add_argument(
@@ -95,6 +110,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--token-ttl must be positive")
     if args.key_rotation_s <= 0:
         parser.error("--key-rotation-s must be positive")
+    if args.identity_max_skew_s <= 0:
+        parser.error("--identity-max-skew-s must be positive")
     return args
 
 
@@ -115,6 +132,8 @@ def build_servers(args: argparse.Namespace) -> list[uvicorn.Server]:
         key_rotation_s=args.key_rotation_s,
         key_grace_s=args.key_grace_s,
         identity_secret=_identity_secret(args.identity_secret_env),
+        identity_signature=args.identity_signature,
+        identity_max_skew_s=args.identity_max_skew_s,
     )
     servers: list[uvicorn.Server] = [
         EmbeddedServer(

@@ -28,7 +28,7 @@ from starlette.websockets import WebSocket
 
 from upstream_demo.events import EventBus, ModelSimulator
 from upstream_demo.idp import AuthError, IdentityProvider, KeyRing
-from upstream_demo.signature import IdentitySignatureCheck
+from upstream_demo.signature import IdentitySignatureCheck, Scheme
 from upstream_demo.store import ConflictError, ModelCreate, ModelPatch, ModelReplace, ModelStore
 from upstream_demo.ws import EventSession
 
@@ -428,12 +428,16 @@ def create_app(
     rng: random.Random | None = None,
     store: ModelStore | None = None,
     identity_secret: bytes | None = None,
+    identity_signature: Scheme = "v2",
+    identity_max_skew_s: float = 30.0,
 ) -> Starlette:
     """The backend app. `simulate=False` (or `event_interval <= 0`) turns the random steps off.
 
-    `clock` drives token times and key rotation, so tests can step through rotations.
+    `clock` drives token times, key rotation and the signature window, so tests can step
+    through them.
     `identity_secret` makes the app refuse requests whose identity headers the sidecar did not
-    sign (`[identity] sign = true` in the sidecar's config).
+    sign (`[identity] sign = true` in the sidecar's config) with the `identity_signature` scheme
+    (the sidecar's `identity.signature`), v2 ones older or newer than `identity_max_skew_s`.
     """
     store = store or ModelStore()
     bus = EventBus()
@@ -468,7 +472,15 @@ def create_app(
     )
     middleware = []
     if identity_secret is not None:
-        middleware.append(Middleware(IdentitySignatureCheck, secret=identity_secret))
+        middleware.append(
+            Middleware(
+                IdentitySignatureCheck,
+                secret=identity_secret,
+                scheme=identity_signature,
+                max_skew_s=identity_max_skew_s,
+                clock=clock,
+            )
+        )
     app = Starlette(routes=backend.routes(), lifespan=backend.lifespan, middleware=middleware)
     app.state.backend = backend
     return app

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import RouteSettings
 from ..errors import ProxyError, Unauthorized
@@ -47,8 +47,12 @@ class Method(Protocol):
 
     name: str
 
+    def present(self, credentials: Credentials) -> bool:
+        """Is a credential of this method's kind there (usable or not)? Cheap: every request."""
+
     def found(self, credentials: Credentials) -> str | None:
-        """A description of the credential this method is responsible for, or None."""
+        """A description of the credential this method is responsible for, or None (for
+        `explain` and traces only: it hashes the credential)."""
 
     async def authenticate(self, credentials: Credentials) -> Identity:
         """The identity, or `Rejected`."""
@@ -61,6 +65,9 @@ class JwtMethod:
 
     def __init__(self, verifier: JwtVerifier) -> None:
         self.verifier = verifier
+
+    def present(self, credentials: Credentials) -> bool:
+        return credentials.bearer is not None or credentials.bearer_problem is not None
 
     def found(self, credentials: Credentials) -> str | None:
         if credentials.bearer_problem is not None:
@@ -85,6 +92,9 @@ class ApiKeyMethod:
 
     def __init__(self, store: ApiKeyStore) -> None:
         self.store = store
+
+    def present(self, credentials: Credentials) -> bool:
+        return credentials.api_key is not None or credentials.api_key_problem is not None
 
     def found(self, credentials: Credentials) -> str | None:
         if credentials.api_key_problem is not None:
@@ -117,6 +127,14 @@ class Chain:
         self._methods = methods
         self._metrics = metrics
         self._api_key_header = api_key_header
+        # Metric children by (method, result): labels() per request costs more than inc().
+        self._counters: dict[tuple[str, str], Any] = {}
+
+    def _count(self, method: str, result: str) -> None:
+        counter = self._counters.get((method, result))
+        if counter is None:
+            counter = self._counters[(method, result)] = self._metrics.auth.labels(method, result)
+        counter.inc()
 
     async def run(
         self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
@@ -126,7 +144,10 @@ class Chain:
         bearer = "jwt" in route.auth
         for name in route.auth:
             method = self._methods[name]
-            found = method.found(credentials)
+            if trace is None:
+                found = "" if method.present(credentials) else None
+            else:
+                found = method.found(credentials)
             if found is None:
                 if trace is not None:
                     trace.append(Attempt(name, None, "not responsible (nothing presented)"))
@@ -134,7 +155,7 @@ class Chain:
             try:
                 identity = await method.authenticate(credentials)
             except Rejected as exc:
-                self._metrics.auth.labels(name, exc.reason).inc()
+                self._count(name, exc.reason)
                 if trace is not None:
                     trace.append(Attempt(name, found, f"refused: {exc.message}"))
                 reason, message = exc.client or (exc.reason, exc.message)
@@ -168,15 +189,15 @@ class Chain:
             try:
                 require_scopes(identity, route)
             except ProxyError as exc:
-                self._metrics.auth.labels(name, "insufficient_scope").inc()
+                self._count(name, "insufficient_scope")
                 exc.identity = identity
                 raise
-            self._metrics.auth.labels(name, "ok").inc()
+            self._count(name, "ok")
             return identity
         if route.auth_optional and not route.scopes:
-            self._metrics.auth.labels("none", "anonymous").inc()
+            self._count("none", "anonymous")
             return None
-        self._metrics.auth.labels("none", "missing_credentials").inc()
+        self._count("none", "missing_credentials")
         # SPEC: every 401 on a JWT route carries error="invalid_token". RFC 6750 3.1 would rather
         # leave the error out when nothing was presented (SHOULD NOT, not MUST NOT); clients
         # written against the contract look for it, so it stays, with a description saying why.

@@ -6,7 +6,8 @@ a `Sec-WebSocket-Protocol` entry (`bearer.<jwt>` or the Kubernetes form
 `base64url.bearer.authorization.k8s.io.<base64url(jwt)>`) and, when configured, a cookie. Two
 different explicit bearer tokens are ambiguous and refused; the cookie is ambient (the browser
 sends it on its own), so it only counts when no explicit token was given. The credential query
-parameters are removed from the query string on every request, every other byte kept as sent.
+parameters are removed from the query string on every request, every other byte kept as sent; a
+credential name after a `;` makes the request a 400 (see `_split_query`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class Credentials:
     # the method is then responsible and the request gets 401 if the route uses it.
     bearer_problem: str | None = None
     api_key_problem: str | None = None
+    # The query names a credential after a `;`: the request is refused (400), whatever the route.
+    query_refusal: str | None = None
 
 
 def _form_decode(value: bytes) -> bytes:
@@ -105,7 +108,7 @@ class Extractor:
             elif websocket and self._cookie is not None and name == b"cookie" and cookie is None:
                 cookie = self._find_cookie(value.decode("latin-1"))
 
-        clean, from_query = self._split_query(query_string)
+        clean, from_query, query_refusal = self._split_query(query_string)
         if websocket:
             for param, raw in from_query:
                 try:
@@ -170,6 +173,7 @@ class Extractor:
             problem=bearer_problem or key_problem or note,
             bearer_problem=bearer_problem,
             api_key_problem=key_problem,
+            query_refusal=query_refusal,
         )
 
     def _find_cookie(self, header: str) -> str | None:
@@ -183,13 +187,25 @@ class Extractor:
         return None
 
     @staticmethod
-    def _split_query(query: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """The query without credential parameters (other bytes untouched), and those removed."""
+    def _split_query(query: bytes) -> tuple[bytes, list[tuple[bytes, bytes]], str | None]:
+        """The query without credential parameters (other bytes untouched), those removed, and
+        why the request must be refused, if it must.
+
+        `;` is not a separator to us, nor to Python (since 3.10), Go (1.17), Java servlets or
+        Node, but it is to Rack 2, PHP with `arg_separator.input = "&;"` and older stacks: in
+        `a=1;access_token=T` the first group reads one parameter `a` holding the token, the second
+        reads the token. Removing `;access_token=T` would change `a` for the first group; keeping
+        it sends (and logs) the token to the second; taking it as a credential would authenticate
+        with something most upstreams never see as one. No reading is right for every upstream,
+        so a credential name after a `;` refuses the request (400), as ambiguous paths are; the
+        clean query (logged) leaves that part out. Other `;` pass unchanged: they carry no secret.
+        """
         if not query:
-            return b"", []
+            return b"", [], None
         kept: list[bytes] = []
         removed: list[tuple[bytes, bytes]] = []
         dropped = False
+        refusal: str | None = None
         for part in query.split(b"&"):
             name, _, value = part.partition(b"=")
             decoded = _form_decode(name) if b"%" in name or b"+" in name else name
@@ -200,7 +216,19 @@ class Extractor:
                 # collect arrays would read them as one, so they do not travel on either.
                 dropped = True
             else:
+                if b";" in part:
+                    first, *rest = part.split(b";")
+                    others = [p for p in rest if not _credential_name(p.partition(b"=")[0])]
+                    if len(others) != len(rest):
+                        refusal = "a credential parameter follows a ';' in the query"
+                        part = b";".join([first, *others])
                 kept.append(part)
-        if not removed and not dropped:
-            return query, []
-        return b"&".join(kept), removed
+        if not removed and not dropped and refusal is None:
+            return query, [], None
+        return b"&".join(kept), removed, refusal
+
+
+def _credential_name(name: bytes) -> bool:
+    """A credential parameter's name, or a spelling a framework may fold into one."""
+    decoded = _form_decode(name) if b"%" in name or b"+" in name else name
+    return decoded.lower().removesuffix(b"[]") in _CREDENTIAL_PARAMS

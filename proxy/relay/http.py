@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PayloadTooLarge, ProxyError
+from ..errors import PayloadTooLarge, ProxyError, RequestTimeout
 from ..types import Message, Receive, Scope, Send
 from .headers import HeaderPolicy
 from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
@@ -30,7 +30,67 @@ class UpstreamAborted(Exception):
     """The upstream failed after the response had started: the client connection must be cut."""
 
 
-__all__ = ["ClientGone", "Exchange", "Forwarder", "UpstreamAborted"]
+class ClientStalled(Exception):
+    """The client took no response bytes for `server.send_timeout_s`: the connection is cut."""
+
+
+__all__ = ["ClientGone", "ClientStalled", "Exchange", "Forwarder", "UpstreamAborted"]
+
+
+class _Stall:
+    """Watches the client's side of one exchange, as nginx's send_timeout and client_body_timeout
+    do: a client that takes no response bytes, or sends no body bytes, for that long loses the
+    exchange, and the pooled upstream connection it held is freed. One timer, checked a few times
+    per timeout, armed only for exchanges that stream (a small answer never waits on the client).
+    """
+
+    __slots__ = (
+        "_loop",
+        "_task",
+        "_period",
+        "_timer",
+        "send_timeout",
+        "body_timeout",
+        "sending",
+        "receiving",
+        "upload_task",
+        "tripped",
+    )
+
+    def __init__(self, send_timeout: float, body_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.send_timeout = send_timeout
+        self.body_timeout = body_timeout
+        self._period = max(min(send_timeout, body_timeout) / 4, 0.01)
+        self.sending: float | None = None  # loop time a send to the client began, while it waits
+        self.receiving: float | None = None  # loop time a wait for client body bytes began
+        self.upload_task: asyncio.Future[None] | None = None
+        self.tripped: str | None = None
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(self._period, self._check)
+
+    def now(self) -> float:
+        return self._loop.time()
+
+    def _check(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        if self.sending is not None and now - self.sending >= self.send_timeout:
+            self.tripped = "send"
+            if self._task is not None:
+                self._task.cancel()
+            return
+        if self.receiving is not None and now - self.receiving >= self.body_timeout:
+            self.tripped = "body"
+            self.receiving = None
+            if self.upload_task is not None:
+                self.upload_task.cancel()
+        self._timer = self._loop.call_later(self._period, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 @dataclass(slots=True)
@@ -61,6 +121,7 @@ class _Upload:
         limit: int,
         exchange: Exchange,
         chunked: bool,
+        stall: _Stall,
     ) -> None:
         self.error: BaseException | None = None
         self.done = False
@@ -69,13 +130,17 @@ class _Upload:
         self._limit = limit
         self._exchange = exchange
         self._chunked = chunked
+        self._stall = stall
         self.task = asyncio.ensure_future(self._run())
+        stall.upload_task = self.task
 
     async def _run(self) -> None:
-        conn, exchange = self._conn, self._exchange
+        conn, exchange, stall = self._conn, self._exchange, self._stall
         try:
             while True:
+                stall.receiving = stall.now()
                 message = await self._receive()
+                stall.receiving = None
                 if message["type"] == "http.disconnect":
                     exchange.client_gone = True
                     raise ClientGone()
@@ -94,7 +159,13 @@ class _Upload:
                     return
                 await conn.drain()
         except asyncio.CancelledError:
-            raise
+            if stall.tripped != "body":
+                raise
+            self.error = RequestTimeout(
+                "the client stopped sending the request body",
+                details={"reason": "client_body_timeout", "timeout_s": stall.body_timeout},
+            )
+            conn.abort()
         except BaseException as exc:
             # Cut the upstream so the exchange waiting on it wakes; the forwarder reads `error`.
             self.error = exc
@@ -109,11 +180,19 @@ class Forwarder:
     """Sends one request to the upstream and streams the answer to the client."""
 
     def __init__(
-        self, max_body_bytes: int, headers: HeaderPolicy, *, preserve_host: bool = False
+        self,
+        max_body_bytes: int,
+        headers: HeaderPolicy,
+        *,
+        preserve_host: bool = False,
+        send_timeout_s: float = 60.0,
+        client_body_timeout_s: float = 60.0,
     ) -> None:
         self._limit = max_body_bytes
         self._headers = headers
         self._preserve_host = preserve_host
+        self._send_timeout = send_timeout_s
+        self._body_timeout = client_body_timeout_s
         self.pool: UpstreamPool | None = None  # set by the app's lifespan
 
     def _head(
@@ -178,38 +257,77 @@ class Forwarder:
         else:
             framing = b""
         request = self._head(method, raw_path, query, headers, framing) + chunk
-        head_only = method == "HEAD"
-
+        chunked = streamed and content_length is None
         conn = await pool.acquire()
-        upload: _Upload | None = None
+        # Only an exchange that streams can wait on the client: it alone gets the stall timer.
+        stall = _Stall(self._send_timeout, self._body_timeout) if streamed else None
+        try:
+            answered, upload = await self._send_request(
+                conn, method, request, chunked, stall, receive, exchange
+            )
+            if answered is None:
+                return  # the client left first
+            conn = answered
+            try:
+                await self._stream_back(
+                    conn, send, receive, upload, stall, response_headers, exchange
+                )
+            finally:
+                reusable = conn.end()
+                if upload is not None and not upload.done:
+                    upload.stop()
+                    reusable = False
+                pool.release(conn, reusable and not exchange.client_gone)
+        finally:
+            if stall is not None:
+                stall.stop()
+
+    async def _send_request(
+        self,
+        conn: Connection,
+        method: str,
+        request: bytes,
+        chunked: bool,
+        stall: _Stall | None,
+        receive: Receive,
+        exchange: Exchange,
+    ) -> tuple[Connection | None, _Upload | None]:
+        """Write the request (the rest of a streamed body from a task) and wait for the answer's
+        head: the connection it came on, or None when the client left first."""
+        pool = self.pool
+        assert pool is not None
+        head_only = method == "HEAD"
         for attempt in (1, 2):
+            upload: _Upload | None = None
             conn.begin(head_only)
             conn.write(request)
-            if streamed:
-                upload = _Upload(conn, receive, limit, exchange, content_length is None)
+            if stall is not None:
+                upload = _Upload(conn, receive, self._limit, exchange, chunked, stall)
             try:
                 await conn.response_head()
-                break
+                return conn, upload
             except ClientGone:
                 exchange.client_gone = True
+                if upload is not None:
+                    upload.stop()
                 pool.release(conn, conn.end())
-                return
+                return None, None
             except ProxyError as exc:
                 stale = (
                     conn.reused
                     and not conn.received
-                    and exc.details.get("reason") in ("upstream_disconnected",)
+                    and exc.details.get("reason") == "upstream_disconnected"
                 )
                 pool.release(conn, conn.end())
                 if upload is not None:
                     upload.stop()
                     if isinstance(upload.error, ProxyError):
-                        raise upload.error from None
+                        raise upload.error from None  # too large, or the body stalled
                     if isinstance(upload.error, ClientGone):
-                        return
+                        return None, None
                 if exchange.client_gone:
-                    return
-                if attempt == 1 and stale and not streamed and method in IDEMPOTENT:
+                    return None, None
+                if attempt == 1 and stale and upload is None and method in IDEMPOTENT:
                     # A pooled connection the upstream had closed while we were not looking.
                     conn = await pool.acquire(fresh=True)
                     continue
@@ -220,14 +338,7 @@ class Forwarder:
                 conn.end()
                 pool.release(conn, False)
                 raise
-        try:
-            await self._stream_back(conn, send, receive, upload, response_headers, exchange)
-        finally:
-            reusable = conn.end()
-            if upload is not None and not upload.done:
-                upload.stop()
-                reusable = False
-            pool.release(conn, reusable and not exchange.client_gone)
+        raise AssertionError("unreachable")
 
     async def _stream_back(
         self,
@@ -235,22 +346,28 @@ class Forwarder:
         send: Send,
         receive: Receive,
         upload: _Upload | None,
+        stall: _Stall | None,
         response_headers: Callable[[Headers], Headers],
         exchange: Exchange,
     ) -> None:
         status = conn.status
+        own: _Stall | None = None  # the stall timer this answer needed, if the request had none
         exchange.status = exchange.upstream_status = status
         headers = response_headers(self._headers.downstream_response(conn.headers))
-        # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        exchange.response_started = True
         watcher: asyncio.Future[Message] | None = None
 
         def departed(_: asyncio.Future[Message]) -> None:
             conn.interrupt()
 
         try:
+            # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
+            if stall is not None:
+                stall.sending = stall.now()
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            exchange.response_started = True
             while True:
+                if stall is not None:
+                    stall.sending = None
                 try:
                     chunk = await conn.read() if not conn.finished else b""
                 except ClientGone:
@@ -264,16 +381,31 @@ class Forwarder:
                 more = not conn.finished
                 if chunk or not more:
                     exchange.bytes_out += len(chunk)
+                    if stall is not None:
+                        stall.sending = stall.now()
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
                 if not more:
                     return
+                if stall is None:
+                    # A streamed answer: only now can a send wait on the client (uvicorn waits
+                    # for the previous write to drain at the start of the next send).
+                    stall = own = _Stall(self._send_timeout, self._body_timeout)
                 if watcher is None and (upload is None or upload.done):
                     # uvicorn drops writes to a closed connection silently; its receive() tells.
                     # A quiet stream (SSE between events) must notice at once: it holds a pooled
                     # upstream connection.
                     watcher = asyncio.ensure_future(receive())
                     watcher.add_done_callback(departed)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if stall is None or stall.tripped != "send" or task is None or task.uncancel() > 0:
+                raise
+            raise ClientStalled(
+                f"the client took no response bytes for {stall.send_timeout:g} s"
+            ) from None
         finally:
+            if own is not None:
+                own.stop()
             if watcher is not None:
                 # Never let a late callback interrupt the connection's next exchange.
                 watcher.remove_done_callback(departed)

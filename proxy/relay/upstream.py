@@ -67,6 +67,10 @@ def invalid_response(why: str) -> BadGateway:
     )
 
 
+class _Unasked(Exception):
+    """Bytes after the complete answer: raised inside the parser to stop it."""
+
+
 class ClientGone(Exception):
     """The client disconnected before the exchange finished."""
 
@@ -183,6 +187,12 @@ class Connection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.done:
+            # A second answer (or garbage) right behind the first in the same read: nothing of
+            # it may reach this client or the next one. Raising stops the parser here.
+            raise _Unasked()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
         if name == b"content-length" or name == b"transfer-encoding":
@@ -192,7 +202,10 @@ class Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         assert self._parser is not None
         status = self._parser.get_status_code()
-        if 100 <= status < 200:
+        if status < 100:
+            self._fail(invalid_response(f"status {status} is not in 100-599"))
+            return
+        if status < 200:
             if status == 101:
                 self._fail(invalid_response("101 Switching Protocols to a request without Upgrade"))
                 return
@@ -200,6 +213,9 @@ class Connection(asyncio.Protocol):
             self._interim = True
             self.headers = []
             self._length_known = False
+            return
+        if status > 599:
+            self._fail(invalid_response(f"status {status} is not in 100-599"))
             return
         self.status = status
         if self._head_only or status == 204 or status == 304:
@@ -212,6 +228,9 @@ class Connection(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self.done:  # a body to a HEAD request: dropped, and the framing is not to be trusted
+            self.keep_alive = False
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._buffered > HIGH_WATER and not self._read_paused and self.transport is not None:

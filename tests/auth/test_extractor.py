@@ -136,3 +136,32 @@ def test_api_key_from_the_configured_header_and_websocket_query() -> None:
 def test_credentials_never_show_in_repr() -> None:
     c = get([(b"authorization", b"Bearer " + TOKEN.encode()), (b"x-api-key", b"ak_secret")])
     assert TOKEN not in repr(c) and "ak_secret" not in repr(c)
+
+
+@pytest.mark.parametrize(
+    ("query", "clean"),
+    [
+        (b"a=1;access_token=" + TOKEN.encode(), b"a=1"),
+        (b"a=1;token=t&b=2", b"a=1&b=2"),
+        (b"b=2&a=1;x=2;api_key=k", b"b=2&a=1;x=2"),
+        (b"a=1;%74oken=t", b"a=1"),
+        (b"a=1;Access_Token=t", b"a=1"),
+        (b"a=1;token[]=t", b"a=1"),
+        (b"a=1;token", b"a=1"),
+    ],
+)
+def test_a_credential_name_after_a_semicolon_is_a_refusal_and_stays_out_of_the_clean_query(
+    query: bytes, clean: bytes
+) -> None:
+    for websocket in (False, True):
+        c = get([], query, websocket=websocket)
+        assert c.query_refusal is not None
+        assert c.bearer is None and c.api_key is None
+        assert c.clean_query == clean
+
+
+def test_semicolons_without_a_credential_name_change_nothing() -> None:
+    for query in (b"a=1;b=2", b"tokenize=1;x", b"x=token;y", b"token=" + TOKEN.encode() + b";"):
+        c = get([], query)
+        assert c.query_refusal is None
+    assert get([], b"a=1;b=2&c").clean_query == b"a=1;b=2&c"

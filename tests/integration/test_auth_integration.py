@@ -4,6 +4,7 @@ and every way a client could try to impersonate someone."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -16,12 +17,14 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from websockets.sync.client import connect
 
 from tests.support.servers import (
     ROOT,
     Process,
     Sidecar,
     free_port,
+    spawn,
     start_sidecar,
     wait_for_port,
 )
@@ -354,3 +357,86 @@ def test_signed_identity_is_checked_by_upstream_demo(tmp_path: Path) -> None:
     finally:
         demo.terminate()
         demo.wait(10)
+
+
+def start_demo(tmp_path: Path, *args: str) -> Process:
+    port = free_port()
+    return spawn(
+        [
+            sys.executable,
+            "-m",
+            "upstream_demo",
+            "--port",
+            str(port),
+            "--web-port",
+            "0",
+            "--event-interval",
+            "0",
+            "--identity-secret-env",
+            "TEST_IDENTITY_SECRET",
+            *args,
+        ],
+        tmp_path / f"demo-{port}.log",
+        port,
+        env=ENV,
+    )
+
+
+def test_a_v2_signed_set_passes_the_demo_only_for_its_own_request_and_window(
+    tmp_path: Path,
+) -> None:
+    skew = 2
+    demo = start_demo(tmp_path, "--identity-max-skew-s", str(skew))
+    body = CONFIG.replace('path = "/echo/*"', 'path = "/api/*"') + (
+        '[[routes]]\npath = "/ws"\nauth = ["jwt"]\n'
+        '\n[identity]\nsign = true\nsecret_env = "TEST_IDENTITY_SECRET"\n'
+        f'signature = "v2"\nmax_skew_s = {skew}\n'
+    )
+    s = start_sidecar(tmp_path, demo.port, body, env=ENV)
+    try:
+        # The credential in the query is removed before signing: the demo checks the query it got.
+        r = httpx.get(f"{s.url}/api/whoami?view=full&access_token=junk", headers=bearer(token()))
+        assert r.status_code == 200, r.text
+        assert r.json()["subject"] == "alice@example.com"
+        assert r.json()["query"] == "view=full"
+        received = r.json()["headers"]
+        assert received["x-auth-signature"].startswith("v2=")
+        assert received["x-auth-signed-headers"] == (
+            "x-auth-subject,x-auth-method,x-auth-scopes,x-auth-issuer,x-user-email"
+        )
+        signed = {"x-request-id", *received["x-auth-signed-headers"].split(",")}
+        captured = {k: v for k, v in received.items() if k.startswith("x-auth-") or k in signed}
+        assert captured["x-user-email"] == "alice@example.com"
+        demo_url = f"http://127.0.0.1:{demo.port}"
+
+        # Replayed straight to the upstream: the same request line passes within the window
+        # (the capture is faithful), any other is refused by the demo's checker.
+        same = httpx.get(f"{demo_url}/api/whoami?view=full", headers=captured)
+        assert same.status_code == 200, same.text
+        for method, url in [
+            ("GET", "/api/models"),
+            ("POST", "/api/models"),
+            ("DELETE", "/api/whoami?view=full"),
+            ("GET", "/api/whoami"),
+            ("GET", "/api/whoami?view=full&admin=1"),
+        ]:
+            replay = httpx.request(method, demo_url + url, headers=captured)
+            assert replay.status_code == 401, (method, url, replay.text)
+            assert replay.json()["details"]["reason"] == "bad_signature"
+        forged = {**captured, "X-Auth-Subject": "admin@example.com"}
+        assert httpx.get(f"{demo_url}/api/whoami?view=full", headers=forged).status_code == 401
+
+        # The WebSocket handshake is signed too (GET, path, query without the token).
+        with connect(f"ws://127.0.0.1:{s.port}/ws?x=1&token={token()}") as ws:
+            ws.send(json.dumps({"type": "subscribe", "topics": ["models"]}))
+            assert json.loads(ws.recv(timeout=5))["type"] == "subscribed"
+
+        time.sleep(skew + 1.5)
+        late = httpx.get(f"{demo_url}/api/whoami?view=full", headers=captured)
+        assert late.status_code == 401 and late.json()["details"]["reason"] == "stale"
+        # The sidecar stamps each request afresh: it still passes.
+        r = httpx.get(f"{s.url}/api/whoami", headers=bearer(token()))
+        assert r.status_code == 200, r.text
+    finally:
+        s.stop()
+        demo.stop()

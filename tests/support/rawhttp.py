@@ -40,7 +40,12 @@ def raw_request(
         lines.append(k + b": " + v)
     if body:
         lines.append(b"Content-Length: %d" % len(body))
-    data = b"\r\n".join(lines) + b"\r\n\r\n" + body
+    return raw_exchange(port, b"\r\n".join(lines) + b"\r\n\r\n" + body)
+
+
+def raw_exchange(port: int, data: bytes) -> RawResponse:
+    """Send `data` exactly as given (one write, so it arrives as one packet on loopback) and read
+    the answer until the server closes."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(data)
         chunks = []

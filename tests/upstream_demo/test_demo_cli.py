@@ -64,6 +64,18 @@ def test_parse_args_refuses_a_non_positive_token_ttl(capsys: pytest.CaptureFixtu
     assert "--token-ttl" in capsys.readouterr().err
 
 
+def test_parse_args_signature_check_defaults_to_v2_with_a_30_s_window(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = parse_args([])
+    assert (args.identity_signature, args.identity_max_skew_s) == ("v2", 30.0)
+    args = parse_args(["--identity-signature", "v1", "--identity-max-skew-s", "5"])
+    assert (args.identity_signature, args.identity_max_skew_s) == ("v1", 5.0)
+    with pytest.raises(SystemExit):
+        parse_args(["--identity-max-skew-s", "0"])
+    assert "--identity-max-skew-s" in capsys.readouterr().err
+
+
 @pytest.fixture
 async def web() -> AsyncIterator[httpx.AsyncClient]:
     app = create_web_app(api_url="http://sidecar.test:8000/", ws_url="ws://sidecar.test:8000/ws")
