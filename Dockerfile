@@ -6,10 +6,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     AUTHPROXY_CONFIG=/etc/authproxy/config.toml
 
 WORKDIR /opt/authproxy
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy ./proxy
-COPY upstream_demo ./upstream_demo
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir -c constraints.txt . \
     && useradd --system --uid 10001 --no-create-home authproxy
 
 USER 10001

@@ -9,12 +9,13 @@ APT_PACKAGES := chromium
 BENCH_APT_PACKAGES := nginx wrk caddy curl
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install system-deps bench-deps run test lint typecheck unit bench clean
+.PHONY: install system-deps bench-deps run test lint typecheck unit bench clean lock
 
-$(STAMP): pyproject.toml
+# Every Python package at the version in constraints.txt: a fresh machine builds what was tested.
+$(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -50,8 +51,8 @@ typecheck: install
 test: system-deps install lint typecheck
 	$(VENV)/bin/pytest
 
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+$(BENCH_STAMP): pyproject.toml constraints.txt $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,bench]'
 	touch $(BENCH_STAMP)
 
 # BENCH_ARGS=--quick: one short round of every figure (a smoke test of the harness).
@@ -60,3 +61,13 @@ bench: install bench-deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a scratch venv.
+# Run the whole suite on the result before committing it.
+lock:
+	rm -rf .lock-venv && python3 -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet --upgrade pip
+	.lock-venv/bin/pip install --quiet '.[test,demo,bench]'
+	{ echo "# Written by 'make lock' from pyproject.toml; 'make' installs with it (pip -c)."; \
+	  .lock-venv/bin/pip freeze --exclude authproxy; } > constraints.txt
+	rm -rf .lock-venv

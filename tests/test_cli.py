@@ -226,3 +226,27 @@ def test_check_config_prints_warnings_and_still_exits_0(tmp_path: Path) -> None:
         "configured (auth.api_keys.keys, auth.api_keys.keys_file)",
     ]
     assert "config OK" in result.stdout and "2 warnings" in result.stdout
+
+
+def test_every_file_the_dockerfile_copies_is_in_the_repository() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    copied = [
+        source
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ")
+        for source in line.split()[1:-1]
+    ]
+    assert "constraints.txt" in copied  # the image installs the versions the tests ran
+    for source in copied:
+        assert (ROOT / source).exists(), source
+
+
+def test_the_sidecar_runs_without_the_demo_or_its_dependencies() -> None:
+    # The package ships proxy/ alone; starlette is the demo's (the `demo` extra).
+    code = (
+        "import sys, proxy.cli, proxy.app, proxy.server, proxy.supervisor; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'upstream_demo')]; "
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
