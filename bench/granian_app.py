@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from proxy import config
 from proxy.app import App
-from proxy.ops import logs
+from proxy.telemetry import logs
 
 
 def create() -> App:

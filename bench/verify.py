@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from proxy import config
 from proxy.auth import AuthService
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 ISSUER = "https://idp.bench"
 SECRET = "bench-secret-bench-secret-bench-secret!"

@@ -10,18 +10,18 @@ import signal
 
 import aiohttp
 
+from .admin import AdminApp
 from .auth import AuthService, new_key_session
 from .config import Settings
 from .cors import Cors
-from .ops import logs
-from .ops.admin import AdminApp
-from .ops.metrics import Metrics
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
 from .relay.upstream import UpstreamPool
 from .relay.websocket import Tunnel
 from .routing import RouteTable
+from .telemetry import logs
+from .telemetry.metrics import Metrics
 from .types import Receive, Scope, Send
 
 log = logging.getLogger("authproxy.app")

@@ -103,7 +103,7 @@ def _hash_key(key: str | None, key_id: str) -> int:
 
 
 def _explain(path: str | None, method: str, target: str, raw_headers: list[str]) -> int:
-    from .ops.explain import explain
+    from .explain import explain
 
     settings = config.load(path)
     headers = []

@@ -23,8 +23,8 @@ from typing import Any
 
 from .config import CorsSettings, Settings
 from .errors import ConfigError, Forbidden
-from .ops.metrics import Metrics
 from .public_suffixes import wildcard_problem
+from .telemetry.metrics import Metrics
 
 logger = logging.getLogger("authproxy.cors")
 

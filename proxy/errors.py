@@ -21,13 +21,12 @@ Library exceptions are translated into these where they enter (`raise BadGateway
 
 from __future__ import annotations
 
-import functools
 import json
-import time
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from .identity import Identity
+from .telemetry.clock import rfc3339_now
 
 # WebSocket close codes (RFC 6455 and ours). Clients rely on the 44xx ones to decide what to do.
 CLOSE_NORMAL = 1000
@@ -221,23 +220,6 @@ def bearer_challenge(
     if scope:
         params.append(f"scope={_quote(scope)}")
     return "Bearer " + ", ".join(params) if params else "Bearer"
-
-
-@functools.lru_cache(maxsize=8)
-def _second(second: int) -> str:
-    # strftime and gmtime once a second, not once a line.
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-
-
-def rfc3339(when: float) -> str:
-    """A Unix time as RFC 3339 UTC with millisecond precision (error bodies and log lines)."""
-    second = int(when)
-    return f"{_second(second)}.{int((when - second) * 1000):03d}Z"
-
-
-def rfc3339_now() -> str:
-    """The current UTC time as RFC 3339 with millisecond precision."""
-    return rfc3339(time.time())
 
 
 def error_body(

@@ -29,12 +29,12 @@ from .errors import (
 )
 from .identity import Identity
 from .ids import new_request_id
-from .ops import logs
-from .ops.metrics import Metrics
 from .paths import judge_path
 from .relay.headers import HeaderPolicy, peer
 from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .routing import Route, RouteTable
+from .telemetry import logs
+from .telemetry.metrics import Metrics
 from .types import Receive, Scope, Send
 
 if TYPE_CHECKING:

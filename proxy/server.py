@@ -22,7 +22,7 @@ from .config import Settings, split_listen
 from .config import warnings as config_warnings
 from .errors import ConfigError
 from .limits import bounded_head_protocol
-from .ops import logs
+from .telemetry import logs
 from .types import ASGIApp
 from .workers import WorkerRole, reuseport_socket, serve_readiness
 from .wsprotocol import LeanWebSocketProtocol

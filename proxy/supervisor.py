@@ -35,13 +35,13 @@ from typing import Any
 
 import uvloop
 
+from .admin import AdminApp, Exposition
 from .app import App
 from .config import Settings, split_listen
 from .errors import ConfigError
-from .ops import logs
-from .ops.admin import AdminApp, Exposition
-from .ops.metrics import GroupMetrics
 from .server import QuietServer, admin_config, log_config_warnings, serve_quietly
+from .telemetry import logs
+from .telemetry.metrics import GroupMetrics
 from .workers import (
     WorkerRole,
     ask_readiness,

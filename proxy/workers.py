@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .config import Settings
-from .ops.metrics import MULTIPROCESS_ENV
+from .telemetry.metrics import MULTIPROCESS_ENV
 
 MARKER = "AUTHPROXY_WORKER"
 _SETTINGS_FILE = "settings.pickle"

@@ -11,7 +11,7 @@ import pytest
 from proxy.config import CorsSettings, from_dict
 from proxy.cors import Cors, CorsPolicy, CorsRefused
 from proxy.errors import ConfigError, Forbidden
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 Headers = list[tuple[bytes, bytes]]
 

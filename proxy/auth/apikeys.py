@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from ..config import ApiKeySettings, ApiKeysSettings, describe_validation_error, read_toml
 from ..errors import ConfigError
-from ..ops.metrics import Metrics
+from ..telemetry.metrics import Metrics
 from .rejected import Rejected
 
 log = logging.getLogger("authproxy.auth")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from ..config import RouteSettings
 from ..errors import ProxyError, Unauthorized
 from ..identity import Identity
-from ..ops.metrics import Metrics
+from ..telemetry.metrics import Metrics
 from .apikeys import ApiKeyStore
 from .extractor import Credentials
 from .jwt import JwtVerifier

@@ -19,7 +19,7 @@ from typing import Protocol
 import aiohttp
 
 from ..config import JwtProviderSettings
-from ..ops.metrics import Metrics
+from ..telemetry.metrics import Metrics
 from .keys import KeyError_, KeySet, parse_jwks
 
 log = logging.getLogger("authproxy.auth")

@@ -43,7 +43,7 @@ from jwt.exceptions import InvalidSignatureError, PyJWTError
 from ..config import JwtProviderSettings, JwtSettings
 from ..errors import ConfigError, ServiceUnavailable
 from ..identity import Identity
-from ..ops.metrics import Metrics
+from ..telemetry.metrics import Metrics
 from .jwks import JwksCache, KeySource, StaticKeys
 from .keys import KeyError_, KeySet, VerifyKey, hmac_key, load_pem, parse_jwks
 from .rejected import Rejected

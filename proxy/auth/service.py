@@ -15,7 +15,7 @@ import aiohttp
 from ..config import RouteSettings, Settings
 from ..errors import BadRequest
 from ..identity import Identity
-from ..ops.metrics import Metrics
+from ..telemetry.metrics import Metrics
 from .apikeys import ApiKeyStore
 from .chain import ApiKeyMethod, Attempt, Chain, JwtMethod, Method
 from .extractor import Credentials, Extractor

@@ -59,9 +59,9 @@ from ..errors import (
     ServiceUnavailable,
 )
 from ..identity import Identity
-from ..ops import logs
-from ..ops.metrics import Metrics
 from ..routing import Route
+from ..telemetry import logs
+from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
 from .headers import HeaderPolicy, peer
 

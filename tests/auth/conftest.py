@@ -7,7 +7,7 @@ import pytest
 
 from proxy.auth import AuthService
 from proxy.config import Settings
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .support import HS_ENV, HS_SECRET, JwksServer
 

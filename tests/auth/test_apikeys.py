@@ -17,7 +17,7 @@ from proxy.auth.rejected import Rejected
 from proxy.config import ApiKeySettings
 from proxy.errors import ConfigError, Unauthorized
 from proxy.identity import Identity
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .conftest import MakeService
 from .support import make_settings, route

@@ -11,7 +11,7 @@ import pytest
 from proxy.auth import AuthService
 from proxy.auth.apikeys import hash_key
 from proxy.errors import InsufficientScope, Unauthorized
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .conftest import MakeService
 from .support import claims, make_settings, mint_pyjwt, provider, public_jwk, route, rsa_key

@@ -13,7 +13,7 @@ from proxy.auth import AuthService
 from proxy.auth.jwks import refresh_delay
 from proxy.config import JwtProviderSettings
 from proxy.errors import Unauthorized
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .conftest import MakeService
 from .support import (

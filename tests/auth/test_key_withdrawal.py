@@ -15,7 +15,7 @@ from proxy.auth import AuthService
 from proxy.auth.keys import load_pem, parse_jwk
 from proxy.errors import Unauthorized
 from proxy.identity import Identity
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .conftest import MakeService
 from .support import (

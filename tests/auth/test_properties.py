@@ -18,7 +18,7 @@ from proxy.auth import AuthService
 from proxy.auth.apikeys import hash_key
 from proxy.errors import Unauthorized
 from proxy.identity import Identity
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .support import (
     claims,

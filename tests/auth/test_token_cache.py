@@ -11,7 +11,7 @@ import pytest
 
 from proxy.auth import AuthService
 from proxy.errors import Unauthorized
-from proxy.ops.metrics import Metrics
+from proxy.telemetry.metrics import Metrics
 
 from .conftest import MakeService
 from .support import (

@@ -17,7 +17,6 @@ from websockets.uri import parse_uri
 from proxy.config import from_dict
 from proxy.errors import BadGateway, GatewayTimeout, RateLimited, ServiceUnavailable
 from proxy.identity import Identity
-from proxy.ops.metrics import Metrics
 from proxy.relay.headers import HeaderPolicy
 from proxy.relay.websocket import (
     KEY_REVOKED,
@@ -32,6 +31,7 @@ from proxy.relay.websocket import (
     upstream_uri,
     utf8_len,
 )
+from proxy.telemetry.metrics import Metrics
 
 # --- the client hop ends -------------------------------------------------------------------------
 

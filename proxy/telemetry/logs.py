@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import orjson
 
-from ..errors import rfc3339, rfc3339_now
+from .clock import rfc3339, rfc3339_now
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "authproxy_request_id", default=None

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..types import Receive, Scope, Send
+from .types import Receive, Scope, Send
 
 
 class Exposition(Protocol):

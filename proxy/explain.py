@@ -12,15 +12,15 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from ..auth import Attempt, AuthService
-from ..auth.chain import fingerprint
-from ..auth.jwks import JwksCache
-from ..config import Settings
-from ..errors import BadRequest, ConfigError, ProxyError
-from ..identity import Identity
-from ..paths import judge_path
-from ..routing import RouteTable
-from .metrics import Metrics
+from .auth import Attempt, AuthService
+from .auth.chain import fingerprint
+from .auth.jwks import JwksCache
+from .config import Settings
+from .errors import BadRequest, ConfigError, ProxyError
+from .identity import Identity
+from .paths import judge_path
+from .routing import RouteTable
+from .telemetry.metrics import Metrics
 
 
 def _split_target(target: str) -> tuple[str, str]:

@@ -14,7 +14,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from proxy.auth import hash_key
 from proxy.config import Settings, from_dict
-from proxy.ops.explain import explain
+from proxy.explain import explain
 
 KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 API_KEY = "ak_" + "e" * 40

@@ -1,0 +1,2 @@
+"""The bottom layer: logs, metrics and time stamps. Every other package may use it; it imports
+nothing of authproxy's."""
