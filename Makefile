@@ -9,7 +9,7 @@ APT_PACKAGES := chromium
 BENCH_APT_PACKAGES := nginx wrk caddy curl
 BENCH_STAMP := $(VENV)/.bench-stamp
 
-.PHONY: install system-deps bench-deps run test lint typecheck unit bench clean lock
+.PHONY: install system-deps bench-deps run test soak lint typecheck unit bench clean lock
 
 # Every Python package at the version in constraints.txt: a fresh machine builds what was tested.
 $(STAMP): pyproject.toml constraints.txt
@@ -44,12 +44,18 @@ run: install
 lint: install
 	$(VENV)/bin/ruff check proxy upstream_demo tests bench
 	$(VENV)/bin/ruff format --check proxy upstream_demo tests bench
+	$(VENV)/bin/lint-imports
 
 typecheck: install
 	$(VENV)/bin/mypy
 
 test: system-deps install lint typecheck
 	$(VENV)/bin/pytest
+
+# The long soak (tests/soak: 500 WebSockets and mixed REST through one sidecar, three minutes;
+# SOAK_WEBSOCKETS / SOAK_SECONDS change it). `make test` runs only the short one.
+soak: install
+	$(VENV)/bin/pytest -m soak tests/soak
 
 $(BENCH_STAMP): pyproject.toml constraints.txt $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,bench]'

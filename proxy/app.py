@@ -11,16 +11,17 @@ import signal
 import aiohttp
 
 from .admin import AdminApp
-from .auth import AuthService, new_key_session
+from .auth import AuthService, consumed_headers, new_key_session
 from .config import Settings
 from .cors import Cors
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
+from .relay.tunnel import Tunnel
 from .relay.upstream import UpstreamPool
-from .relay.websocket import Tunnel
 from .routing import RouteTable
 from .telemetry import logs
+from .telemetry.access import AccessLog
 from .telemetry.metrics import Metrics
 from .types import Receive, Scope, Send
 
@@ -33,8 +34,10 @@ class App:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        # One access record per request or session, one writer of lines and request metrics.
+        self.access = AccessLog(self.metrics, log_lines=settings.logging.access_log)
         # Everything that can fail on a bad configuration is built here, before serving.
-        self.headers = HeaderPolicy(settings)
+        self.headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
         self.routes = RouteTable(settings.routes)
         self.cors = Cors(settings, self.metrics)
         self.forwarder = Forwarder(
@@ -86,7 +89,13 @@ class App:
         self._key_session = new_key_session()
         self.auth = AuthService(self.settings, self.metrics, self._key_session)
         await self.auth.start()
-        self.tunnel = Tunnel(self.settings, self.metrics, self.auth, self.headers)
+        self.tunnel = Tunnel(
+            self.settings,
+            self.metrics,
+            subscribe_revocations=self.auth.subscribe_revocations,
+            subscribe_key_withdrawals=self.auth.subscribe_key_withdrawals,
+            access=self.access,
+        )
         await self.tunnel.start()
         self.pipeline = Pipeline(
             self.settings,
@@ -97,6 +106,7 @@ class App:
             forwarder=self.forwarder,
             tunnel=self.tunnel,
             metrics=self.metrics,
+            access=self.access,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.auth.reload_keys)

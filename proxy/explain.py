@@ -1,24 +1,24 @@
-"""`authproxy explain`: run one request through path judgement, routing and authentication, and
-say in words what happened, so an operator debugs a 401 without reading code.
+"""`authproxy explain`: run one request through the server's own decision and say in words what
+happened, so an operator debugs a 401 or a CORS refusal without reading code.
 
-It uses a real `AuthService` (with its own HTTP session, so JWKS are really fetched) and prints the
-normalised path, the matched route, what each method of the route's chain found and concluded, and
-the exact reason for the verdict. Credentials are shown only as a short SHA-256 prefix.
+It builds the same `Decider` the server uses (a real `AuthService`, with its own HTTP session, so
+JWKS are really fetched), so a preflight is answered, a disallowed Origin refused and a path
+judged exactly as the server would. Credentials are shown only as a short SHA-256 prefix.
 """
 
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-import aiohttp
-
-from .auth import Attempt, AuthService
+from .auth import Attempt, AuthService, consumed_headers, new_key_session
 from .auth.chain import fingerprint
 from .auth.jwks import JwksCache
-from .config import Settings
-from .errors import BadRequest, ConfigError, ProxyError
+from .config import Settings, split_listen
+from .cors import Cors
+from .decision import Decider, Decision, Facts
+from .errors import ConfigError
 from .identity import Identity
-from .paths import judge_path
+from .relay.headers import HeaderPolicy
 from .routing import RouteTable
 from .telemetry.metrics import Metrics
 
@@ -64,106 +64,114 @@ def _key_status(cache: JwksCache) -> str:
     return f"{len(keys.keys)} key(s) from {cache.url}, {state}: {keys.describe()}"
 
 
+def facts_for(
+    settings: Settings, method: str, target: str, headers: list[tuple[str, str]]
+) -> Facts:
+    """The request `explain` is asked about, as the server would see it (a Host is supplied
+    from `server.listen` when none is given, as any HTTP/1.1 client would send one)."""
+    path_text, query = _split_target(target)
+    raw = [(k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")) for k, v in headers]
+    if not any(k == b"host" for k, _ in raw):
+        host, port = split_listen(settings.server.listen)
+        raw.append((b"host", f"{host}:{port}".encode("latin-1")))
+    websocket = any(k == b"upgrade" and v.lower() == b"websocket" for k, v in raw)
+    return Facts(
+        method=method.upper(),
+        target=path_text.encode("utf-8"),
+        query=query.encode("utf-8"),
+        headers=raw,
+        scheme="ws" if websocket else "http",
+        peer="127.0.0.1",
+        websocket=websocket,
+    )
+
+
 async def explain(
     settings: Settings, method: str, target: str, headers: list[tuple[str, str]]
 ) -> tuple[bool, str]:
     """(accepted?, the explanation). Never prints a token or key, only their SHA-256 prefix."""
-    method = method.upper()
-    lines: list[str] = []
-    path_text, query = _split_target(target)
-    raw_headers = [
-        (k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")) for k, v in headers
-    ]
-    websocket = any(k == b"upgrade" and v.lower() == b"websocket" for k, v in raw_headers)
-
-    try:
-        path, upstream_path = judge_path(path_text.encode("utf-8"))
-    except BadRequest as exc:
-        lines.append(_line("request", f"{method} {path_text}"))
-        lines.append(_line("path", f"refused: {exc.message}"))
-        lines.append(_line("result", f"REFUSED {exc.status} {exc.code}: {exc.message}"))
-        return False, "\n".join(lines)
-
-    async with aiohttp.ClientSession() as session:
+    facts = facts_for(settings, method, target, headers)
+    metrics = Metrics()
+    async with new_key_session() as session:
         try:
-            service = AuthService(settings, Metrics(), session)
+            service = AuthService(settings, metrics, session)
+            decider = Decider(
+                routes=RouteTable(settings.routes),
+                cors=Cors(settings, metrics),
+                auth=service,
+                headers=HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth)),
+                max_header_bytes=settings.server.max_header_bytes,
+            )
         except ConfigError as exc:
-            lines.append(_line("config", f"error: {exc}"))
-            return False, "\n".join(lines)
+            return False, _line("config", f"error: {exc}")
         await service.start()
         try:
-            return await _explain(
-                service, settings, method, path, upstream_path, query, raw_headers, websocket, lines
-            )
+            decision = await decider.decide(facts, explain=True)
+            return report(decision, facts, service)
         finally:
             await service.stop()
 
 
-async def _explain(
-    service: AuthService,
-    settings: Settings,
-    method: str,
-    path: str,
-    upstream_path: bytes,
-    query: str,
-    raw_headers: list[tuple[bytes, bytes]],
-    websocket: bool,
-    lines: list[str],
-) -> tuple[bool, str]:
-    creds = service.extract(raw_headers, query.encode("utf-8"), websocket=websocket)
-    shown_query = "?" + creds.clean_query.decode("latin-1") if creds.clean_query else ""
-    kind = " (WebSocket handshake)" if websocket else ""
-    lines.append(_line("request", f"{method} {path}{shown_query}{kind}"))
-    lines.append(_line("path", f"{path}  (sent upstream as {upstream_path.decode('ascii')})"))
-
-    route = RouteTable(settings.routes).match(path, method)
-    if route is None:
-        lines.append(_line("route", f"no route matches {method} {path}"))
-        lines.append(_line("result", "REFUSED 404 not_found: no route"))
-        return False, "\n".join(lines)
-    r = route.settings
-    policy = "public" if r.public else " or ".join(r.auth)
-    extra = f"; scopes {' '.join(r.scopes)}" if r.scopes else ""
-    extra += "; auth optional" if r.auth_optional else ""
-    lines.append(_line("route", f"routes[{route.index}] {r.path!r} (auth: {policy}{extra})"))
-
-    if method == "OPTIONS" and any(k == b"access-control-request-method" for k, _ in raw_headers):
-        lines.append(_line("note", "a CORS preflight: answered by the CORS stage, before auth"))
-
-    found = []
-    if creds.bearer is not None:
-        found.append(f"bearer token from the {creds.bearer_source} ({fingerprint(creds.bearer)})")
-    if creds.api_key is not None:
-        found.append(f"API key from the {creds.api_key_source} ({fingerprint(creds.api_key)})")
-    if creds.problem:
-        found.append(f"problem: {creds.problem}")
-    lines.append(_line("credentials", "; ".join(found) or "none"))
-
-    if creds.bearer is not None and "jwt" in r.auth:
-        provider = service.jwt.peek_provider(creds.bearer)
-        if provider is None:
-            lines.append(_line("provider", "none (the token's 'iss' names no configured provider)"))
-        else:
-            status = "keys from a file or the environment"
-            for cache in service.jwt.jwks:
-                if cache.provider.name == provider:
-                    status = _key_status(cache)
-            lines.append(_line("provider", f"{provider!r}: {status}"))
-
-    trace: list[Attempt] = []
-    try:
-        identity = await service.authenticate(r, creds, trace)
-    except ProxyError as exc:
-        lines.extend(_trace_lines(trace))
+def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
+    """The decision in words: (accepted?, the lines)."""
+    r = d.request
+    creds = r.credentials
+    shown_query = ""
+    if creds is not None and creds.clean_query:
+        shown_query = "?" + creds.clean_query.decode("latin-1")
+    elif creds is None and facts.query:
+        shown_query = " (query not read)"
+    kind = " (WebSocket handshake)" if facts.websocket else ""
+    path = r.path or facts.target.decode("utf-8", "replace")
+    lines = [_line("request", f"{r.method} {path}{shown_query}{kind}")]
+    for stage, text in d.trace or []:
+        if stage != "result":
+            lines.append(_line(stage, text))
+    if creds is not None:
+        found = []
+        if creds.bearer is not None:
+            found.append(
+                f"bearer token from the {creds.bearer_source} ({fingerprint(creds.bearer)})"
+            )
+        if creds.api_key is not None:
+            found.append(f"API key from the {creds.api_key_source} ({fingerprint(creds.api_key)})")
+        if creds.problem:
+            found.append(f"problem: {creds.problem}")
+        lines.append(_line("credentials", "; ".join(found) or "none"))
+        if creds.bearer is not None and r.route is not None and "jwt" in r.route.settings.auth:
+            provider = service.jwt.peek_provider(creds.bearer)
+            if provider is None:
+                lines.append(
+                    _line("provider", "none (the token's 'iss' names no configured provider)")
+                )
+            else:
+                status = "keys from a file or the environment"
+                for cache in service.jwt.jwks:
+                    if cache.provider.name == provider:
+                        status = _key_status(cache)
+                lines.append(_line("provider", f"{provider!r}: {status}"))
+    lines.extend(_trace_lines(d.attempts or []))
+    if d.action == "refuse":
+        assert d.error is not None
+        exc = d.error
         lines.append(_line("result", f"REFUSED {exc.status} {exc.code}: {exc.message}"))
         for name, value in exc.headers.items():
             lines.append(_line("", f"{name}: {value}"))
         return False, "\n".join(lines)
-    lines.extend(_trace_lines(trace))
-    if identity is None:
-        why = "public route" if r.public else "no credential presented; route allows anonymous"
+    if d.action == "preflight":
+        lines.append(_line("result", "ANSWERED 204 by the sidecar (CORS preflight, before auth)"))
+        for raw_name, raw_value in d.preflight_headers or []:
+            lines.append(_line("", f"{raw_name.decode('latin-1')}: {raw_value.decode('latin-1')}"))
+        return True, "\n".join(lines)
+    if r.identity is None:
+        assert r.route is not None
+        why = (
+            "public route"
+            if r.route.settings.public
+            else "no credential presented; route allows anonymous"
+        )
         lines.append(_line("result", f"ACCEPTED anonymously ({why})"))
     else:
-        lines.append(_line("result", f"ACCEPTED as {identity.method} {identity.subject!r}"))
-        lines.extend(_identity_lines(identity))
+        lines.append(_line("result", f"ACCEPTED as {r.identity.method} {r.identity.subject!r}"))
+        lines.extend(_identity_lines(r.identity))
     return True, "\n".join(lines)

@@ -14,8 +14,7 @@ class Identity:
     subject: str
     scopes: frozenset[str] = frozenset()
     issuer: str | None = None
-    # Unix time after which the credential is no longer valid (JWT `exp`, API key `expires`);
-    # a WebSocket authenticated with it is closed then.
+    # Unix time after which the credential is no longer valid (JWT `exp`, API key `expires`).
     expires_at: float | None = None
     # The JWT provider's name or the API key's id: what a revocation is announced under.
     credential_id: str | None = None
@@ -25,3 +24,12 @@ class Identity:
     signing_key: str | None = None
     # Extra upstream headers mapped from claims (`claim_headers`), already validated names.
     claim_headers: tuple[tuple[str, str], ...] = ()
+    # How long past `expires_at` the credential is still accepted (a JWT provider's `leeway_s`),
+    # folded in by the method that authenticated it.
+    leeway_s: float = 0.0
+
+    @property
+    def valid_until(self) -> float | None:
+        """Unix time the credential stops being accepted (None: never); a WebSocket
+        authenticated with it is closed then."""
+        return None if self.expires_at is None else self.expires_at + self.leeway_s

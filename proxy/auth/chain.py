@@ -10,27 +10,22 @@ request carried no authentication), unless the route is `auth_optional`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from ..config import RouteSettings
 from ..errors import ProxyError, Unauthorized
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
-from .apikeys import ApiKeyStore
 from .extractor import Credentials
-from .jwt import JwtVerifier
+from .method import Method
+from .method import fingerprint as fingerprint  # explain names credentials with it
 from .rejected import Rejected
 from .scopes import require_scopes
 
 log = logging.getLogger("authproxy.auth")
-
-
-def fingerprint(secret: str) -> str:
-    """A short, safe name for a credential in logs and explain output: a SHA-256 prefix."""
-    return "sha256:" + hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,91 +37,14 @@ class Attempt:
     outcome: str
 
 
-class Method(Protocol):
-    """One authentication method."""
-
-    name: str
-
-    def present(self, credentials: Credentials) -> bool:
-        """Is a credential of this method's kind there (usable or not)? Cheap: every request."""
-
-    def found(self, credentials: Credentials) -> str | None:
-        """A description of the credential this method is responsible for, or None (for
-        `explain` and traces only: it hashes the credential)."""
-
-    async def authenticate(self, credentials: Credentials) -> Identity:
-        """The identity, or `Rejected`."""
-
-
-class JwtMethod:
-    """Bearer JWTs."""
-
-    name = "jwt"
-
-    def __init__(self, verifier: JwtVerifier) -> None:
-        self.verifier = verifier
-
-    def present(self, credentials: Credentials) -> bool:
-        return credentials.bearer is not None or credentials.bearer_problem is not None
-
-    def found(self, credentials: Credentials) -> str | None:
-        if credentials.bearer_problem is not None:
-            return f"an unusable bearer token ({credentials.bearer_problem})"
-        if credentials.bearer is not None:
-            return (
-                f"a bearer token from the {credentials.bearer_source} "
-                f"({fingerprint(credentials.bearer)})"
-            )
-        return None
-
-    async def authenticate(self, credentials: Credentials) -> Identity:
-        if credentials.bearer is None:
-            raise Rejected("malformed_credentials", credentials.bearer_problem or "no token")
-        return await self.verifier.verify(credentials.bearer)
-
-
-class ApiKeyMethod:
-    """API keys."""
-
-    name = "api_key"
-
-    def __init__(self, store: ApiKeyStore) -> None:
-        self.store = store
-
-    def present(self, credentials: Credentials) -> bool:
-        return credentials.api_key is not None or credentials.api_key_problem is not None
-
-    def found(self, credentials: Credentials) -> str | None:
-        if credentials.api_key_problem is not None:
-            return f"an unusable API key ({credentials.api_key_problem})"
-        if credentials.api_key is not None:
-            return (
-                f"an API key from the {credentials.api_key_source} "
-                f"({fingerprint(credentials.api_key)})"
-            )
-        return None
-
-    async def authenticate(self, credentials: Credentials) -> Identity:
-        if credentials.api_key is None:
-            raise Rejected("malformed_credentials", credentials.api_key_problem or "no key")
-        key = self.store.lookup(credentials.api_key)
-        return Identity(
-            method="api_key",
-            subject=key.id,
-            scopes=key.scopes,
-            issuer=None,
-            expires_at=key.expires_at,
-            credential_id=key.id,
-        )
-
-
 class Chain:
     """Runs a route's methods in order, then its scope check."""
 
-    def __init__(self, methods: dict[str, Method], metrics: Metrics, api_key_header: str) -> None:
+    def __init__(self, methods: Mapping[str, Method], metrics: Metrics) -> None:
         self._methods = methods
         self._metrics = metrics
-        self._api_key_header = api_key_header
+        # A route using any of these challenges with `WWW-Authenticate: Bearer` (RFC 6750).
+        self._bearer = frozenset(name for name, m in methods.items() if m.bearer_challenge)
         # Metric children by (method, result): labels() per request costs more than inc().
         self._counters: dict[tuple[str, str], Any] = {}
 
@@ -141,19 +59,20 @@ class Chain:
     ) -> Identity | None:
         if route.public:
             return None
-        bearer = "jwt" in route.auth
+        bearer = not self._bearer.isdisjoint(route.auth)
         for name in route.auth:
             method = self._methods[name]
+            credential = credentials.of(name)
             if trace is None:
-                found = "" if method.present(credentials) else None
+                found = "" if method.present(credential) else None
             else:
-                found = method.found(credentials)
+                found = method.found(credential)
             if found is None:
                 if trace is not None:
                     trace.append(Attempt(name, None, "not responsible (nothing presented)"))
                 continue
             try:
-                identity = await method.authenticate(credentials)
+                identity = await method.authenticate(credential)
             except Rejected as exc:
                 self._count(name, exc.reason)
                 if trace is not None:
@@ -187,7 +106,7 @@ class Chain:
             if trace is not None:
                 trace.append(Attempt(name, found, f"accepted: {_who(identity)}"))
             try:
-                require_scopes(identity, route)
+                require_scopes(identity, route, bearer=bearer)
             except ProxyError as exc:
                 self._count(name, "insufficient_scope")
                 exc.identity = identity
@@ -208,8 +127,8 @@ class Chain:
         )
 
     def _missing_message(self, route: RouteSettings, credentials: Credentials) -> str:
-        wanted = {"jwt": "a Bearer token", "api_key": f"an API key ({self._api_key_header})"}
-        message = "missing credentials: send " + " or ".join(wanted[m] for m in route.auth)
+        wanted = (self._methods[m].asks_for for m in route.auth)
+        message = "missing credentials: send " + " or ".join(wanted)
         if credentials.problem:
             message += f" ({credentials.problem})"
         return message

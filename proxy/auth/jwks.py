@@ -1,6 +1,6 @@
-"""Where a provider's keys come from: a JWKS URL (cached, refreshed) or a file/secret (static).
+"""A provider's keys from its `jwks_url`, cached and refreshed (files and secrets: `key_files`).
 
-The URL cache fetches at start-up (readiness waits for the first good set), refreshes in the
+The cache fetches at start-up (readiness waits for the first good set), refreshes in the
 background on the `Cache-Control: max-age` the endpoint asks for (clamped to the provider's
 `[jwks_min_refresh_s, jwks_refresh_s]`), and refreshes early when a token names an unknown `kid` —
 at most once per `jwks_min_refresh_s`, and single-flight: however many requests ask at once, one
@@ -14,7 +14,6 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable
-from typing import Protocol
 
 import aiohttp
 
@@ -27,27 +26,6 @@ log = logging.getLogger("authproxy.auth")
 MAX_JWKS_BYTES = 1024 * 1024
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
 _NO_CACHE = re.compile(r"(?:^|[,\s])(?:no-store|no-cache)(?:$|[,\s=])", re.IGNORECASE)
-
-
-class KeySource(Protocol):
-    """A provider's key set, as the verifier sees it."""
-
-    def current(self) -> KeySet | None: ...
-
-    async def refresh_for_unknown_kid(self) -> None: ...
-
-
-class StaticKeys:
-    """Keys from a file or the environment: replaced only by an explicit reload."""
-
-    def __init__(self, keys: KeySet) -> None:
-        self.keys = keys
-
-    def current(self) -> KeySet | None:
-        return self.keys
-
-    async def refresh_for_unknown_kid(self) -> None:
-        return None
 
 
 class _FetchFailed(Exception):

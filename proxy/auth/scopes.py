@@ -12,8 +12,9 @@ def missing_scopes(identity: Identity, route: RouteSettings) -> list[str]:
     return [s for s in route.scopes if s not in identity.scopes]
 
 
-def require_scopes(identity: Identity, route: RouteSettings) -> None:
-    """Raise `InsufficientScope` (403, `error="insufficient_scope"`) if any is missing."""
+def require_scopes(identity: Identity, route: RouteSettings, *, bearer: bool) -> None:
+    """Raise `InsufficientScope` (403, `error="insufficient_scope"`) if any is missing; with
+    `bearer` (the route uses a Bearer method) it carries the RFC 6750 challenge."""
     missing = missing_scopes(identity, route)
     if missing:
-        raise InsufficientScope(missing, list(route.scopes), bearer="jwt" in route.auth)
+        raise InsufficientScope(missing, list(route.scopes), bearer=bearer)

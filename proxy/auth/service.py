@@ -1,8 +1,8 @@
 """The auth stage as the pipeline sees it: extract credentials, run the route's chain, reload keys.
 
-Everything that can be decided at start-up is: providers, key sources and the API key set are
-built in the constructor (a missing HS secret or a bad key file is a `ConfigError` there), JWKS
-are first fetched in `start()` (readiness waits for them), and a request only looks things up.
+Everything that can be decided at start-up is: every registered method is built in the constructor
+with its keys (a missing HS secret or a bad key file is a `ConfigError` there), JWKS are first
+fetched in `start()` (readiness waits for them), and a request only looks things up.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from ..config import RouteSettings, Settings
 from ..errors import BadRequest
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from . import api_key, jwt
 from .apikeys import ApiKeyStore
-from .chain import ApiKeyMethod, Attempt, Chain, JwtMethod, Method
+from .chain import Attempt, Chain
 from .extractor import Credentials, Extractor
 from .jwt import JwtVerifier
+from .method import Method
+from .registry import METHODS, locators
 
 log = logging.getLogger("authproxy.auth")
 
@@ -31,28 +34,39 @@ class AuthService:
         self, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession
     ) -> None:
         self.settings = settings
-        self.extractor = Extractor(settings.auth)
-        self.jwt = JwtVerifier(settings.auth.jwt, metrics, session)
-        self.api_keys = ApiKeyStore(settings.auth.api_keys, metrics)
-        methods: dict[str, Method] = {
-            "jwt": JwtMethod(self.jwt),
-            "api_key": ApiKeyMethod(self.api_keys),
+        self.extractor = Extractor(locators(settings.auth))
+        self.methods: dict[str, Method] = {
+            m.name: m.build(settings, metrics, session) for m in METHODS
         }
-        self._chain = Chain(methods, metrics, settings.auth.api_keys.header)
+        self._chain = Chain(self.methods, metrics)
+
+    @property
+    def jwt(self) -> JwtVerifier:
+        """The `jwt` method's verifier: its providers and JWKS caches (for explain and tests)."""
+        method = self.methods[jwt.NAME]
+        assert isinstance(method, jwt.JwtMethod)
+        return method.verifier
+
+    @property
+    def api_keys(self) -> ApiKeyStore:
+        """The `api_key` method's key set."""
+        method = self.methods[api_key.NAME]
+        assert isinstance(method, api_key.ApiKeyMethod)
+        return method.store
 
     async def start(self) -> None:
         """First JWKS fetch of every provider (failures logged), then the background tasks."""
-        await self.jwt.start()
-        await self.api_keys.start()
+        for method in self.methods.values():
+            await method.start()
 
     async def stop(self) -> None:
-        await self.jwt.stop()
-        await self.api_keys.stop()
+        for method in self.methods.values():
+            await method.stop()
 
     @property
     def ready(self) -> bool:
-        """Every JWKS provider has a usable key set."""
-        return self.jwt.ready
+        """Every method has its keys (every JWKS provider a usable key set)."""
+        return all(method.ready for method in self.methods.values())
 
     def extract(
         self, headers: list[tuple[bytes, bytes]], query_string: bytes, *, websocket: bool
@@ -69,9 +83,9 @@ class AuthService:
         return await self._chain.run(route, credentials, trace)
 
     def reload_keys(self) -> None:
-        """SIGHUP: re-read `keys_file` and JWT key files; a bad file keeps the old set."""
-        self.api_keys.reload()
-        self.jwt.reload_files()
+        """SIGHUP: re-read JWT key files and `keys_file`; a bad file keeps the old set."""
+        for method in self.methods.values():
+            method.reload()
 
     def subscribe_revocations(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """`callback(key_id)` whenever an API key stops being usable; returns an unsubscribe."""

@@ -278,14 +278,21 @@ def _one_name_per_claim_header(settings: Settings) -> None:
 
 
 class HeaderPolicy:
-    """The header rules, compiled once from the settings."""
+    """The header rules, compiled once from the settings and the request headers the auth
+    methods take their credentials from (`credential_headers`: `auth.consumed_headers`)."""
 
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential_headers: Iterable[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._trusted = settings.server.trusted_networks()
         self._preserve_host = settings.server.preserve_host
         drop = set(HOP_BY_HOP) | _FORWARDING | _REROUTING | _FOREIGN_IDENTITY
         drop |= {b"host", b"x-request-id", b"expect"}
-        credentials = {b"authorization", _name(settings.auth.api_keys.header)}
+        credentials = {_name(header) for header in credential_headers}
         if not settings.auth.forward_credentials:
             drop |= credentials
         for provider in settings.auth.jwt.providers:

@@ -21,6 +21,11 @@ from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
 
+# An answer with a Content-Length up to this is read whole before its head goes to the client: an
+# upstream that dies mid-body then costs a clean 502, not a cut connection. Anything longer, or
+# of unknown length (a stream, Server-Sent Events), starts at once.
+_WHOLE_BELOW = 64 * 1024
+
 # Methods that carry no body unless they say so (aiohttp's and browsers' rule): the others get
 # `Content-Length: 0` when the client sent no framing at all.
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT"})
@@ -352,7 +357,18 @@ class Forwarder:
     ) -> None:
         status = conn.status
         own: _Stall | None = None  # the stall timer this answer needed, if the request had none
-        exchange.status = exchange.upstream_status = status
+        exchange.upstream_status = status
+        early = b""
+        length = conn.expected_length
+        if not conn.finished and length is not None and length <= _WHOLE_BELOW:
+            try:
+                while not conn.finished:
+                    early += await conn.read()
+            except ClientGone:
+                exchange.client_gone = True
+                return
+            # A ProxyError goes up from here: nothing was sent yet, so the client gets the 502.
+        exchange.status = status
         headers = response_headers(self._headers.downstream_response(conn.headers))
         watcher: asyncio.Future[Message] | None = None
 
@@ -369,7 +385,10 @@ class Forwarder:
                 if stall is not None:
                     stall.sending = None
                 try:
-                    chunk = await conn.read() if not conn.finished else b""
+                    if early:
+                        chunk, early = early, b""
+                    else:
+                        chunk = await conn.read() if not conn.finished else b""
                 except ClientGone:
                     exchange.client_gone = True
                     return

@@ -118,6 +118,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self._length_known = False
+        self.expected_length: int | None = None  # the answer's Content-Length, when it has one
         self._interim = False
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -195,7 +196,11 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        if name == b"content-length" or name == b"transfer-encoding":
+        if name == b"content-length":
+            self._length_known = True
+            if value.isdigit():
+                self.expected_length = int(value)
+        elif name == b"transfer-encoding":
             self._length_known = True
         self.headers.append((name, value))
 
@@ -259,6 +264,7 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers = []
         self._length_known = False
+        self.expected_length = None
         self._interim = False
         self.done = False
         self.keep_alive = False

@@ -7,13 +7,14 @@ import base64
 import pytest
 
 from proxy.auth.extractor import Credentials, Extractor
+from proxy.auth.registry import locators
 from proxy.config import AuthSettings
 
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
 
 
 def ex(**auth: object) -> Extractor:
-    return Extractor(AuthSettings.model_validate(auth))
+    return Extractor(locators(AuthSettings.model_validate(auth)))
 
 
 def get(

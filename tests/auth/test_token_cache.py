@@ -73,9 +73,7 @@ async def test_a_cached_token_expires_at_its_exp(
     await auth(svc, tok)
     await auth(svc, tok)
     assert cache(metrics, "hit") == 1
-    import proxy.auth.jwt as jwt_module
-
-    monkeypatch.setattr(jwt_module.time, "time", lambda: now + 101)
+    monkeypatch.setattr(time, "time", lambda: now + 101)
     with pytest.raises(Unauthorized) as info:
         await auth(svc, tok)
     assert info.value.details["reason"] == "token_expired"
@@ -98,7 +96,7 @@ async def test_the_cache_is_bounded(make_service: MakeService, tmp_path: Path) -
     tokens = [mint_pyjwt(rsa_key(), "RS256", claims(sub=f"u{i}"), {"kid": "k1"}) for i in range(5)]
     for tok in tokens:
         await auth(svc, tok)
-    assert len(svc.jwt._cache) == 3
+    assert len(svc.jwt.cache) == 3
     await auth(svc, tokens[0])  # evicted: a miss
     await auth(svc, tokens[4])  # recent: a hit
     assert cache(metrics, "miss") == 6 and cache(metrics, "hit") == 1

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from proxy import config
+from proxy.auth import consumed_headers
 from proxy.errors import ConfigError
 from proxy.identity import Identity
 from proxy.relay.headers import (
@@ -23,8 +24,16 @@ from proxy.relay.headers import (
 ALICE = Identity(method="jwt", subject="alice", scopes=frozenset({"b", "a"}), issuer="https://i")
 
 
+def rules(settings: config.Settings, clock: float | None = None) -> HeaderPolicy:
+    """The policy as the app builds it: the credential headers come from the auth methods."""
+    credentials = consumed_headers(settings.auth)
+    if clock is None:
+        return HeaderPolicy(settings, credential_headers=credentials)
+    return HeaderPolicy(settings, credential_headers=credentials, clock=lambda: clock)
+
+
 def policy(**overrides: Any) -> HeaderPolicy:
-    return HeaderPolicy(config.from_dict(overrides))
+    return rules(config.from_dict(overrides))
 
 
 def upstream(
@@ -82,6 +91,13 @@ def test_credentials_stay_unless_forwarding_is_configured() -> None:
     assert h["authorization"] == ["Bearer t"] and h["cookie"] == ["a=1; at=t"]
 
 
+def test_the_credential_headers_are_those_the_auth_methods_consume() -> None:
+    sent = [(b"authorization", b"Bearer t"), (b"x-token", b"k"), (b"x_token", b"k")]
+    h = upstream(policy(auth={"api_keys": {"header": "X-Token"}}), sent + [(b"x-api-key", b"k")])
+    assert "authorization" not in h and "x-token" not in h and "x_token" not in h
+    assert h["x-api-key"] == ["k"]  # not a credential header in this configuration
+
+
 @pytest.mark.parametrize(
     ("header", "name", "expected"),
     [
@@ -126,7 +142,7 @@ BOB = Identity(
 def signing(monkeypatch: pytest.MonkeyPatch, clock: float = NOW, **identity: Any) -> HeaderPolicy:
     monkeypatch.setenv("ID_SECRET", "s3cret")
     settings = config.from_dict({"identity": {"sign": True, "secret_env": "ID_SECRET", **identity}})
-    return HeaderPolicy(settings, clock=lambda: clock)
+    return rules(settings, clock)
 
 
 def sent(
@@ -250,7 +266,7 @@ def test_v2_signs_the_path_the_upstream_receives_with_the_upstream_urls_own_path
             "upstream": {"url": "http://127.0.0.1:9000/base/"},
         }
     )
-    h = sent(HeaderPolicy(settings, clock=lambda: NOW))
+    h = sent(rules(settings, NOW))
     canonical = canonical_v2(
         timestamp=NOW,
         method="GET",
@@ -342,7 +358,7 @@ def test_v2_refuses_claim_headers_that_an_upstream_reads_as_one(
         }
     )
     with pytest.raises(ConfigError, match=r"auth\.jwt\.providers\[0\]\.claim_headers"):
-        HeaderPolicy(settings)
+        rules(settings)
 
 
 def test_max_skew_s_is_validated() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from proxy import config
+from proxy.auth import consumed_headers
 from proxy.errors import ProxyError
 from proxy.relay.headers import HeaderPolicy
 from proxy.relay.http import Exchange, Forwarder, UpstreamAborted
@@ -69,7 +70,8 @@ async def upstream(handler: Handler) -> AsyncIterator[Upstream]:
 @asynccontextmanager
 async def forwarder(up: Upstream, **upstream: Any) -> AsyncIterator[Forwarder]:
     settings = config.from_dict({"upstream": {"url": f"http://127.0.0.1:{up.port}", **upstream}})
-    fw = Forwarder(settings.server.max_body_bytes, HeaderPolicy(settings))
+    headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
+    fw = Forwarder(settings.server.max_body_bytes, headers)
     fw.pool = UpstreamPool(settings.upstream, asyncio.get_running_loop())
     try:
         yield fw
@@ -274,7 +276,8 @@ async def test_a_body_ended_by_the_close_is_complete_and_the_connection_not_kept
 async def test_a_body_cut_short_aborts_the_response() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         await up.read_request(r)
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly this")
+        # Longer than what is read whole first: the head is relayed at once, then the cut.
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\nonly this")
 
     async with upstream(handler) as up, forwarder(up) as fw:
         with pytest.raises(UpstreamAborted):
@@ -387,3 +390,39 @@ async def test_an_answer_before_the_upload_ends_is_relayed_and_the_connection_dr
         )
         assert sent[0]["status"] == 413 and body_of(sent) == b"big"
         assert pool.idle == 0
+
+
+async def test_a_short_answer_cut_before_its_end_is_a_clean_502_not_a_cut_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+        await w.drain()
+        await asyncio.sleep(0.1)
+        w.write(b"only half")  # and the upstream dies
+
+    async with upstream(handler) as up, forwarder(up) as fw:
+        with pytest.raises(ProxyError) as caught:
+            await call(fw)
+        assert caught.value.status == 502
+
+
+async def test_a_long_answer_starts_before_its_body_has_arrived() -> None:
+    release = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 1000)
+        await release.wait()
+        w.write(b"x" * 99000)
+
+    async with upstream(handler) as up, forwarder(up) as fw:
+        sent: list[dict[str, Any]] = []
+        task = asyncio.ensure_future(call(fw))
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            if task.done():
+                break
+        assert not task.done()  # waiting for the rest of the body, the head already relayed
+        release.set()
+        sent, _ = await task
+        assert sent[0]["status"] == 200 and len(body_of(sent)) == 100000

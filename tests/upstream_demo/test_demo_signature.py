@@ -15,6 +15,7 @@ import pytest
 from starlette.applications import Starlette
 
 from proxy import config
+from proxy.auth import consumed_headers
 from proxy.identity import Identity
 from proxy.relay.headers import HeaderPolicy
 from upstream_demo.app import create_app
@@ -50,7 +51,7 @@ def sidecar(monkeypatch: pytest.MonkeyPatch, clock: Clock, scheme: str = "v2") -
     settings = config.from_dict(
         {"identity": {"sign": True, "secret_env": "DEMO_ID_SECRET", "signature": scheme}}
     )
-    return HeaderPolicy(settings, clock=clock)
+    return HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth), clock=clock)
 
 
 def signed(

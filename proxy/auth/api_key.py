@@ -1,0 +1,105 @@
+"""The `api_key` method: a key in the configured header (`auth.api_keys.header`), or in the
+`api_key` query parameter of a WebSocket handshake (a browser cannot set headers there). Two
+different keys are ambiguous and refused. The key set itself, its reloads and revocations, is
+`apikeys.ApiKeyStore`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+
+from ..config import AuthSettings, Settings
+from ..identity import Identity
+from ..telemetry.metrics import Metrics
+from .apikeys import ApiKeyStore
+from .method import Found, MethodSpec, Presented, fingerprint, settle
+from .rejected import Rejected
+
+NAME = "api_key"
+
+_API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+class ApiKeyLocator:
+    """Finds the API key of one request; the header name is prepared once."""
+
+    name = NAME
+    also_reads: tuple[bytes, ...] = ()
+    query_params = (b"api_key",)
+    subprotocol_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, auth: AuthSettings) -> None:
+        self.consumes = (auth.api_keys.header.lower().encode("latin-1"),)
+
+    def extract(self, presented: Presented, *, websocket: bool) -> Found:
+        keys: list[tuple[str, str]] = []
+        problem: str | None = None
+        for _, value in presented.headers:
+            key = value.decode("latin-1").strip(" \t")
+            if not key:
+                problem = "empty API key"
+            elif not _API_KEY_CHARS.fullmatch(key):
+                problem = "malformed API key"
+            else:
+                keys.append(("header", key))
+        if websocket:
+            for _, text in presented.query:
+                if text and _API_KEY_CHARS.fullmatch(text):
+                    keys.append(("query", text))
+                elif text:
+                    problem = "malformed API key"
+        return settle(keys, problem, None, "two API keys")
+
+
+class ApiKeyMethod:
+    """API keys, as one method of a route's chain."""
+
+    name = NAME
+    bearer_challenge = False
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession
+    ) -> None:
+        self.store = ApiKeyStore(settings.auth.api_keys, metrics)
+        self.asks_for = f"an API key ({settings.auth.api_keys.header})"
+
+    @property
+    def ready(self) -> bool:
+        return True  # the key set is read in the constructor
+
+    def present(self, credential: Found) -> bool:
+        return credential.present
+
+    def found(self, credential: Found) -> str | None:
+        if credential.problem is not None:
+            return f"an unusable API key ({credential.problem})"
+        if credential.value is not None:
+            return f"an API key from the {credential.source} ({fingerprint(credential.value)})"
+        return None
+
+    async def authenticate(self, credential: Found) -> Identity:
+        if credential.value is None:
+            raise Rejected("malformed_credentials", credential.problem or "no key")
+        key = self.store.lookup(credential.value)
+        return Identity(
+            method="api_key",
+            subject=key.id,
+            scopes=key.scopes,
+            issuer=None,
+            expires_at=key.expires_at,
+            credential_id=key.id,
+        )
+
+    async def start(self) -> None:
+        await self.store.start()
+
+    async def stop(self) -> None:
+        await self.store.stop()
+
+    def reload(self) -> None:
+        self.store.reload()
+
+
+METHOD = MethodSpec(NAME, ApiKeyLocator, ApiKeyMethod)

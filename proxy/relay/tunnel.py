@@ -1,0 +1,389 @@
+"""The WebSocket tunnel: authenticated at the handshake, relayed faithfully, closed when the
+credential stops being valid.
+
+One session is two hops: the client's (uvicorn, ASGI) and the upstream's (a `websockets` client).
+Each hop negotiates its own extensions and answers its own pings; the tunnel moves whole messages
+(text stays text, binary stays binary) and close codes between them. The upstream hop is not
+compressed unless `websocket.upstream_compression`: it is pod-local, and with deflate one socket
+read can inflate into many buffered messages before reading pauses. Backpressure is the two
+libraries' own: uvicorn pauses reading the client until we took its message and `send` waits while
+the client's write buffer is full; `websockets` stops reading the upstream once `queue_messages`
+messages wait for us and its `send` waits on its write limit. So a slow client slows the upstream
+read, and a session holds at most about `queue_messages` x `max_message_bytes` in memory.
+
+This module is the I/O: connect upstream, accept the client, relay, close. How a session ends is
+decided in `ws_outcomes`; caps, deadlines, revocations, drain and keepalive are `ws_registry`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.uri import WebSocketURI, parse_uri
+
+from ..config import Settings
+from ..errors import CLOSE_GOING_AWAY, ProxyError
+from ..identity import Identity
+from ..telemetry.access import AccessLog, AccessRecord
+from ..telemetry.metrics import Metrics
+from ..types import Message, Receive, Scope, Send
+from .ws_outcomes import (
+    CLIENT_GONE,
+    INTERNAL,
+    SHUTDOWN,
+    Outcome,
+    accepted_subprotocol,
+    client_left,
+    connect_error,
+    upstream_left,
+    upstream_uri,
+)
+from .ws_registry import Session, SessionRegistry
+
+log = logging.getLogger("authproxy.websocket")
+
+# How long a closing handshake may take on either hop before we stop waiting for it.
+CLOSE_TIMEOUT_S = 5.0
+
+Unsubscribe = Callable[[], None]
+# `subscribe(callback)` -> unsubscribe; the auth side calls `callback(key_id)` whenever an API key
+# stops being usable, and `callback(provider, fingerprints)` whenever signing keys leave a JWT
+# provider's set.
+SubscribeRevocations = Callable[[Callable[[str], None]], Unsubscribe]
+SubscribeKeyWithdrawals = Callable[[Callable[[str, frozenset[str]], None]], Unsubscribe]
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """A WebSocket handshake the pipeline admitted, as the plain values the tunnel needs."""
+
+    request_id: str
+    route: str  # the route's name
+    identity: Identity | None  # None: an anonymous route
+    raw_path: bytes  # as judged, sent upstream byte for byte
+    query: bytes  # the query string without credentials
+    # The client's offer without credential entries (`bearer.<token>`): what the upstream gets.
+    subprotocols: tuple[str, ...]
+    # Consumed: the tunnel empties the list once the upstream handshake is sent, so that no frame
+    # holding it keeps every header alive for the session's hours.
+    upstream_headers: list[tuple[str, str]]
+    # Refuses the handshake with an HTTP status and the JSON error body.
+    deny: Callable[[ProxyError], Awaitable[None]]
+    origin: str | None
+    started: float  # perf_counter() when the request arrived
+    # The request's access record (telemetry/access.py): the tunnel completes it and emits it
+    # once, when the session ends or the handshake is refused here.
+    record: AccessRecord = dataclasses.field(repr=False, compare=False)
+
+
+def utf8_len(text: str) -> int:
+    """The length of `text` on the wire."""
+    # isascii() is O(1) in CPython: most messages are counted without encoding them.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _UpstreamConnect(connect):
+    """websockets' `connect` for one hop of a proxy: the exact resource, no redirects followed
+    (a 3xx from the upstream is its answer, not an instruction to us)."""
+
+    def __init__(self, uri: WebSocketURI, base: str, **kwargs: Any) -> None:
+        super().__init__(base, **kwargs)
+        self.ws_uri = uri
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+class Tunnel:
+    """Relays WebSocket sessions between clients and the upstream."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        subscribe_revocations: SubscribeRevocations,
+        subscribe_key_withdrawals: SubscribeKeyWithdrawals,
+        access: AccessLog | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
+        self._subscribe_revocations = subscribe_revocations
+        self._subscribe_key_withdrawals = subscribe_key_withdrawals
+        self._unsubscribe: list[Unsubscribe] = []
+        ws = settings.websocket
+        self.sessions = SessionRegistry(ws, handshake_timeout_s=settings.upstream.connect_timeout_s)
+        base = settings.upstream.url
+        scheme, _, rest = base.partition("://")
+        self._base = ("wss" if scheme == "https" else "ws") + "://" + rest
+        self._base_uri = parse_uri(self._base)
+        self._base_uri = dataclasses.replace(self._base_uri, path=self._base_uri.path.rstrip("/"))
+        self._connect_kwargs: dict[str, Any] = dict(
+            compression="deflate" if ws.upstream_compression else None,
+            open_timeout=settings.upstream.connect_timeout_s,
+            close_timeout=CLOSE_TIMEOUT_S,
+            # Pings on this hop come from the registry's keepalive wheel, not from a keepalive
+            # task per connection that websockets would keep asleep for the session's life.
+            ping_interval=None,
+            ping_timeout=None,
+            max_size=ws.max_message_bytes,
+            max_queue=ws.queue_messages,
+            user_agent_header=None,  # the client's User-Agent travels with its headers, if any
+            proxy=None,
+            host=self._base_uri.host,
+            port=self._base_uri.port,
+        )
+        if self._base_uri.secure:
+            self._connect_kwargs["server_hostname"] = self._base_uri.host
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Called from the app's lifespan startup."""
+        self._unsubscribe = [
+            self._subscribe_revocations(self.sessions.revoke_api_key),
+            self._subscribe_key_withdrawals(self.sessions.withdraw_signing_keys),
+        ]
+
+    async def stop(self) -> None:
+        """Called from the app's lifespan shutdown: every session is closed by now."""
+        await self.sessions.stop(CLOSE_TIMEOUT_S + 1)
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
+
+    def begin_drain(self) -> None:
+        """SIGTERM: refuse nothing here (the pipeline does), close sessions with 1001 after
+        `websocket.drain_s`."""
+        self.sessions.begin_drain()
+
+    async def drained(self) -> None:
+        """After `begin_drain`: returns once no session is open, by itself or at the drain's end."""
+        await self.sessions.drained()
+
+    # --- one session ------------------------------------------------------------------------------
+
+    async def run(self, scope: Scope, receive: Receive, send: Send, handshake: Handshake) -> None:
+        """Connect upstream, accept the client, relay until either side closes."""
+        h = handshake
+        identity = h.identity
+        refusal = self.sessions.admit(identity)
+        if refusal is not None:
+            await self._refuse(h, refusal)
+            return
+        try:
+            try:
+                upstream = await self._connect(h)
+                # Consumed: the caller's frame would keep every header alive for hours.
+                h.upstream_headers.clear()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                await self._refuse(h, connect_error(exc))
+                return
+            await self._serve(scope, receive, send, upstream, h)
+        finally:
+            self.sessions.release(identity)
+
+    async def _connect(self, h: Handshake) -> ClientConnection:
+        host_header = None
+        headers = h.upstream_headers
+        if any(name.lower() == "host" for name, _ in headers):
+            # `preserve_host`: websockets writes Host from the URI; it must not appear twice.
+            host_header = next(v for n, v in headers if n.lower() == "host")
+            headers = [(n, v) for n, v in headers if n.lower() != "host"]
+        uri = upstream_uri(self._base_uri, h.raw_path, h.query, host_header)
+        subprotocols = list(h.subprotocols) or None
+        return await _UpstreamConnect(
+            uri,
+            self._base,
+            additional_headers=headers,
+            subprotocols=subprotocols,
+            **self._connect_kwargs,
+        )
+
+    async def _refuse(self, h: Handshake, exc: ProxyError) -> None:
+        with contextlib.suppress(OSError):  # the client may have left while we waited
+            await h.deny(exc)
+        self._finish(h, exc)
+
+    async def _serve(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        upstream: ClientConnection,
+        h: Handshake,
+    ) -> None:
+        subprotocol = accepted_subprotocol(
+            scope.get("subprotocols") or (), h.subprotocols, upstream.subprotocol
+        )
+        try:
+            await send(
+                {
+                    "type": "websocket.accept",
+                    "subprotocol": subprotocol,
+                    "headers": [(b"x-request-id", h.request_id.encode())],
+                }
+            )
+        except OSError:
+            # The client left while we were reaching the upstream.
+            await upstream.close(CLOSE_GOING_AWAY, "client went away")
+            self._finish(h, CLIENT_GONE)
+            return
+        except BaseException:
+            upstream.transport.abort()  # cancelled (shutdown) before the session existed
+            raise
+        # The request we sent is never read again: let its headers go. (Not `response`: websockets
+        # takes the first event after a None response for the handshake's answer.)
+        upstream.request = None
+        s = Session(h.identity, upstream, asyncio.get_running_loop().time())
+        self.sessions.register(s, h.started)
+        self.metrics.websockets_open.inc()
+        try:
+            await self._relay(s, upstream, send, receive)
+            await self._close(s, upstream, send)
+        finally:
+            self.sessions.unregister(s)
+            self.metrics.websockets_open.dec()
+            if s.outcome is None:  # cancelled: nobody decided
+                s.end(SHUTDOWN)
+                upstream.transport.abort()
+            assert s.outcome is not None
+            # The upstream's choice, never the echoed entry: that may be `bearer.<token>`.
+            self._finish(h, s.outcome, s, subprotocol=upstream.subprotocol)
+
+    async def _relay(
+        self, s: Session, upstream: ClientConnection, send: Send, receive: Receive
+    ) -> None:
+        """Client -> upstream in a task of its own, upstream -> client in this one.
+
+        One task fewer per session than a task each way plus a waiter: idle sessions are what a
+        model-event feed mostly is, and each task is a kilobyte. Whatever ends the session (either
+        direction, a timer, a revocation) cancels this task through `Session.end`; that one
+        cancellation is taken back here, any other (shutdown) goes on.
+        """
+        if s.outcome is not None:
+            return  # ended before it began (revoked or draining at registration)
+        task = asyncio.current_task()
+        up = asyncio.create_task(self._client_to_upstream(s, upstream, receive))
+        s.relay = task
+        try:
+            await self._upstream_to_client(s, upstream, send)
+        except asyncio.CancelledError:
+            if task is None or s.outcome is None or task.uncancel() > 0:
+                raise
+        finally:
+            s.relay = None
+            up.cancel()
+            await asyncio.gather(up, return_exceptions=True)
+
+    async def _client_to_upstream(
+        self, s: Session, upstream: ClientConnection, receive: Receive
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                message: Message = await receive()
+                if message["type"] == "websocket.receive":
+                    text = message.get("text")
+                    if text is not None:
+                        await upstream.send(text)
+                        s.bytes_in += utf8_len(text)
+                    else:
+                        data = message.get("bytes") or b""
+                        await upstream.send(data)
+                        s.bytes_in += len(data)
+                    s.messages_in += 1
+                    s.last_activity = loop.time()
+                elif message["type"] == "websocket.disconnect":
+                    s.end(client_left(message))
+                    return
+        except ConnectionClosed as exc:
+            s.end(upstream_left(exc))
+        except Exception:
+            log.exception("websocket: relaying to the upstream failed")
+            s.end(INTERNAL)
+
+    async def _upstream_to_client(self, s: Session, upstream: ClientConnection, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await upstream.recv()
+                if isinstance(data, str):
+                    await send({"type": "websocket.send", "text": data})
+                    s.bytes_out += utf8_len(data)
+                else:
+                    await send({"type": "websocket.send", "bytes": data})
+                    s.bytes_out += len(data)
+                s.messages_out += 1
+                s.last_activity = loop.time()
+        except ConnectionClosed as exc:
+            s.end(upstream_left(exc))
+        except OSError:  # uvicorn's ClientDisconnected: the client is gone mid-send
+            s.end(CLIENT_GONE)
+        except Exception:
+            log.exception("websocket: relaying to the client failed")
+            s.end(INTERNAL)
+
+    async def _close(self, s: Session, upstream: ClientConnection, send: Send) -> None:
+        """Carry out the outcome on both hops."""
+        o = s.outcome
+        assert o is not None
+        if o.tell_client:
+            try:
+                await asyncio.wait_for(
+                    send(
+                        {
+                            "type": "websocket.close",
+                            "code": o.client_code,
+                            "reason": o.client_reason,
+                        }
+                    ),
+                    CLOSE_TIMEOUT_S,
+                )
+            except (OSError, TimeoutError, RuntimeError):
+                pass  # the client is gone or stuck; uvicorn owns its transport from here
+        if o.tell_upstream:
+            await upstream.close(o.upstream_code, o.upstream_reason)
+
+    def _finish(
+        self,
+        h: Handshake,
+        end: Outcome | ProxyError,
+        s: Session | None = None,
+        **extra: Any,
+    ) -> None:
+        """Complete the session's access record, however it ended (refused at the handshake or
+        closed), and emit it: the one place a session is logged and counted."""
+        record = h.record
+        if isinstance(end, ProxyError):
+            record.status = end.status
+            record.error = end.code
+            record.reason = end.details.get("reason", end.code)
+            self.access.emit(record)
+            return
+        self.metrics.websocket_closes.labels(str(end.client_code)).inc()
+        record.status = 101
+        if s is not None:
+            record.bytes_in, record.bytes_out = s.bytes_in, s.bytes_out
+        record.extra.update(
+            extra,
+            messages_in=s.messages_in if s else 0,
+            messages_out=s.messages_out if s else 0,
+            closed_by=end.closed_by,
+            end=end.why,
+            close_code=end.client_code,
+            close_reason=end.client_reason,
+            upstream_close_code=end.upstream_code,
+            upstream_close_reason=end.upstream_reason,
+        )
+        self.access.emit(record)
