@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from . import grammar
 from .errors import ConfigError
 from .public_suffixes import wildcard_problem
 
@@ -37,8 +38,6 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
-_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # an RFC 9110 header name / method
-_SCOPE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 scope-token
 # The IANA HTTP Method Registry (RFC 9110, WebDAV and its relatives, QUERY; not PRI, which is
 # the HTTP/2 preface): anything else is almost always a typo ("GTE") that would never match.
 HTTP_METHODS = frozenset(
@@ -67,7 +66,7 @@ def _http_methods(value: tuple[str, ...], *, star: bool = False) -> tuple[str, .
     for m in value:
         if star and m == "*":
             continue
-        if not _TOKEN.fullmatch(m):
+        if not grammar.token(m):
             raise ValueError(f"not an HTTP method: {m!r}")
         if m.upper() not in HTTP_METHODS:
             raise ValueError(f"unknown HTTP method {m!r} (not in the IANA method registry)")
@@ -89,7 +88,7 @@ def _header_name(value: str) -> str:
         raise ValueError(
             "'*' is not a header name: leave forward_headers unset to forward every header"
         )
-    if not _TOKEN.fullmatch(value):
+    if not grammar.token(value):
         raise ValueError(f"not a header name: {value!r}")
     return value
 
@@ -204,7 +203,7 @@ class CorsSettings(_Frozen):
     @classmethod
     def _headers(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for h in value:
-            if h != "*" and not _TOKEN.fullmatch(h):
+            if h != "*" and not grammar.token(h):
                 raise ValueError(f"not a header name: {h!r}")
         return value
 
@@ -296,7 +295,7 @@ class JwtProviderSettings(_Frozen):
     @classmethod
     def _claim_headers(cls, value: dict[str, str]) -> dict[str, str]:
         for header in value:
-            if not _TOKEN.fullmatch(header):
+            if not grammar.token(header):
                 raise ValueError(f"not a header name: {header!r}")
             if header.lower().startswith("x-auth-"):
                 raise ValueError(f"{header!r}: X-Auth-* headers are set by the sidecar itself")
@@ -391,7 +390,7 @@ class ApiKeysSettings(_Frozen):
     @field_validator("header")
     @classmethod
     def _header(cls, value: str) -> str:
-        if not _TOKEN.fullmatch(value):
+        if not grammar.token(value):
             raise ValueError(f"not a header name: {value!r}")
         return value
 
@@ -564,7 +563,7 @@ class _KeyedError(ValueError):
 
 def _check_scopes(value: tuple[str, ...]) -> tuple[str, ...]:
     for s in value:
-        if not _SCOPE.fullmatch(s):
+        if not grammar.scope_token(s):
             raise ValueError(f"not a scope token: {s!r}")
     return value
 

@@ -21,6 +21,7 @@ import logging
 import re
 from typing import Any
 
+from . import grammar
 from .config import CorsSettings, Settings
 from .errors import ConfigError, Forbidden
 from .public_suffixes import wildcard_problem
@@ -36,7 +37,6 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Browsers may send these in Access-Control-Request-Headers (content-type with a non-form value),
 # and check them against Access-Control-Allow-Headers like any other, so they are always listed.
 _SAFELISTED_HEADERS = ("accept", "accept-language", "content-language", "content-type")
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A serialised origin (RFC 6454): nothing after the port, no userinfo, no whitespace.
 _ORIGIN = re.compile(
     r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
@@ -239,7 +239,7 @@ class CorsPolicy:
         """Headers of the 204 answering a preflight; raises `CorsRefused` when it is refused."""
         if not self.origin_allowed(origin):
             raise self._origin_refused(origin)
-        if not _TOKEN.fullmatch(request_method) or (
+        if not grammar.token(request_method) or (
             self._methods is not None and request_method not in self._methods
         ):
             shown = _clip(request_method)
@@ -254,7 +254,7 @@ class CorsPolicy:
         requested = [h for h in requested if h]
         allowed = self._headers
         for name in requested:
-            if not _TOKEN.fullmatch(name) or (allowed is not None and name not in allowed):
+            if not grammar.token(name) or (allowed is not None and name not in allowed):
                 shown = _clip(name)
                 raise self._refused(
                     "header",

@@ -93,6 +93,8 @@ class Request:
                 if _SANE_REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
             elif name == b"content-length":
+                # httptools refuses a bad or doubled Content-Length before we see it; this holds
+                # for what reaches the decision otherwise (explain's hand-written headers).
                 if not value.isdigit() or (
                     r.content_length is not None and r.content_length != int(value)
                 ):

@@ -168,7 +168,7 @@ class BadGateway(ProxyError):
 
 
 class ServiceUnavailable(ProxyError):
-    """The sidecar will not take the request now (draining, shedding, circuit open)."""
+    """The sidecar will not take the request now (draining, keys not loaded, no capacity)."""
 
     status = 503
     code = "service_unavailable"

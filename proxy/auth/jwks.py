@@ -81,7 +81,6 @@ class JwksCache:
         self._task: asyncio.Task[None] | None = None
         self.stale = False
         self.last_error: str | None = None
-        self.fetches = 0
 
     def current(self) -> KeySet | None:
         return self._keys
@@ -143,7 +142,6 @@ class JwksCache:
     async def _fetch(self) -> None:
         loop = asyncio.get_running_loop()
         self._last_attempt = loop.time()
-        self.fetches += 1
         name = self.provider.name
         try:
             body, cache_control = await self._download()

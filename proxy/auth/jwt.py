@@ -36,12 +36,12 @@ import binascii
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
+from .. import grammar
 from ..config import AuthSettings, JwtSettings, Settings
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
@@ -60,8 +60,6 @@ NAME = "jwt"
 # (provider name, fingerprints of the keys that left its set)
 WithdrawalCallback = Callable[[str, frozenset[str]], None]
 
-_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-_AUTHORIZATION = re.compile(r"([!#$%&'*+.^_`|~0-9A-Za-z-]+)(?:[ \t]+(.*))?", re.DOTALL)
 _K8S_PREFIX = "base64url.bearer.authorization.k8s.io."
 _BEARER_PREFIX = "bearer."
 
@@ -75,7 +73,7 @@ def _k8s_token(encoded: str) -> str | None:
         token = raw.decode("ascii")
     except (binascii.Error, ValueError):
         return None
-    return token if _TOKEN68.fullmatch(token) else None
+    return token if grammar.token68(token) else None
 
 
 class BearerLocator:
@@ -97,14 +95,14 @@ class BearerLocator:
         cookie: str | None = None
         for name, value in presented.headers:
             if name == b"authorization":
-                m = _AUTHORIZATION.fullmatch(value.decode("latin-1").strip(" \t"))
+                m = grammar.authorization(value.decode("latin-1").strip(" \t"))
                 if m is None or m.group(1).lower() != "bearer":
                     note = "Authorization header is not a Bearer token"
                     continue
                 token = (m.group(2) or "").strip(" \t")
                 if not token:
                     problem = "empty bearer token"
-                elif not _TOKEN68.fullmatch(token):
+                elif not grammar.token68(token):
                     problem = "malformed bearer token"
                 else:
                     bearers.append(("header", token))
@@ -112,7 +110,7 @@ class BearerLocator:
                 cookie = self._find_cookie(value.decode("latin-1"))
         if websocket:
             for _, text in presented.query:
-                if text and _TOKEN68.fullmatch(text):
+                if text and grammar.token68(text):
                     bearers.append(("query", text))
                 elif text:
                     problem = "malformed bearer token"
@@ -125,12 +123,12 @@ class BearerLocator:
                     bearers.append(("subprotocol", token_or_none))
             else:
                 token = entry[len(_BEARER_PREFIX) :]
-                if token and _TOKEN68.fullmatch(token):
+                if token and grammar.token68(token):
                     bearers.append(("subprotocol", token))
                 else:
                     problem = "malformed bearer token in Sec-WebSocket-Protocol"
         if not bearers and cookie:
-            if _TOKEN68.fullmatch(cookie):
+            if grammar.token68(cookie):
                 bearers.append(("cookie", cookie))
             else:
                 problem = "malformed bearer token in cookie"

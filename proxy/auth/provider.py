@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from jwt.api_jws import PyJWS
 from jwt.exceptions import InvalidSignatureError, PyJWTError
 
+from .. import grammar
 from ..config import JwtProviderSettings
 from ..errors import ServiceUnavailable
 from ..identity import Identity
@@ -27,7 +28,6 @@ from .rejected import Rejected
 
 log = logging.getLogger("authproxy.auth")
 
-_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 scope-token
 # A value an upstream header can carry unambiguously: latin-1 without C0/C1 controls, NBSP or
 # the soft hyphen, and no space at either edge (only U+0020, and only inside).
 _SHOWN = r"\x21-\x7e\xa1-\xac\xae-\xff"
@@ -259,7 +259,7 @@ class Provider:
             else:
                 raise Rejected("malformed_claim", f"claim {name!r} is not a string or list")
             # Anything that is not a scope-token cannot match a configured scope: drop it.
-            return frozenset(i for i in items if isinstance(i, str) and _SCOPE.fullmatch(i))
+            return frozenset(i for i in items if isinstance(i, str) and grammar.scope_token(i))
         return frozenset()
 
     def _headers(self, claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:

@@ -1,0 +1,21 @@
+"""The RFC grammar the sidecar checks names and values against, compiled once, in one place.
+
+Each is a `fullmatch` function: the whole string must match.
+"""
+
+from __future__ import annotations
+
+import re
+
+# RFC 9110 5.6.2: a token (a header field name, a method, a media-type or auth-scheme name).
+TCHARS = r"!#$%&'*+\-.^_`|~0-9A-Za-z"
+token = re.compile(rf"[{TCHARS}]+").fullmatch
+
+# RFC 9110 11.2: token68, the form a Bearer credential takes (RFC 6750 2.1).
+token68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*").fullmatch
+
+# RFC 6749 3.3: a scope-token (printable ASCII but space, '"' and '\').
+scope_token = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+").fullmatch
+
+# An `Authorization` value: an auth-scheme (a token), then optionally its parameters.
+authorization = re.compile(rf"([{TCHARS}]+)(?:[ \t]+(.*))?", re.DOTALL).fullmatch
