@@ -89,3 +89,23 @@ def test_websockets_client_takes_the_first_event_after_a_none_response_as_the_ha
     source = inspect.getsource(ClientConnection.process_event)
     assert "if self.response is None" in source
     assert "self.request" in inspect.getsource(ClientConnection.handshake)
+
+
+def test_uvicorn_still_re_raises_the_signals_it_captured_from_that_list() -> None:
+    # server.DrainingServer clears `_captured_signals` after a clean drain, or the process would
+    # die by the re-raised SIGTERM (or a KeyboardInterrupt traceback) with exit status != 0.
+    source = inspect.getsource(uvicorn.Server.capture_signals)
+    assert "self._captured_signals" in source and "signal.raise_signal" in source
+    assert "_captured_signals" in inspect.getsource(uvicorn.Server.handle_exit)
+
+
+def test_websockets_connect_still_dials_and_requests_what_ws_uri_names() -> None:
+    # tunnel._UpstreamConnect replaces `ws_uri` after websockets parsed the base URL: the exact
+    # resource (raw path and query, byte for byte) must be what the upstream is asked for.
+    from websockets.asyncio.client import connect
+
+    source = inspect.getsource(connect)
+    assert "self.ws_uri = parse_uri(uri)" in source
+    assert "self.factory(self.ws_uri)" in source or "create_connection(" in source
+    uri_uses = source.count("self.ws_uri")
+    assert uri_uses >= 3, "websockets no longer reads ws_uri where we expect"
