@@ -195,6 +195,8 @@ class Connection(asyncio.Protocol):
             raise _Unasked()
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a chunked body's trailer fields: this hop's business, never headers
         name = name.lower()
         if name == b"content-length":
             self._length_known = True
