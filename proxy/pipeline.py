@@ -250,24 +250,24 @@ class Pipeline:
         async def deny(exc: ProxyError) -> None:
             await self._deny(scope, send, r, exc, policy)
 
-        await self.tunnel.run(
-            scope,
-            receive,
-            send,
-            Handshake(
-                request_id=r.request_id,
-                route=r.route.name,
-                identity=r.identity,
-                raw_path=r.raw_path,
-                query=r.credentials.clean_query,
-                subprotocols=r.credentials.subprotocols,
-                upstream_headers=d.handshake_headers,
-                deny=deny,
-                origin=r.origin,
-                started=r.started,
-                record=record_of(scope, d),
-            ),
+        handshake = Handshake(
+            request_id=r.request_id,
+            route=r.route.name,
+            identity=r.identity,
+            raw_path=r.raw_path,
+            query=r.credentials.clean_query,
+            subprotocols=r.credentials.subprotocols,
+            upstream_headers=d.handshake_headers,
+            deny=deny,
+            origin=r.origin,
+            started=r.started,
+            record=record_of(scope, d),
         )
+        # A session lives for hours in this frame: keep nothing it will not read again (the
+        # credentials hold the token itself, a kilobyte a socket).
+        r.credentials = None
+        del d
+        await self.tunnel.run(scope, receive, send, handshake)
 
     async def _deny(
         self, scope: Scope, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None

@@ -242,6 +242,12 @@ class Tunnel:
         except BaseException:
             upstream.transport.abort()  # cancelled (shutdown) before the session existed
             raise
+        # The handshake's headers are never read again, and a session may live for hours: a
+        # JWT in them is a kilobyte a socket. The list is uvicorn's scope's, emptied in place so
+        # every holder (the scope, the request's facts) lets go of it.
+        headers = scope.get("headers")
+        if isinstance(headers, list):
+            headers.clear()
         # The request we sent is never read again: let its headers go. (Not `response`: websockets
         # takes the first event after a None response for the handshake's answer.)
         upstream.request = None
