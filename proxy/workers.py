@@ -97,7 +97,9 @@ class WorkerRole:
 def prepare(directory: str, settings: Settings) -> None:
     """Fill the supervisor's private directory before the first worker starts."""
     os.mkdir(metrics_dir(directory), 0o700)
-    with open(Path(directory) / _SETTINGS_FILE, "wb") as f:
+    # Owner-only, like the directory: it names the environment variables secrets come from.
+    fd = os.open(Path(directory) / _SETTINGS_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
         pickle.dump(settings, f)
 
 

@@ -124,7 +124,8 @@ def check_v2(
         raise Refused("bad_signature", "X-Auth-Signed-Headers lists a signature header")
     # An identity header the signature does not cover was not set by the sidecar.
     for name in grouped:
-        if name.startswith(b"x-auth-") and name not in names:
+        # `X_Auth_Foo` is `X-Auth-Foo` to a CGI/WSGI framework: judged as dashes.
+        if name.replace(b"_", b"-").startswith(b"x-auth-") and name not in names:
             if name not in (SIGNATURE, TIMESTAMP, SIGNED_HEADERS):
                 raise Refused("unsigned_header", f"{name.decode()} is not signed")
     signed = []

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
+from ..authority import valid_host
 from ..config import Settings
 from ..errors import BadRequest, ConfigError
 from ..identity import Identity
@@ -262,21 +263,6 @@ def identity_signature_v2(secret: bytes, canonical: bytes) -> str:
     return "v2=" + hmac.new(secret, canonical, hashlib.sha256).hexdigest()
 
 
-def _one_name_per_claim_header(settings: Settings) -> None:
-    """A v2 signature names each header it covers once: two claim headers of one provider that
-    an upstream reads as one (letter case, `_` for `-`) cannot both be signed."""
-    for i, provider in enumerate(settings.auth.jwt.providers):
-        seen: set[bytes] = set()
-        for header in provider.claim_headers:
-            name = _name(header)
-            if name in seen:
-                raise ConfigError(
-                    f"auth.jwt.providers[{i}].claim_headers",
-                    f"{header!r} names the same header as another entry",
-                )
-            seen.add(name)
-
-
 class HeaderPolicy:
     """The header rules, compiled once from the settings and the request headers the auth
     methods take their credentials from (`credential_headers`: `auth.consumed_headers`)."""
@@ -291,7 +277,10 @@ class HeaderPolicy:
         self._trusted = settings.server.trusted_networks()
         self._preserve_host = settings.server.preserve_host
         drop = set(HOP_BY_HOP) | _FORWARDING | _REROUTING | _FOREIGN_IDENTITY
-        drop |= {b"host", b"x-request-id", b"expect"}
+        # The body's framing is the forwarder's to write (relay/http.py), never the client's
+        # header: a `Connection: content-length` would otherwise strip it and leave the body to
+        # be read upstream as a second, unjudged request.
+        drop |= {b"host", b"x-request-id", b"expect", b"content-length"}
         credentials = {_name(header) for header in credential_headers}
         if not settings.auth.forward_credentials:
             drop |= credentials
@@ -311,8 +300,6 @@ class HeaderPolicy:
                 if problem is not None:
                     raise ConfigError(f"upstream.forward_headers[{i}]", f"{header!r} {problem}")
                 allow.add(name)
-            # The body's framing: the client's Content-Length travels with the body it counts.
-            allow.add(b"content-length")
             self._keep = frozenset(
                 allow | {b"host", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
             )
@@ -330,9 +317,8 @@ class HeaderPolicy:
             if not secret:
                 raise ConfigError("identity.secret_env", f"environment variable {env} is not set")
             self._secret = secret.encode()
+            # (config refuses two claim headers an upstream would read as one: v2 signs each once)
             self._v2 = settings.identity.signature == "v2"
-            if self._v2:
-                _one_name_per_claim_header(settings)
         self._clock = clock
         # The upstream URL's path, which the relays put before every request path: v2 signs the
         # path the upstream receives (`Origin.prefix` and the tunnel's base URI are the same).
@@ -435,7 +421,8 @@ class HeaderPolicy:
                     elif name == b"x-forwarded-proto":
                         xfp = value
                     elif name == b"x-forwarded-host":
-                        xfh = value
+                        # Checked like a Host: a balancer may pass the client's own value on.
+                        xfh = value if valid_host(value) else xfh
                     elif name in _FORWARDING:
                         out.append((name, value))
                 continue

@@ -144,7 +144,9 @@ class _Upload:
         try:
             while True:
                 stall.receiving = stall.now()
+                conn.awaiting_client = True  # the client's silence is not the upstream's
                 message = await self._receive()
+                conn.awaiting_client = False
                 stall.receiving = None
                 if message["type"] == "http.disconnect":
                     exchange.client_gone = True
@@ -214,7 +216,9 @@ class Forwarder:
         if query:
             target += b"?" + query
         parts = [method.encode("ascii"), b" ", target, b" HTTP/1.1\r\n"]
-        if not self._preserve_host:
+        # server.preserve_host: the client's Host travels in `headers`; an HTTP/1.0 client may
+        # have sent none, and an HTTP/1.1 request without one is invalid: ours, then.
+        if not self._preserve_host or not any(name == b"host" for name, _ in headers):
             parts += (b"host: ", origin.host_header, b"\r\n")
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
@@ -250,9 +254,10 @@ class Forwarder:
         if exchange.bytes_in > limit:
             raise _too_large(limit)
         streamed = first.get("more_body", False)
-        # The client's Content-Length travels in `headers`; otherwise we frame the body.
+        # The framing is always ours (the header policy drops the client's Content-Length): the
+        # length uvicorn holds the client to, chunked for a stream of unknown length.
         if content_length is not None:
-            framing = b""
+            framing = b"content-length: %d\r\n" % content_length
         elif streamed:
             framing = b"transfer-encoding: chunked\r\n"
             if chunk:
@@ -384,6 +389,12 @@ class Forwarder:
             while True:
                 if stall is not None:
                     stall.sending = None
+                if watcher is None and not conn.finished and (upload is None or upload.done):
+                    # uvicorn drops writes to a closed connection silently; its receive() tells.
+                    # A quiet stream (SSE before its first event, or between events) must notice
+                    # at once: it holds a pooled upstream connection.
+                    watcher = asyncio.ensure_future(receive())
+                    watcher.add_done_callback(departed)
                 try:
                     if early:
                         chunk, early = early, b""
@@ -409,12 +420,6 @@ class Forwarder:
                     # A streamed answer: only now can a send wait on the client (uvicorn waits
                     # for the previous write to drain at the start of the next send).
                     stall = own = _Stall(self._send_timeout, self._body_timeout)
-                if watcher is None and (upload is None or upload.done):
-                    # uvicorn drops writes to a closed connection silently; its receive() tells.
-                    # A quiet stream (SSE between events) must notice at once: it holds a pooled
-                    # upstream connection.
-                    watcher = asyncio.ensure_future(receive())
-                    watcher.add_done_callback(departed)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if stall is None or stall.tripped != "send" or task is None or task.uncancel() > 0:

@@ -155,7 +155,9 @@ class Tunnel:
 
     async def stop(self) -> None:
         """Called from the app's lifespan shutdown: every session is closed by now."""
-        await self.sessions.stop(CLOSE_TIMEOUT_S + 1)
+        # A close may wait for the client (CLOSE_TIMEOUT_S), then for the upstream's closing
+        # handshake (websockets' close_timeout, the same): time for both before aborting.
+        await self.sessions.stop(2 * CLOSE_TIMEOUT_S + 1)
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe = []
@@ -184,8 +186,6 @@ class Tunnel:
                 upstream = await self._connect(h)
                 # Consumed: the caller's frame would keep every header alive for hours.
                 h.upstream_headers.clear()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 await self._refuse(h, connect_error(exc))
                 return
@@ -257,6 +257,11 @@ class Tunnel:
         try:
             await self._relay(s, upstream, send, receive)
             await self._close(s, upstream, send)
+        except BaseException:
+            # Cancelled from outside (shutdown) with the outcome already decided but the closing
+            # handshake not done: the upstream socket must not stay open behind us.
+            upstream.transport.abort()
+            raise
         finally:
             self.sessions.unregister(s)
             self.metrics.websockets_open.dec()

@@ -1,5 +1,5 @@
 """The upstream HTTP/1.1 client: an asyncio `Protocol` on httptools' response parser, a LIFO
-keep-alive pool, timeouts kept by one `call_at` timer per exchange.
+keep-alive pool, timeouts kept by one lazily moved `call_at` timer per connection.
 
 Why not a general client: on this hop httpx cost ~1,300 µs of CPU per request and aiohttp ~240 µs,
 most of it in building requests we already hold as bytes, per-read timeout contexts and pool
@@ -132,6 +132,7 @@ class Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
+        self.awaiting_client = False  # an upload waits for the client's next body bytes
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
 
@@ -281,6 +282,7 @@ class Connection(asyncio.Protocol):
         self.error = None
         self.received = False
         self.client_gone = False
+        self.awaiting_client = False
         self._last = self._loop.time()
         if self._timer is None:
             # One timer per connection, moved on lazily (see _check_timer): not one per request.
@@ -411,8 +413,10 @@ class Connection(asyncio.Protocol):
         if self._parser is None or self.done or self.error is not None or self.closed:
             return
         now = self._loop.time()
-        if self._read_paused:
-            self._last = now  # the client is the slow side; send_timeout is its business
+        if self._read_paused or self.awaiting_client:
+            # The client is the slow side (not reading, or not yet sending the rest of its
+            # body): send_timeout and client_body_timeout are its business.
+            self._last = now
         elif now - self._last >= self._pool.read_timeout:
             self._fail(read_timeout())
             return
@@ -423,7 +427,7 @@ class UpstreamPool:
     """Keep-alive connections to the one upstream; LIFO, so the warmest connection is reused."""
 
     def __init__(self, settings: UpstreamSettings, loop: asyncio.AbstractEventLoop) -> None:
-        self.origin = Origin.parse(settings.url, getattr(settings, "ca_file", None))
+        self.origin = Origin.parse(settings.url)
         self.loop = loop
         self.read_timeout = settings.read_timeout_s
         self.connect_timeout = settings.connect_timeout_s
@@ -468,11 +472,14 @@ class UpstreamPool:
             self._waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, remaining)
-            except TimeoutError:
-                raise connect_timeout() from None
-            finally:
+            except BaseException as exc:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                elif waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, then timed out or cancelled: pass the slot on
+                if isinstance(exc, TimeoutError):
+                    raise connect_timeout() from None
+                raise
             if not fresh and self._idle:
                 conn = self._idle.pop()
                 if not conn.closed:
@@ -492,13 +499,15 @@ class UpstreamPool:
                     ssl=origin.ssl,
                     server_hostname=origin.host if origin.ssl else None,
                 )
-        except TimeoutError:
-            raise connect_timeout() from None
-        except (OSError, ssl.SSLError):
-            raise connect_failed() from None
-        finally:
+        except BaseException as exc:
             self._connecting -= 1
-            self._wake_one()
+            self._wake_one()  # the slot this attempt held is free again
+            if isinstance(exc, TimeoutError):
+                raise connect_timeout() from None
+            if isinstance(exc, OSError | ssl.SSLError):
+                raise connect_failed() from None
+            raise
+        self._connecting -= 1  # counted in _open from here
         if self._closing:
             conn.close()
             raise disconnected()

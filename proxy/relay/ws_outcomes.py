@@ -40,6 +40,7 @@ from ..errors import (
     ProxyError,
 )
 from ..identity import Identity
+from .upstream import connect_failed
 
 CLOSE_NO_STATUS = 1005  # a close frame without a status; never sent
 CLOSE_ABNORMAL = 1006  # no close frame at all; never sent
@@ -215,4 +216,4 @@ def connect_error(exc: BaseException) -> ProxyError:
         return BadGateway(
             "the upstream sent an invalid WebSocket handshake", details={"reason": "upstream_error"}
         )
-    return BadGateway("the upstream is unreachable", details={"reason": "connect_failed"})
+    return connect_failed()

@@ -68,10 +68,12 @@ async def upstream(handler: Handler) -> AsyncIterator[Upstream]:
 
 
 @asynccontextmanager
-async def forwarder(up: Upstream, **upstream: Any) -> AsyncIterator[Forwarder]:
+async def forwarder(
+    up: Upstream, preserve_host: bool = False, **upstream: Any
+) -> AsyncIterator[Forwarder]:
     settings = config.from_dict({"upstream": {"url": f"http://127.0.0.1:{up.port}", **upstream}})
     headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
-    fw = Forwarder(settings.server.max_body_bytes, headers)
+    fw = Forwarder(settings.server.max_body_bytes, headers, preserve_host=preserve_host)
     fw.pool = UpstreamPool(settings.upstream, asyncio.get_running_loop())
     try:
         yield fw
@@ -99,7 +101,7 @@ async def call(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    headers = [(b"content-length", str(content_length).encode())] if content_length else []
+    headers: list[tuple[bytes, bytes]] = []  # the framing is the forwarder's own
     exchange = Exchange()
     await fw.forward(
         {"type": "http", "method": method},
@@ -180,14 +182,19 @@ async def _dead_after_first(up: Upstream, r: asyncio.StreamReader, w: asyncio.St
     await up.read_request(r)  # the second request on this connection: closed unanswered
 
 
-async def test_a_get_on_a_pooled_connection_found_dead_is_sent_once_more() -> None:
+def _first_connection_dies_after_one_answer(up: Callable[[], Upstream]) -> Handler:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
         if n == 1:
-            await _dead_after_first(up, r, w)
+            await _dead_after_first(up(), r, w)
         else:
-            await up.read_request(r)
+            await up().read_request(r)
             w.write(OK)
 
+    return handler
+
+
+async def test_a_get_on_a_pooled_connection_found_dead_is_sent_once_more() -> None:
+    handler = _first_connection_dies_after_one_answer(lambda: up)
     async with upstream(handler) as up, forwarder(up) as fw:
         await call(fw)
         sent, _ = await call(fw)
@@ -195,13 +202,7 @@ async def test_a_get_on_a_pooled_connection_found_dead_is_sent_once_more() -> No
 
 
 async def test_a_post_on_a_pooled_connection_found_dead_is_not_sent_twice() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
-        if n == 1:
-            await _dead_after_first(up, r, w)
-        else:
-            await up.read_request(r)
-            w.write(OK)
-
+    handler = _first_connection_dies_after_one_answer(lambda: up)
     async with upstream(handler) as up, forwarder(up) as fw:
         await call(fw)
         with pytest.raises(ProxyError) as caught:
@@ -426,3 +427,88 @@ async def test_a_long_answer_starts_before_its_body_has_arrived() -> None:
         release.set()
         sent, _ = await task
         assert sent[0]["status"] == 200 and len(body_of(sent)) == 100000
+
+
+async def test_a_client_pausing_its_upload_is_not_taken_for_a_silent_upstream() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)  # answers only once the whole body is in
+        w.write(OK)
+
+    async with upstream(handler) as up, forwarder(up, read_timeout_s=0.3) as fw:
+        chunks = [b"a" * 10, b"b" * 10]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if len(chunks) == 1:
+                await asyncio.sleep(0.8)  # the client thinks, well past read_timeout_s
+            chunk = chunks.pop(0)
+            return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await fw.forward(
+            {"type": "http", "method": "PUT"},
+            receive,
+            send,
+            raw_path=b"/x",
+            query=b"",
+            headers=[],
+            content_length=20,
+            response_headers=lambda h: h,
+            exchange=Exchange(),
+        )
+        assert sent[0]["status"] == 200
+        assert up.requests[0].endswith(b"a" * 10 + b"b" * 10)
+
+
+async def test_a_client_leaving_before_the_first_event_frees_the_connection_at_once() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)
+        w.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        await asyncio.sleep(10)  # no event for a long while
+
+    async with upstream(handler) as up, forwarder(up) as fw:
+        pool = fw.pool
+        assert pool is not None
+        messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.2)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        exchange = Exchange()
+        await asyncio.wait_for(
+            fw.forward(
+                {"type": "http", "method": "GET"},
+                receive,
+                send,
+                raw_path=b"/sse",
+                query=b"",
+                headers=[],
+                content_length=None,
+                response_headers=lambda h: h,
+                exchange=exchange,
+            ),
+            3,
+        )
+        assert exchange.client_gone and pool.size == 0
+
+
+async def test_with_preserve_host_a_request_without_host_still_names_one() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:
+            await up.read_request(r)
+            w.write(OK)
+
+    async with upstream(handler) as up, forwarder(up, preserve_host=True) as fw:
+        await call(fw)  # an HTTP/1.0 client sent no Host: the upstream's own goes
+        assert f"host: 127.0.0.1:{up.port}\r\n".encode() in up.requests[0]
