@@ -297,8 +297,11 @@ class JwtProviderSettings(_Frozen):
         for header in value:
             if not grammar.token(header):
                 raise ValueError(f"not a header name: {header!r}")
-            if header.lower().startswith("x-auth-"):
-                raise ValueError(f"{header!r}: X-Auth-* headers are set by the sidecar itself")
+            if _reserved(header):
+                raise ValueError(f"{header!r} is a header the sidecar handles itself")
+        names = [h.lower().replace("_", "-") for h in value]
+        if len(set(names)) != len(names):
+            raise ValueError("two claim headers name the same header (case and '_' aside)")
         return value
 
     @model_validator(mode="after")
@@ -379,6 +382,39 @@ class ApiKeySettings(_Frozen):
         return _check_scopes(value)
 
 
+# Headers the sidecar handles itself: framing and hop-by-hop ones, the credentials it reads, the
+# request id, forwarding and identity headers it sets. Configured as an API key header one would be
+# read as a key (or hide the real credential); as a claim header, a token's claim would become the
+# upstream's Content-Length, Host or X-Forwarded-For.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "expect",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "authorization",
+        "cookie",
+        "x-request-id",
+        "forwarded",
+        "x-real-ip",
+    }
+)
+_RESERVED_PREFIXES = ("x-auth-", "x-forwarded-", "sec-websocket-")
+
+
+def _reserved(header: str) -> bool:
+    name = header.lower().replace("_", "-")
+    return name in _RESERVED_HEADERS or name.startswith(_RESERVED_PREFIXES)
+
+
 class ApiKeysSettings(_Frozen):
     """API keys: inline and/or from `keys_file` (a TOML file of `[[keys]]`)."""
 
@@ -392,6 +428,8 @@ class ApiKeysSettings(_Frozen):
     def _header(cls, value: str) -> str:
         if not grammar.token(value):
             raise ValueError(f"not a header name: {value!r}")
+        if _reserved(value):
+            raise ValueError(f"{value!r} is a header the sidecar handles itself; name your own")
         return value
 
     @model_validator(mode="after")

@@ -140,15 +140,6 @@ class Decision:
     trace: list[tuple[str, str]] | None = None  # (stage, what it concluded), for explain
     attempts: list[Attempt] | None = None  # what each auth method found and concluded
 
-    @property
-    def status(self) -> int:
-        """The sidecar's own answer (204, or the refusal's); 0 when the upstream answers."""
-        if self.action == "preflight":
-            return 204
-        if self.error is not None:
-            return self.error.status
-        return 0
-
 
 class Decider:
     """The policy, compiled at start-up: routes, CORS, authentication, header rules."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 from urllib.parse import urlsplit
 
 from .auth import Attempt, AuthService, consumed_headers, new_key_session
-from .auth.chain import fingerprint
 from .auth.jwks import JwksCache
 from .config import Settings, split_listen
 from .cors import Cors
@@ -128,13 +127,9 @@ def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
         if stage != "result":
             lines.append(_line(stage, text))
     if creds is not None:
-        found = []
-        if creds.bearer is not None:
-            found.append(
-                f"bearer token from the {creds.bearer_source} ({fingerprint(creds.bearer)})"
-            )
-        if creds.api_key is not None:
-            found.append(f"API key from the {creds.api_key_source} ({fingerprint(creds.api_key)})")
+        # Each method describes what it found (hashing the credential): the chain's own words.
+        described = (method.found(creds.of(name)) for name, method in service.methods.items())
+        found = [text for text in described if text is not None]
         if creds.problem:
             found.append(f"problem: {creds.problem}")
         lines.append(_line("credentials", "; ".join(found) or "none"))

@@ -443,3 +443,30 @@ def test_the_shadowing_warning_agrees_with_the_route_table() -> None:
         )
         shadowed = any(w.startswith("routes[1]: never matches") for w in config.warnings(settings))
         assert shadowed is not reachable, (earlier, later)
+
+
+@pytest.mark.parametrize(
+    "header", ["Content-Length", "Host", "transfer_encoding", "X-Forwarded-For", "X_Auth_Subject"]
+)
+def test_a_claim_header_the_sidecar_handles_itself_is_refused(header: str) -> None:
+    # A token's claim would otherwise become the upstream's framing, Host or client address.
+    provider = {
+        "name": "p",
+        "issuer": "https://i",
+        "audiences": ["a"],
+        "secret_env": "X",
+        "algorithms": ["HS256"],
+        "claim_headers": {header: "sub"},
+    }
+    with pytest.raises(ConfigError) as caught:
+        config.from_dict({"auth": {"jwt": {"providers": [provider]}}})
+    assert str(caught.value).startswith("auth.jwt.providers[0].claim_headers")
+
+
+@pytest.mark.parametrize("header", ["Cookie", "Sec-WebSocket-Protocol", "Authorization", "Host"])
+def test_an_api_key_header_the_sidecar_handles_itself_is_refused(header: str) -> None:
+    # As Cookie it would read the whole cookie (and the token cookie) as a key; as
+    # Sec-WebSocket-Protocol it would swallow the subprotocol offer.
+    with pytest.raises(ConfigError) as caught:
+        config.from_dict({"auth": {"api_keys": {"header": header}}})
+    assert str(caught.value).startswith("auth.api_keys.header")

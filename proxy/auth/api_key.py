@@ -69,9 +69,6 @@ class ApiKeyMethod:
     def ready(self) -> bool:
         return True  # the key set is read in the constructor
 
-    def present(self, credential: Found) -> bool:
-        return credential.present
-
     def found(self, credential: Found) -> str | None:
         if credential.problem is not None:
             return f"an unusable API key ({credential.problem})"

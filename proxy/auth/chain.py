@@ -21,7 +21,6 @@ from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from .extractor import Credentials
 from .method import Method
-from .method import fingerprint as fingerprint  # explain names credentials with it
 from .rejected import Rejected
 from .scopes import require_scopes
 
@@ -64,7 +63,7 @@ class Chain:
             method = self._methods[name]
             credential = credentials.of(name)
             if trace is None:
-                found = "" if method.present(credential) else None
+                found = "" if credential.present else None
             else:
                 found = method.found(credential)
             if found is None:
@@ -99,7 +98,7 @@ class Chain:
                     message, details={"reason": reason, "method": name}, bearer=bearer
                 ) from None
             except ProxyError as exc:
-                self._metrics.auth.labels(name, str(exc.details.get("reason", exc.code))).inc()
+                self._count(name, str(exc.details.get("reason", exc.code)))
                 if trace is not None:
                     trace.append(Attempt(name, found, f"failed: {exc.message}"))
                 raise

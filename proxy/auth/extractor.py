@@ -69,9 +69,9 @@ class Extractor:
     def __init__(self, locators: Sequence[Locator]) -> None:
         self._locators = tuple(locators)
         # Each header has one reader: the first method that consumes it, else the first that
-        # reads it; `Sec-WebSocket-Protocol` is parsed here unless a method consumes it. So an
-        # API key header configured as `Authorization`, `Cookie` or `Sec-WebSocket-Protocol`
-        # is never read as a key, as before the registry. Two methods sharing a header (an
+        # reads it; `Sec-WebSocket-Protocol` is parsed here unless a method consumes it. (An API
+        # key header over one the sidecar reads itself, such as `Authorization`, `Cookie` or
+        # `Sec-WebSocket-Protocol`, is refused by the config.) Two methods sharing a header (an
         # introspection method beside `jwt` on `Authorization: Bearer`) would need each locator
         # to decline values that are not its own first.
         owners: dict[bytes, int] = {}

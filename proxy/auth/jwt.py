@@ -188,7 +188,7 @@ class JwtVerifier:
                 files = FileKeys(i, p, on_change=self._keys_changed(p.name))
                 self._files.append(files)
                 source = files
-            self.providers.append(Provider(i, p, source))
+            self.providers.append(Provider(p, source))
         self._by_issuer = {p.settings.issuer: p for p in self.providers}
 
     @property
@@ -306,9 +306,6 @@ class JwtMethod:
     @property
     def ready(self) -> bool:
         return self.verifier.ready
-
-    def present(self, credential: Found) -> bool:
-        return credential.present
 
     def found(self, credential: Found) -> str | None:
         if credential.problem is not None:

@@ -118,9 +118,6 @@ class Method(Protocol):
     def ready(self) -> bool:
         """Its keys are loaded (readiness waits for every method)."""
 
-    def present(self, credential: Found) -> bool:
-        """Is a credential of this method's kind there (usable or not)? Cheap: every request."""
-
     def found(self, credential: Found) -> str | None:
         """A description of the credential this method is responsible for, or None (for
         `explain` and traces only: it hashes the credential)."""

@@ -90,8 +90,7 @@ def _typ_equal(a: str, b: str) -> bool:
 class Provider:
     """One `[[auth.jwt.providers]]` entry: its header policy, keys and claim checks."""
 
-    def __init__(self, index: int, settings: JwtProviderSettings, keys: KeySource) -> None:
-        self.index = index
+    def __init__(self, settings: JwtProviderSettings, keys: KeySource) -> None:
         self.settings = settings
         self.name = settings.name
         self.keys = keys

@@ -7,7 +7,6 @@ fetched in `start()` (readiness waits for them), and a request only looks things
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import aiohttp
@@ -24,8 +23,6 @@ from .jwt import JwtVerifier
 from .method import Method
 from .registry import METHODS, locators
 
-log = logging.getLogger("authproxy.auth")
-
 
 class AuthService:
     """Authentication and scope policy for every route; owns the key caches."""
@@ -33,7 +30,6 @@ class AuthService:
     def __init__(
         self, settings: Settings, metrics: Metrics, session: aiohttp.ClientSession
     ) -> None:
-        self.settings = settings
         self.extractor = Extractor(locators(settings.auth))
         self.methods: dict[str, Method] = {
             m.name: m.build(settings, metrics, session) for m in METHODS

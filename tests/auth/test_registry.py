@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 
+import pydantic
 import pytest
 
 from proxy import config
@@ -89,27 +90,9 @@ def test_two_methods_cannot_claim_one_query_parameter() -> None:
         Extractor([*locators(AuthSettings()), Thief()])
 
 
-@pytest.mark.parametrize(
-    ("header", "api_key", "subprotocols"),
-    [
-        ("Authorization", None, ("chat",)),  # the JWT method consumes it first
-        ("Cookie", "at=tok", ("chat",)),  # consumed: the token cookie is not read from it
-        ("Sec-WebSocket-Protocol", "chat", ()),  # consumed: no protocols are offered upstream
-    ],
-)
-def test_a_header_belongs_to_the_first_method_that_consumes_it(
-    header: str, api_key: str | None, subprotocols: tuple[str, ...]
-) -> None:
-    # As before the registry, for an API key header configured over one the sidecar reads.
-    auth = AuthSettings.model_validate({"api_keys": {"header": header}, "token_cookie": "at"})
-    c = Extractor(locators(auth)).extract(
-        [
-            (b"authorization", b"Bearer abc"),
-            (b"cookie", b"at=tok"),
-            (b"sec-websocket-protocol", b"chat"),
-        ],
-        b"",
-        websocket=True,
-    )
-    assert (c.bearer, c.bearer_source) == ("abc", "header")
-    assert (c.api_key, c.subprotocols) == (api_key, subprotocols)
+@pytest.mark.parametrize("header", ["Authorization", "Cookie", "Sec-WebSocket-Protocol"])
+def test_an_api_key_header_over_one_the_sidecar_reads_is_refused(header: str) -> None:
+    # As Cookie it read the whole cookie (and hid the token cookie) as a key; as
+    # Sec-WebSocket-Protocol it swallowed the subprotocol offer. Refused at load instead.
+    with pytest.raises(pydantic.ValidationError, match="handles itself"):
+        AuthSettings.model_validate({"api_keys": {"header": header}, "token_cookie": "at"})
