@@ -49,7 +49,7 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info and record.exc_info[0] is not None:
             # The exception type and message only: tracebacks go to no client and stay short here.
-            line["error"] = f"{record.exc_info[0].__name__}: {record.exc_info[1]}"
+            line["error"] = redact(f"{record.exc_info[0].__name__}: {record.exc_info[1]}")
         return _JSON.encode(line)
 
 
@@ -64,23 +64,31 @@ def _not_a_handshake_line(record: logging.LogRecord) -> bool:
     return message != "ASGI callable returned without completing handshake."
 
 
-# Whatever a library logs, no credential gets through: a query parameter whose name is (or
-# contains) token, key, secret, password, auth or signature, and anything after "Bearer ", are
-# written as [redacted]. This holds for any wording (uvicorn's handshake line includes the raw
-# query string at info level), unlike a filter that knows the lines it drops by their text.
+# Whatever a library logs, no credential gets through. Written as [redacted]: the value of a
+# query or form parameter, a `Name: value` header or a JSON member whose name is a credential's
+# (token, access_token, id_token, jwt, api_key, apikey, key, secret, password, signature, with
+# any prefix or case), whatever follows "Bearer " or the "bearer." subprotocol, and anything shaped
+# like a JWT, and a whole Authorization value. This holds for any wording (uvicorn's handshake
+# line carries the raw query string at info level), unlike a filter that knows lines by their text.
+_NAMES = r"[\w.\[\]%-]*?(?:token|jwt|api[_-]?key|apikey|key|secret|passw(?:or)?d|signature)"
 _SECRET_PARAM = re.compile(
-    r"(?i)((?:^|[?&;\s\"'(])[\w.%\[\]-]*(?:token|key|secret|passw|auth|sig|session|code)"
-    r"[\w.%\[\]-]*=)[^&;\s\"')]+"
+    rf"(?i)((?:^|[?&;,\s\"'(/]){_NAMES}(?:\[\])?(?:=|\"?\s*:\s*\"?))[^&;,\s\"')]+"
 )
-_BEARER = re.compile(r"(?i)\b(bearer\s+|basic\s+)[^\s\"',;]+")
+_BEARER = re.compile(r"(?i)\b(bearer[\s.]+)[^\s\"',;]+")
+_JWT = re.compile(r"\beyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
+_AUTHORIZATION = re.compile(r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+")
 
 
 def redact(text: str) -> str:
     """`text` with credential-looking values replaced by [redacted]."""
-    if "=" in text:
+    if "uthorization" in text:
+        text = _AUTHORIZATION.sub(r"\1[redacted]", text)  # any scheme: Bearer, Basic, ...
+    if "=" in text or ":" in text:
         text = _SECRET_PARAM.sub(r"\1[redacted]", text)
-    if "earer" in text or "asic" in text:
+    if "earer" in text:
         text = _BEARER.sub(r"\1[redacted]", text)
+    if "eyJ" in text:
+        text = _JWT.sub("[redacted]", text)
     return text
 
 
@@ -235,7 +243,8 @@ def configure(level: str = "info", flush_interval_s: float = 0.1) -> None:
     # The writer thread is a daemon (a stuck stream must not keep the process alive): what it
     # still holds at exit is written first, a little waiting allowed.
     atexit.register(handler.drain)
-    for name in ("authproxy", "uvicorn", "uvicorn.error"):
+    # The libraries that log on the request path too, so their lines are JSON and redacted.
+    for name in ("authproxy", "uvicorn", "uvicorn.error", "websockets", "asyncio", "aiohttp"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.propagate = False

@@ -21,6 +21,12 @@ TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXNlY3JldA"
         f"GET /api?a=1;api_key={TOKEN} HTTP/1.1",
         f"Authorization: Bearer {TOKEN}",
         f"bad request line: b'GET /x?TOKEN={TOKEN}&id_token[]={TOKEN} HTTP/1.1'",
+        f"Sec-WebSocket-Protocol: bearer.{TOKEN}",
+        f"X-API-Key: {TOKEN}",
+        f'{{"access_token": "{TOKEN}"}}',
+        f"/x,jwt={TOKEN}",
+        f"a token went by: {TOKEN}",
+        f"Authorization: Basic {TOKEN}",
     ],
 )
 def test_a_library_line_carrying_a_credential_is_written_redacted(message: str) -> None:
@@ -39,5 +45,14 @@ def test_a_library_line_carrying_a_credential_is_written_redacted(message: str) 
 
 
 def test_ordinary_lines_are_left_as_they_are() -> None:
-    for text in ("Started server process [42]", "GET /api/models?limit=10&page=2", "x = 1"):
+    for text in (
+        "Started server process [42]",
+        "GET /api/models?limit=10&page=2",
+        "x = 1",
+        "signal=15 exit code=0",
+        "status_code=200 sessions=4",
+        "design=v2 author=bob",
+        "uses basic auth",
+        "keepalive=5 keys=3",
+    ):
         assert logs.redact(text) == text
