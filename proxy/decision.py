@@ -81,6 +81,13 @@ class Request:
         for name, value in headers:
             size += len(name) + len(value) + 4
             if name == b"origin":
+                # One Origin, as browsers send it: with two, the CORS check and the upstream
+                # could each believe a different one.
+                if r.origin is not None:
+                    raise BadRequest(
+                        "the request has more than one Origin header",
+                        details={"reason": "duplicate_origin"},
+                    )
                 r.origin = value.decode("latin-1")
             elif name == b"host":
                 # RFC 9112 3.2: one valid Host or 400, checked before it can become

@@ -96,3 +96,13 @@ def test_only_options_with_origin_and_request_method_is_a_preflight(
     from proxy.pipeline import Request
 
     assert Request.read({"headers": headers}, method, 65536).preflight is expected
+
+
+def test_two_origin_headers_are_refused_rather_than_one_picked() -> None:
+    from proxy.errors import BadRequest
+    from proxy.pipeline import Request
+
+    headers = [(b"host", b"h"), (b"origin", b""), (b"origin", b"http://allowed.test")]
+    with pytest.raises(BadRequest) as caught:
+        Request.read({"headers": headers}, "GET", 65536)
+    assert caught.value.details["reason"] == "duplicate_origin"
