@@ -27,6 +27,7 @@ from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 from websockets.uri import WebSocketURI, parse_uri
 
 from ..config import Settings
@@ -363,8 +364,16 @@ class Tunnel:
                 )
             except (OSError, TimeoutError, RuntimeError):
                 pass  # the client is gone or stuck; uvicorn owns its transport from here
-        if o.tell_upstream:
-            await upstream.close(o.upstream_code, o.upstream_reason)
+        if not o.tell_upstream:
+            return
+        if o.upstream_deaf and upstream.protocol.state is State.OPEN:
+            # Its close frame, then our end of the socket: a closing handshake would only wait
+            # out CLOSE_TIMEOUT_S for an answer that is not coming.
+            upstream.protocol.fail(o.upstream_code, o.upstream_reason)
+            upstream.send_data()
+            upstream.transport.close()
+            return
+        await upstream.close(o.upstream_code, o.upstream_reason)
 
     def _finish(
         self,

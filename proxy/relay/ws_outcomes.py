@@ -62,6 +62,9 @@ class Outcome:
     upstream_reason: str
     tell_client: bool
     tell_upstream: bool
+    # The upstream answers nothing (a missed keepalive pong): it is sent its close frame but
+    # not waited for, since a peer deaf to pings is deaf to a closing handshake too.
+    upstream_deaf: bool = False
 
     @classmethod
     def by_proxy(
@@ -123,8 +126,11 @@ SERVER_STOPPED = Outcome(
     False,
     True,
 )
-UPSTREAM_PING_TIMEOUT = Outcome.by_proxy(
-    "upstream_ping_timeout", CLOSE_INTERNAL_ERROR, "upstream keepalive ping timeout"
+UPSTREAM_PING_TIMEOUT = dataclasses.replace(
+    Outcome.by_proxy(
+        "upstream_ping_timeout", CLOSE_INTERNAL_ERROR, "upstream keepalive ping timeout"
+    ),
+    upstream_deaf=True,
 )
 CLIENT_GONE = Outcome.by_client(
     "client_gone", CLOSE_ABNORMAL, "", CLOSE_GOING_AWAY, "client went away"

@@ -645,11 +645,27 @@ async def test_an_idle_session_to_a_live_upstream_survives_many_ping_rounds(
     assert ws_log_lines(sidecar)[-1]["end"] == "client_closed"
 
 
+def client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of each whole frame a client sent (short payloads only)."""
+    frames, i = [], 0
+    while i + 6 <= len(data):
+        opcode, length = data[i] & 0x0F, data[i + 1] & 0x7F
+        assert length < 126, "a control frame or a short message"
+        mask, payload = data[i + 2 : i + 6], data[i + 6 : i + 6 + length]
+        frames.append((opcode, bytes(b ^ mask[k % 4] for k, b in enumerate(payload))))
+        i += 6 + length
+    return frames
+
+
 async def test_an_upstream_that_stops_answering_pings_ends_the_session_with_1011(
     tmp_path: Path,
 ) -> None:
+    received = bytearray()
+    eof = asyncio.Event()
+
     async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # A complete handshake, then silence: the process is alive, the application is not.
+        # A complete handshake, then silence: the process is alive, the application is not. It
+        # reads (the kernel would anyway) but never answers, not a ping, not a close.
         head = await reader.readuntil(b"\r\n\r\n")
         key = next(
             line.split(b":", 1)[1].strip()
@@ -664,7 +680,10 @@ async def test_an_upstream_that_stops_answering_pings_ends_the_session_with_1011
             b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
         )
         try:
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                while chunk := await reader.read(4096):
+                    received.extend(chunk)
+                eof.set()
                 await asyncio.sleep(30)
         finally:
             writer.close()
@@ -682,8 +701,15 @@ async def test_an_upstream_that_stops_answering_pings_ends_the_session_with_1011
             code, reason = await close_of(ws, timeout=10)
             assert code == 1011 and "ping" in reason
             assert time.monotonic() - started < 5
-        await wait_for(lambda: bool(ws_log_lines(sidecar)))
+        # An upstream that answers no ping will answer no close either: it is told (a close
+        # frame, then the connection ends) without the sidecar waiting out a closing handshake.
+        await asyncio.wait_for(eof.wait(), 2)
+        await wait_for(lambda: bool(ws_log_lines(sidecar)), timeout=2)
         assert ws_log_lines(sidecar)[-1]["end"] == "upstream_ping_timeout"
+        frames = client_frames(bytes(received))
+        assert frames[-1][0] == 0x8, frames  # the last thing it got is a close frame
+        assert int.from_bytes(frames[-1][1][:2], "big") == 1011
+        assert {opcode for opcode, _ in frames[:-1]} == {0x9}  # before it, only pings
     finally:
         sidecar.stop()
         server.close()
