@@ -23,6 +23,7 @@ from .routing import RouteTable
 from .telemetry import logs
 from .telemetry.access import AccessLog
 from .telemetry.metrics import Metrics
+from .tls import reload_server_certificate, server_context
 from .types import Receive, Scope, Send
 
 log = logging.getLogger("authproxy.app")
@@ -40,6 +41,8 @@ class App:
         self.headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
         self.routes = RouteTable(settings.routes)
         self.cors = Cors(settings, self.metrics)
+        # The public listener's TLS context (server.tls_cert_file), kept to reload on SIGHUP.
+        self.tls = server_context(settings.server)
         self.forwarder = Forwarder(
             settings.server.max_body_bytes,
             self.headers,
@@ -109,8 +112,16 @@ class App:
             access=self.access,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.auth.reload_keys)
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         self.started = True
+
+    def reload(self) -> None:
+        """SIGHUP: key files and the TLS certificate are read again."""
+        if self.auth is not None:
+            self.auth.reload_keys()
+        if self.tls is not None:
+            ok = reload_server_certificate(self.tls, self.settings.server)
+            self.metrics.tls_reloads.labels("ok" if ok else "error").inc()
 
     async def shutdown(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

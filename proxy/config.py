@@ -118,6 +118,14 @@ class ServerSettings(_Frozen):
     # sends no request bytes, for this long is cut and its upstream connection freed.
     send_timeout_s: float = Field(default=60.0, gt=0)
     client_body_timeout_s: float = Field(default=60.0, gt=0)
+    # HTTPS and WSS on the public listener (PEM files; re-read on SIGHUP): both or neither.
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerSettings:
+        _pair(self.tls_cert_file, self.tls_key_file, "server.tls_cert_file", "server.tls_key_file")
+        return self
 
     @field_validator("workers", mode="plain")
     @classmethod
@@ -147,6 +155,13 @@ class ServerSettings(_Frozen):
         return tuple(ipaddress.ip_network(c, strict=False) for c in self.trusted_proxies)
 
 
+def _pair(first: str | None, second: str | None, first_key: str, second_key: str) -> None:
+    """Two keys that go together (a certificate and its key): both or neither."""
+    if (first is None) != (second is None):
+        present, missing = (first_key, second_key) if first is not None else (second_key, first_key)
+        raise _KeyedError(present, f"is set without {missing}: give both or neither")
+
+
 class AdminSettings(_Frozen):
     """The admin listener: /healthz, /readyz, /metrics."""
 
@@ -169,6 +184,27 @@ class UpstreamSettings(_Frozen):
     # Unset: every request header passes but those relay/headers.py removes. A list: only these
     # (and what the sidecar adds itself) reach the upstream, deny by default.
     forward_headers: tuple[HeaderName, ...] | None = None
+    # For an https upstream (and its wss tunnel): the CA bundle to trust instead of the system's,
+    # and a client certificate and key (PEM) when the upstream asks for one (mTLS).
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+    @model_validator(mode="after")
+    def _tls(self) -> UpstreamSettings:
+        _pair(
+            self.client_cert_file,
+            self.client_key_file,
+            "upstream.client_cert_file",
+            "upstream.client_key_file",
+        )
+        if not self.url.startswith("https://"):
+            for key in ("ca_file", "client_cert_file"):
+                if getattr(self, key) is not None:
+                    raise _KeyedError(
+                        f"upstream.{key}", f"is set but upstream.url is not https:// ({self.url})"
+                    )
+        return self
 
     @field_validator("url")
     @classmethod
@@ -832,4 +868,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         update={"keys_file": rel(settings.auth.api_keys.keys_file)}
     )
     auth = settings.auth.model_copy(update={"jwt": jwt, "api_keys": api_keys})
-    return settings.model_copy(update={"auth": auth})
+    server = settings.server.model_copy(
+        update={k: rel(getattr(settings.server, k)) for k in ("tls_cert_file", "tls_key_file")}
+    )
+    upstream = settings.upstream.model_copy(
+        update={
+            k: rel(getattr(settings.upstream, k))
+            for k in ("ca_file", "client_cert_file", "client_key_file")
+        }
+    )
+    return settings.model_copy(update={"auth": auth, "server": server, "upstream": upstream})

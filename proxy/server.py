@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 from typing import Any
@@ -26,6 +27,20 @@ from .telemetry import logs
 from .types import ASGIApp
 from .workers import WorkerRole, reuseport_socket, serve_readiness
 from .wsprotocol import LeanWebSocketProtocol
+
+
+class TlsConfig(uvicorn.Config):
+    """A uvicorn configuration serving with the app's own TLS context (tls.py): its ciphers and
+    protocol floor, and the one object SIGHUP reloads the certificate into."""
+
+    def __init__(self, app: ASGIApp, tls: ssl.SSLContext | None, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.tls = tls
+
+    def load(self) -> None:
+        super().load()
+        if self.tls is not None:
+            self.ssl = self.tls
 
 
 class QuietServer(uvicorn.Server):
@@ -77,8 +92,9 @@ def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvico
     """The public and admin listeners' uvicorn configurations."""
     host, port = split_listen(settings.server.listen)
     ws = settings.websocket
-    public = uvicorn.Config(
+    public = TlsConfig(
         app,
+        app.tls,
         host=host,
         port=port,
         lifespan="on",

@@ -35,6 +35,7 @@ from ..errors import CLOSE_GOING_AWAY, ProxyError
 from ..identity import Identity
 from ..telemetry.access import AccessLog, AccessRecord
 from ..telemetry.metrics import Metrics
+from ..tls import upstream_context
 from ..types import Message, Receive, Scope, Send
 from .ws_outcomes import (
     CLIENT_GONE,
@@ -144,6 +145,7 @@ class Tunnel:
         )
         if self._base_uri.secure:
             self._connect_kwargs["server_hostname"] = self._base_uri.host
+            self._connect_kwargs["ssl"] = upstream_context(settings.upstream)
 
     # --- lifecycle --------------------------------------------------------------------------------
 

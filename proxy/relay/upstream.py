@@ -26,6 +26,7 @@ import collections
 import socket
 import ssl
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -33,6 +34,7 @@ import httptools
 
 from ..config import UpstreamSettings
 from ..errors import BadGateway, GatewayTimeout, ProxyError
+from ..tls import upstream_context
 
 # RFC 9110 9.2.2: a method whose request may be sent twice with the effect of once.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -86,14 +88,14 @@ class Origin:
     prefix: bytes  # the URL's path, put before every request path
 
     @classmethod
-    def parse(cls, url: str, ca_file: str | None = None) -> Origin:
+    def parse(cls, url: str, context: SSLContext | None = None) -> Origin:
+        """`context`: the TLS context of an https URL (tls.upstream_context), None for http."""
         parts = urlsplit(url)
         https = parts.scheme == "https"
         host = parts.hostname or ""
         port = parts.port or (443 if https else 80)
-        context = None
-        if https:
-            context = ssl.create_default_context(cafile=ca_file)
+        if https and context is None:
+            context = ssl.create_default_context()
             context.set_alpn_protocols(["http/1.1"])
         shown = f"[{host}]" if ":" in host else host
         if parts.port is not None and parts.port != (443 if https else 80):
@@ -427,7 +429,7 @@ class UpstreamPool:
     """Keep-alive connections to the one upstream; LIFO, so the warmest connection is reused."""
 
     def __init__(self, settings: UpstreamSettings, loop: asyncio.AbstractEventLoop) -> None:
-        self.origin = Origin.parse(settings.url)
+        self.origin = Origin.parse(settings.url, upstream_context(settings))
         self.loop = loop
         self.read_timeout = settings.read_timeout_s
         self.connect_timeout = settings.connect_timeout_s

@@ -73,6 +73,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.tls_reloads = Counter(
+            "authproxy_tls_reloads",
+            "Public listener certificate reloads (SIGHUP), by result.",
+            ["result"],
+            registry=r,
+        )
         self.cors_refusals = Counter(
             "authproxy_cors_refusals",
             "Requests refused for CORS, by reason.",

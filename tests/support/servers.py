@@ -154,14 +154,16 @@ def sidecar_config(
     body: str = "",
     server: str = "",
     upstream: str = "",
+    upstream_scheme: str = "http",
 ) -> str:
     """A config with listeners and upstream filled in. `server`/`upstream` add keys to those
     tables; `body` adds other tables and routes (a public catch-all route when it has none)."""
     body = textwrap.dedent(body)
+    url = f"{upstream_scheme}://127.0.0.1:{upstream_port}"
     text = (
         f'[server]\nlisten = "127.0.0.1:{port}"\n{textwrap.dedent(server)}\n'
         f'[admin]\nlisten = "127.0.0.1:{admin_port}"\n'
-        f'[upstream]\nurl = "http://127.0.0.1:{upstream_port}"\n{textwrap.dedent(upstream)}\n'
+        f'[upstream]\nurl = "{url}"\n{textwrap.dedent(upstream)}\n'
     )
     return text + body + ("" if "[[routes]]" in body else DEFAULT_ROUTES)
 
@@ -173,13 +175,16 @@ def start_sidecar(
     *,
     server: str = "",
     upstream: str = "",
+    upstream_scheme: str = "http",
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
 ) -> Sidecar:
     """Write a config and run the sidecar on fresh ports; waits until it listens."""
     port, admin_port = free_port(), free_port()
     config_path = tmp_path / f"authproxy-{port}.toml"
-    config_path.write_text(sidecar_config(upstream_port, port, admin_port, body, server, upstream))
+    config_path.write_text(
+        sidecar_config(upstream_port, port, admin_port, body, server, upstream, upstream_scheme)
+    )
     # Tests read the log right after a request: access lines are written at once unless a test
     # asks for batching (the default of 0.1 s) through the same override.
     env = {"AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0", **(env or {})}

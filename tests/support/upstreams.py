@@ -8,6 +8,8 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
+from . import ws_upstream
+
 Scope = dict[str, Any]
 
 
@@ -35,6 +37,14 @@ async def _reply(
 def _pattern(size: int) -> bytes:
     block = hashlib.sha256(b"authproxy").digest() * 2048  # 64 KiB of known bytes
     return (block * (size // len(block) + 1))[:size]
+
+
+async def http_and_ws(scope: Scope, receive: Any, send: Any) -> None:
+    """`app` for HTTP, tests/support/ws_upstream.py's echo for WebSockets: one upstream for both."""
+    if scope["type"] == "websocket":
+        await ws_upstream.app(scope, receive, send)
+    else:
+        await app(scope, receive, send)
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
@@ -142,6 +152,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
             break
     report = {
         "method": scope["method"],
+        "scheme": scope["scheme"],
         "path": scope["path"],
         "raw_path": scope["raw_path"].decode("latin-1"),
         "query_string": scope["query_string"].decode("latin-1"),
