@@ -56,6 +56,7 @@ class App:
         self.tunnel: Tunnel | None = None
         self.started = False
         self.draining = False
+        self.stopping = False  # SIGTERM seen, server.shutdown_delay_s running: still serving
         self.startup_error: Exception | None = None
         self._key_session: aiohttp.ClientSession | None = None
 
@@ -63,8 +64,13 @@ class App:
         return {
             "started": self.started,
             "keys_loaded": self.auth is not None and self.auth.ready,
-            "not_draining": not self.draining,
+            "not_draining": not (self.draining or self.stopping),
         }
+
+    def begin_stop(self) -> None:
+        """SIGTERM with `server.shutdown_delay_s`: readiness fails now, requests are still served
+        until the delay is over and the drain begins."""
+        self.stopping = True
 
     def begin_drain(self) -> None:
         """SIGTERM: readiness fails, new requests get 503, WebSockets close after the drain."""

@@ -112,6 +112,9 @@ class ServerSettings(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=0)
     preserve_host: bool = False
     graceful_shutdown_s: float = Field(default=30.0, ge=0)
+    # After SIGTERM, readiness fails at once but the listener keeps serving this long, while load
+    # balancers (Kubernetes endpoints) stop sending new traffic; then the drain begins.
+    shutdown_delay_s: float = Field(default=0.0, ge=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     header_timeout_s: float = Field(default=10.0, gt=0)
     # nginx's send_timeout and client_body_timeout: a client that takes no response bytes, or

@@ -59,10 +59,16 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         on_exit: Callable[[], None],
         drained: Callable[[], Awaitable[None]] | None = None,
+        *,
+        on_stop: Callable[[], None] | None = None,
+        delay_s: float = 0.0,
     ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
         self._drained = drained
+        self._on_stop = on_stop
+        self._delay_s = delay_s
+        self._delayed: asyncio.TimerHandle | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -82,10 +88,44 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # SIGTERM (a rolling update, a scale-down) with `server.shutdown_delay_s`: readiness fails
+        # at once, serving goes on for the delay, then the drain. SIGINT (a person at a terminal)
+        # and a second signal go straight to the drain.
+        if (
+            self._delay_s > 0
+            and sig == signal.SIGTERM
+            and self._delayed is None
+            and not self.should_exit
+            and self._on_stop is not None
+        ):
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+                self._on_stop()
+                self._delayed = loop.call_later(self._delay_s, self._exit_now, sig)
+                logging.getLogger("authproxy").info(
+                    "stopping: readiness failed, serving on for server.shutdown_delay_s",
+                    extra={"fields": {"shutdown_delay_s": self._delay_s}},
+                )
+                return
+        self._exit_now(sig, frame)
+
+    def _exit_now(self, sig: int, frame: FrameType | None = None) -> None:
+        if self._delayed is not None:
+            self._delayed.cancel()
         if not self.should_exit:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
         super().handle_exit(sig, frame)
+
+
+def draining_server(config: uvicorn.Config, app: App, settings: Settings) -> DrainingServer:
+    return DrainingServer(
+        config,
+        app.begin_drain,
+        app.drained,
+        on_stop=app.begin_stop,
+        delay_s=settings.server.shutdown_delay_s,
+    )
 
 
 def uvicorn_configs(app: App, settings: Settings) -> tuple[uvicorn.Config, uvicorn.Config]:
@@ -150,7 +190,7 @@ def serve(settings: Settings) -> int:
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     app = App(settings)
     public_config, admin_config = uvicorn_configs(app, settings)
-    public = DrainingServer(public_config, app.begin_drain, app.drained)
+    public = draining_server(public_config, app, settings)
     admin = QuietServer(admin_config)
 
     log = logging.getLogger("authproxy")
@@ -192,7 +232,7 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     app = App(settings)
     public_config, _ = uvicorn_configs(app, settings)
-    public = DrainingServer(public_config, app.begin_drain, app.drained)
+    public = draining_server(public_config, app, settings)
     log = logging.getLogger("authproxy")
     host, _ = split_listen(settings.server.listen)
 

@@ -157,7 +157,8 @@ class Supervisor:
             self._stopping.set()
             log.info("draining workers", extra={"fields": {"signal": signal.Signals(sig).name}})
             grace = (
-                self._settings.server.graceful_shutdown_s
+                self._settings.server.shutdown_delay_s
+                + self._settings.server.graceful_shutdown_s
                 + self._settings.websocket.drain_s
                 + _KILL_MARGIN_S
             )
