@@ -1,4 +1,4 @@
-"""The `authproxy` command: serve, check-config, hash-key, explain."""
+"""The `authproxy` command: serve, check-config, hash-key, explain, healthcheck."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     hash_key.add_argument("key", nargs="?", help="an existing key to hash (default: a new one)")
     hash_key.add_argument("--id", default="my-key", help="the key id for the TOML record")
 
+    health = commands.add_parser(
+        "healthcheck", help="exit 0 when the admin listener's /healthz answers 200 (containers)"
+    )
+    health.add_argument("--config")
+    health.add_argument("--timeout", type=float, default=2.0, help="seconds (default 2)")
+
     explain = commands.add_parser("explain", help="show how a request would be judged")
     explain.add_argument("--config")
     explain.add_argument("method")
@@ -42,12 +48,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _check_config(args.config)
         if args.command == "hash-key":
             return _hash_key(args.key, args.id)
+        if args.command == "healthcheck":
+            return _healthcheck(args.config, args.timeout)
         if args.command == "explain":
             return _explain(args.config, args.method, args.target, args.header)
     except ConfigError as exc:
         print(f"authproxy: config error: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _healthcheck(path: str | None, timeout: float) -> int:
+    """A container's HEALTHCHECK: asks /healthz on the admin listener the config names, so the
+    check follows `admin.listen` (and its environment override) wherever it is moved."""
+    import http.client
+
+    settings = config.load(path)
+    host, port = config.split_listen(settings.admin.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+        connection.request("GET", "/healthz")
+        status = connection.getresponse().status
+        connection.close()
+    except OSError as exc:
+        print(f"authproxy: unhealthy: admin.listen {settings.admin.listen}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(f"authproxy: unhealthy: /healthz answered {status}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _check_config(path: str | None) -> int:
