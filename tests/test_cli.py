@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
-
-from tests.support.servers import ROOT, free_port, sidecar_config, wait_for_port
+from tests.support.servers import ROOT, free_port
 
 AUTHPROXY = [sys.executable, "-m", "proxy"]
 
@@ -71,41 +66,6 @@ def test_hash_key_hashes_a_given_key_without_echoing_it_as_new() -> None:
     result = run("hash-key", "my-existing-key", "--id", "old")
     assert result.returncode == 0
     assert hashlib.sha256(b"my-existing-key").hexdigest() in result.stdout
-
-
-def test_the_dockerfile_command_and_healthcheck_work_outside_docker(tmp_path: Path) -> None:
-    """docker build cannot run here: run the image's CMD and HEALTHCHECK as they are written."""
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))  # type: ignore[union-attr]
-    health = json.loads(
-        re.search(r"CMD (\[.*\])$", dockerfile.split("HEALTHCHECK", 1)[1], re.M).group(1)
-    )  # type: ignore[union-attr]
-    env_default = re.search(r"AUTHPROXY_CONFIG=(\S+)", dockerfile).group(1)  # type: ignore[union-attr]
-    assert env_default == "/etc/authproxy/config.toml"
-    assert cmd[0] == "authproxy"
-    port, admin_port = free_port(), free_port()
-    config = tmp_path / "config.toml"
-    config.write_text(sidecar_config(free_port(), port, admin_port))
-    exe = shutil.which("authproxy", path=str(Path(sys.executable).parent))
-    assert exe, "the console script is installed"
-    proc = subprocess.Popen(
-        [exe, *cmd[1:]],
-        env={**os.environ, "AUTHPROXY_CONFIG": str(config)},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port, proc)  # type: ignore[arg-type]
-        assert health[0] == "python"
-        # The image's admin listener is :8001; this one runs on a free port.
-        probe = [arg.replace(":8001/", f":{admin_port}/") for arg in health[1:]]
-        assert probe != health[1:]
-        check = subprocess.run([sys.executable, *probe], timeout=10)
-        assert check.returncode == 0, shlex.join(health)
-        assert httpx.get(f"http://127.0.0.1:{admin_port}/healthz").status_code == 200
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 EXPLAIN_CONFIG = """
