@@ -11,12 +11,17 @@ streamed upload gets a task of its own, and only a streamed answer watches for a
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PayloadTooLarge, ProxyError, RequestTimeout
+from ..config import UpstreamSettings
+from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, ProxyError, RequestTimeout
+from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
+from .breaker import STATE_VALUE, CircuitBreaker
 from .headers import HeaderPolicy
+from .shedding import Admission
 from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
@@ -40,6 +45,18 @@ class ClientStalled(Exception):
 
 
 __all__ = ["ClientGone", "ClientStalled", "Exchange", "Forwarder", "UpstreamAborted"]
+
+# A retry after a reset or a refused connection waits a random 50-100 % of this, doubled per retry
+# (jitter: many sidecars retrying one restarting upstream do not arrive in step). A pooled
+# connection found closed is retried at once: that is our stale state, not the upstream's trouble.
+_RETRY_BASE_S = 0.025
+
+
+def deadline_exceeded(timeout_s: float) -> GatewayTimeout:
+    return GatewayTimeout(
+        "the upstream did not finish in time",
+        details={"reason": "deadline", "timeout_s": timeout_s},
+    )
 
 
 class _Stall:
@@ -194,6 +211,8 @@ class Forwarder:
         preserve_host: bool = False,
         send_timeout_s: float = 60.0,
         client_body_timeout_s: float = 60.0,
+        upstream: UpstreamSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._limit = max_body_bytes
         self._headers = headers
@@ -201,6 +220,33 @@ class Forwarder:
         self._send_timeout = send_timeout_s
         self._body_timeout = client_body_timeout_s
         self.pool: UpstreamPool | None = None  # set by the app's lifespan
+        self._metrics = metrics
+        upstream = upstream or UpstreamSettings()
+        self._retries = upstream.retries
+        # Off (None) unless configured: the request path checks one attribute.
+        self.breaker: CircuitBreaker | None = None
+        cb = upstream.circuit_breaker
+        if cb.failure_threshold:
+            self.breaker = CircuitBreaker(
+                cb.failure_threshold, cb.open_s, changed=self._breaker_changed
+            )
+        self.admission: Admission | None = None
+        if upstream.max_concurrent_requests:
+            self.admission = Admission(
+                upstream.max_concurrent_requests,
+                upstream.queue_timeout_s,
+                upstream.max_queued_requests,
+            )
+
+    def _breaker_changed(self, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.circuit_state.set(STATE_VALUE[state])
+            if state == "open":
+                self._metrics.circuit_opens.inc()
+
+    def _shed(self, exc: ProxyError) -> None:
+        if self._metrics is not None:
+            self._metrics.shed.labels(exc.details.get("reason", "-")).inc()
 
     def _head(
         self,
@@ -237,8 +283,102 @@ class Forwarder:
         content_length: int | None,
         response_headers: Callable[[Headers], Headers],
         exchange: Exchange,
+        read_timeout: float | None = None,
+        timeout: float | None = None,
     ) -> None:
-        """Forward; raises ProxyError before the response starts, UpstreamAborted after."""
+        """Forward; raises ProxyError before the response starts, UpstreamAborted after.
+
+        `read_timeout` and `timeout` are the route's own (routes[].read_timeout_s, timeout_s)."""
+        if self.breaker is None and self.admission is None and timeout is None:
+            await self._forward(
+                scope, receive, send, raw_path, query, headers, content_length,
+                response_headers, exchange, read_timeout, None,
+            )  # fmt: skip
+            return
+        breaker = self.breaker
+        probe = False
+        if breaker is not None:
+            try:
+                probe = breaker.admit()
+            except ProxyError as exc:
+                self._shed(exc)
+                raise
+        verdict: list[bool] | None = [] if breaker is not None else None
+        try:
+            if self.admission is not None:
+                try:
+                    await self.admission.enter()
+                except ProxyError as exc:
+                    self._shed(exc)
+                    raise
+            try:
+                if timeout is None:
+                    await self._forward(
+                        scope, receive, send, raw_path, query, headers, content_length,
+                        response_headers, exchange, read_timeout, verdict,
+                    )  # fmt: skip
+                else:
+                    await self._within(
+                        timeout, scope, receive, send, raw_path, query, headers,
+                        content_length, response_headers, exchange, read_timeout, verdict,
+                    )  # fmt: skip
+            finally:
+                if self.admission is not None:
+                    self.admission.leave()
+        except (BadGateway, GatewayTimeout, UpstreamAborted):
+            if breaker is not None and not verdict:
+                breaker.record(False, probe)
+                probe = False
+            raise
+        finally:
+            if breaker is not None:
+                if verdict:
+                    breaker.record(verdict[0], probe)
+                else:
+                    breaker.abandon(probe)
+
+    async def _within(
+        self,
+        timeout: float,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        content_length: int | None,
+        response_headers: Callable[[Headers], Headers],
+        exchange: Exchange,
+        read_timeout: float | None,
+        verdict: list[bool] | None,
+    ) -> None:
+        """The exchange under the route's total deadline: 504 before the answer starts, a cut
+        connection after (the answer cannot be completed in time)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._forward(
+                    scope, receive, send, raw_path, query, headers, content_length,
+                    response_headers, exchange, read_timeout, verdict,
+                )  # fmt: skip
+        except TimeoutError:
+            if exchange.response_started:
+                raise UpstreamAborted(f"the route's deadline of {timeout:g} s passed") from None
+            raise deadline_exceeded(timeout) from None
+
+    async def _forward(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        content_length: int | None,
+        response_headers: Callable[[Headers], Headers],
+        exchange: Exchange,
+        read_timeout: float | None,
+        verdict: list[bool] | None,
+    ) -> None:
         pool = self.pool
         assert pool is not None, "the app's lifespan has not started"
         limit = self._limit
@@ -268,16 +408,16 @@ class Forwarder:
             framing = b""
         request = self._head(method, raw_path, query, headers, framing) + chunk
         chunked = streamed and content_length is None
-        conn = await pool.acquire()
         # Only an exchange that streams can wait on the client: it alone gets the stall timer.
         stall = _Stall(self._send_timeout, self._body_timeout) if streamed else None
         try:
-            answered, upload = await self._send_request(
-                conn, method, request, chunked, stall, receive, exchange
+            conn, upload = await self._send_request(
+                method, request, chunked, stall, receive, exchange, read_timeout
             )
-            if answered is None:
+            if conn is None:
                 return  # the client left first
-            conn = answered
+            if verdict is not None:
+                verdict.append(conn.status < 500)  # the breaker's verdict, at the answer's head
             try:
                 await self._stream_back(
                     conn, send, receive, upload, stall, response_headers, exchange
@@ -294,22 +434,36 @@ class Forwarder:
 
     async def _send_request(
         self,
-        conn: Connection,
         method: str,
         request: bytes,
         chunked: bool,
         stall: _Stall | None,
         receive: Receive,
         exchange: Exchange,
+        read_timeout: float | None,
     ) -> tuple[Connection | None, _Upload | None]:
         """Write the request (the rest of a streamed body from a task) and wait for the answer's
-        head: the connection it came on, or None when the client left first."""
+        head: the connection it came on, or None when the client left first.
+
+        `upstream.retries` re-sends: any request whose connection could not be made at all (the
+        first body chunk, the only one read yet, is in `request`), and an idempotent request whose
+        body is all in `request` when its connection failed before any answer byte."""
         pool = self.pool
         assert pool is not None
         head_only = method == "HEAD"
-        for attempt in (1, 2):
+        left = self._retries
+        fresh = False
+        while True:
+            try:
+                conn = await pool.acquire(fresh=fresh)
+            except ProxyError as exc:
+                if left and exc.details.get("reason") == "connect_failed":
+                    left -= 1
+                    await self._pause_before_retry(self._retries - left, "connect_failed")
+                    continue
+                raise
             upload: _Upload | None = None
-            conn.begin(head_only)
+            conn.begin(head_only, read_timeout)
             conn.write(request)
             if stall is not None:
                 upload = _Upload(conn, receive, self._limit, exchange, chunked, stall)
@@ -323,11 +477,14 @@ class Forwarder:
                 pool.release(conn, conn.end())
                 return None, None
             except ProxyError as exc:
-                stale = (
-                    conn.reused
+                replayable = (
+                    left
+                    and upload is None
                     and not conn.received
+                    and method in IDEMPOTENT
                     and exc.details.get("reason") == "upstream_disconnected"
                 )
+                stale = conn.reused
                 pool.release(conn, conn.end())
                 if upload is not None:
                     upload.stop()
@@ -337,9 +494,13 @@ class Forwarder:
                         return None, None
                 if exchange.client_gone:
                     return None, None
-                if attempt == 1 and stale and upload is None and method in IDEMPOTENT:
-                    # A pooled connection the upstream had closed while we were not looking.
-                    conn = await pool.acquire(fresh=True)
+                if replayable:
+                    left -= 1
+                    if stale:
+                        self._count_retry("stale_connection")
+                    else:
+                        await self._pause_before_retry(self._retries - left, "reset")
+                    fresh = True
                     continue
                 raise
             except BaseException:
@@ -348,7 +509,14 @@ class Forwarder:
                 conn.end()
                 pool.release(conn, False)
                 raise
-        raise AssertionError("unreachable")
+
+    def _count_retry(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.retries.labels(reason).inc()
+
+    async def _pause_before_retry(self, n: int, reason: str) -> None:
+        self._count_retry(reason)
+        await asyncio.sleep(_RETRY_BASE_S * (1 << (n - 1)) * random.uniform(0.5, 1.0))
 
     async def _stream_back(
         self,
