@@ -48,6 +48,7 @@ class App:
             client_body_timeout_s=settings.server.client_body_timeout_s,
             upstream=settings.upstream,
             metrics=self.metrics,
+            compression=settings.compression,
         )
         self.admin = AdminApp(self.metrics, self.readiness, details=self.readiness_details)
         self.pipeline: Pipeline | None = None

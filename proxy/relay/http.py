@@ -15,11 +15,12 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import UpstreamSettings
+from ..config import CompressionSettings, UpstreamSettings
 from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, ProxyError, RequestTimeout
 from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
 from .breaker import STATE_VALUE, CircuitBreaker
+from .compress import Compression, Encoder, rewrite_headers
 from .headers import HeaderPolicy
 from .shedding import Admission
 from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
@@ -213,6 +214,7 @@ class Forwarder:
         client_body_timeout_s: float = 60.0,
         upstream: UpstreamSettings | None = None,
         metrics: Metrics | None = None,
+        compression: CompressionSettings | None = None,
     ) -> None:
         self._limit = max_body_bytes
         self._headers = headers
@@ -230,6 +232,9 @@ class Forwarder:
             self.breaker = CircuitBreaker(
                 cb.failure_threshold, cb.open_s, changed=self._breaker_changed
             )
+        self.compression: Compression | None = None
+        if compression is not None and compression.enabled:
+            self.compression = Compression(compression)
         self.admission: Admission | None = None
         if upstream.max_concurrent_requests:
             self.admission = Admission(
@@ -420,7 +425,7 @@ class Forwarder:
                 verdict.append(conn.status < 500)  # the breaker's verdict, at the answer's head
             try:
                 await self._stream_back(
-                    conn, send, receive, upload, stall, response_headers, exchange
+                    conn, scope, send, receive, upload, stall, response_headers, exchange
                 )
             finally:
                 reusable = conn.end()
@@ -510,6 +515,11 @@ class Forwarder:
                 pool.release(conn, False)
                 raise
 
+    def _count_compression(self, encoder: Encoder) -> None:
+        if self._metrics is not None:
+            self._metrics.compression_bytes.labels("in").inc(encoder.bytes_in)
+            self._metrics.compression_bytes.labels("out").inc(encoder.bytes_out)
+
     def _count_retry(self, reason: str) -> None:
         if self._metrics is not None:
             self._metrics.retries.labels(reason).inc()
@@ -521,6 +531,7 @@ class Forwarder:
     async def _stream_back(
         self,
         conn: Connection,
+        scope: Scope,
         send: Send,
         receive: Receive,
         upload: _Upload | None,
@@ -543,6 +554,23 @@ class Forwarder:
             # A ProxyError goes up from here: nothing was sent yet, so the client gets the 502.
         exchange.status = status
         headers = response_headers(self._headers.downstream_response(conn.headers))
+        encoder: Encoder | None = None
+        if self.compression is not None:
+            picked = self.compression.encoder(
+                scope["headers"], scope["method"], status, headers, length
+            )
+            if picked is not None:
+                encoder, coding = picked
+                if self._metrics is not None:
+                    self._metrics.compressed.labels(coding).inc()
+                if early and conn.finished:
+                    # The whole body is in hand: compressed at once, with its length.
+                    early = encoder.whole(early)
+                    headers = rewrite_headers(headers, coding, len(early))
+                    self._count_compression(encoder)
+                    encoder = None
+                else:
+                    headers = rewrite_headers(headers, coding, None)
         watcher: asyncio.Future[Message] | None = None
 
         def departed(_: asyncio.Future[Message]) -> None:
@@ -577,6 +605,12 @@ class Forwarder:
                         return
                     raise UpstreamAborted(exc.message) from exc
                 more = not conn.finished
+                if encoder is not None:
+                    # Flushed per chunk: a streamed answer reaches the client as it comes.
+                    chunk = encoder.chunk(chunk) if chunk else b""
+                    if not more:
+                        chunk += encoder.finish()
+                        self._count_compression(encoder)
                 if chunk or not more:
                     exchange.bytes_out += len(chunk)
                     if stall is not None:
