@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.servers import Sidecar, start_sidecar
+from tests.support.servers import Sidecar, start_sidecar, start_upstream
 
 
 class Commanded(http.server.ThreadingHTTPServer):
@@ -213,3 +213,50 @@ def test_a_get_is_retried_after_a_reset_and_a_post_never_sent_again(tmp_path: Pa
     assert posted.status_code == 502 and posted.json()["error"] == "bad_gateway"
     assert up.requests == ["GET ", "GET ", "POST charge-once"]  # the POST reached it once
     assert retries == 1
+
+
+def test_a_route_sets_its_own_read_timeout_and_deadline(tmp_path: Path) -> None:
+    up = start_upstream("tests.support.upstreams:app", tmp_path)
+    routes = """
+    [[routes]]
+    path = "/slow"
+    methods = ["GET"]
+    auth = "public"
+    read_timeout_s = 2.0
+
+    [[routes]]
+    path = "/sse"
+    auth = "public"
+    timeout_s = 0.5
+
+    [[routes]]
+    path = "/*"
+    auth = "public"
+    """
+    sidecar = start_sidecar(tmp_path, up.port, routes, upstream="read_timeout_s = 0.3")
+    try:
+        slow_ok = httpx.get(sidecar.url + "/slow?delay=0.6", timeout=5)  # its route waits longer
+        start = time.monotonic()
+        # The same endpoint through the catch-all route: upstream.read_timeout_s applies.
+        default = httpx.post(sidecar.url + "/slow?delay=0.6", timeout=5)
+        default_took = time.monotonic() - start
+        start = time.monotonic()
+        cut = ""
+        received = b""
+        try:
+            with httpx.stream("GET", sidecar.url + "/sse?n=20&delay=0.1", timeout=5) as r:
+                assert r.status_code == 200
+                for piece in r.iter_raw():
+                    received += piece
+        except httpx.HTTPError as exc:
+            cut = type(exc).__name__
+        sse_took = time.monotonic() - start
+    finally:
+        sidecar.stop()
+        up.stop()
+    assert slow_ok.status_code == 200 and slow_ok.json() == {"slow": True}
+    assert default.status_code == 504 and default.json()["details"]["reason"] == "read_timeout"
+    assert 0.25 < default_took < 0.6
+    # A stream past its route's deadline is cut (never ended as if complete), on time.
+    assert cut and b"data: 0" in received and b"data: 19" not in received
+    assert 0.4 < sse_took < 1.5

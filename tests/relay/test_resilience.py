@@ -13,6 +13,7 @@ import pytest
 from proxy import config
 from proxy.auth import consumed_headers
 from proxy.errors import BadGateway, ConfigError, GatewayTimeout, ProxyError, ServiceUnavailable
+from proxy.explain import explain
 from proxy.relay.breaker import CircuitBreaker
 from proxy.relay.headers import HeaderPolicy
 from proxy.relay.http import Exchange, Forwarder, UpstreamAborted
@@ -401,3 +402,19 @@ def test_everything_that_protects_the_upstream_is_off_by_default() -> None:
     assert fw.breaker is None and fw.admission is None
     assert settings.upstream.retries == 1 and settings.upstream.queue_timeout_s == 1.0
     assert settings.upstream.circuit_breaker.open_s == 10
+
+
+async def test_explain_shows_a_route_s_own_timeouts() -> None:
+    settings = config.from_dict(
+        {
+            "routes": [
+                {"path": "/api/chat/*", "auth": "public", "read_timeout_s": 300, "timeout_s": 900},
+                {"path": "/*", "auth": "public"},
+            ]
+        }
+    )
+    ok, text = await explain(settings, "POST", "/api/chat/completions", [])
+    line = "routes[0] '/api/chat/*' (auth: public; read timeout 300 s; deadline 900 s)"
+    assert ok and line in text
+    ok, text = await explain(settings, "GET", "/other", [])
+    assert ok and "routes[1] '/*' (auth: public)" in text
