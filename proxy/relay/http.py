@@ -242,6 +242,7 @@ class Forwarder:
                 upstream.queue_timeout_s,
                 upstream.max_queued_requests,
             )
+        self._guarded = self.breaker is not None or self.admission is not None
 
     def _breaker_changed(self, state: str) -> None:
         if self._metrics is not None:
@@ -290,100 +291,20 @@ class Forwarder:
         exchange: Exchange,
         read_timeout: float | None = None,
         timeout: float | None = None,
+        verdict: list[bool] | None = None,
+        guarded: bool = False,
     ) -> None:
         """Forward; raises ProxyError before the response starts, UpstreamAborted after.
 
-        `read_timeout` and `timeout` are the route's own (routes[].read_timeout_s, timeout_s)."""
-        if self.breaker is None and self.admission is None and timeout is None:
-            await self._forward(
+        `read_timeout` and `timeout` are the route's own (routes[].read_timeout_s, timeout_s).
+        With a breaker, a concurrency cap or a deadline the exchange goes through `_guard` first
+        (which calls back with `guarded`); without, this check is all they cost."""
+        if not guarded and (self._guarded or timeout is not None):
+            await self._guard(
                 scope, receive, send, raw_path, query, headers, content_length,
-                response_headers, exchange, read_timeout, None,
+                response_headers, exchange, read_timeout, timeout,
             )  # fmt: skip
             return
-        breaker = self.breaker
-        probe = False
-        if breaker is not None:
-            try:
-                probe = breaker.admit()
-            except ProxyError as exc:
-                self._shed(exc)
-                raise
-        verdict: list[bool] | None = [] if breaker is not None else None
-        try:
-            if self.admission is not None:
-                try:
-                    await self.admission.enter()
-                except ProxyError as exc:
-                    self._shed(exc)
-                    raise
-            try:
-                if timeout is None:
-                    await self._forward(
-                        scope, receive, send, raw_path, query, headers, content_length,
-                        response_headers, exchange, read_timeout, verdict,
-                    )  # fmt: skip
-                else:
-                    await self._within(
-                        timeout, scope, receive, send, raw_path, query, headers,
-                        content_length, response_headers, exchange, read_timeout, verdict,
-                    )  # fmt: skip
-            finally:
-                if self.admission is not None:
-                    self.admission.leave()
-        except (BadGateway, GatewayTimeout, UpstreamAborted):
-            if breaker is not None and not verdict:
-                breaker.record(False, probe)
-                probe = False
-            raise
-        finally:
-            if breaker is not None:
-                if verdict:
-                    breaker.record(verdict[0], probe)
-                else:
-                    breaker.abandon(probe)
-
-    async def _within(
-        self,
-        timeout: float,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        raw_path: bytes,
-        query: bytes,
-        headers: Headers,
-        content_length: int | None,
-        response_headers: Callable[[Headers], Headers],
-        exchange: Exchange,
-        read_timeout: float | None,
-        verdict: list[bool] | None,
-    ) -> None:
-        """The exchange under the route's total deadline: 504 before the answer starts, a cut
-        connection after (the answer cannot be completed in time)."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._forward(
-                    scope, receive, send, raw_path, query, headers, content_length,
-                    response_headers, exchange, read_timeout, verdict,
-                )  # fmt: skip
-        except TimeoutError:
-            if exchange.response_started:
-                raise UpstreamAborted(f"the route's deadline of {timeout:g} s passed") from None
-            raise deadline_exceeded(timeout) from None
-
-    async def _forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        raw_path: bytes,
-        query: bytes,
-        headers: Headers,
-        content_length: int | None,
-        response_headers: Callable[[Headers], Headers],
-        exchange: Exchange,
-        read_timeout: float | None,
-        verdict: list[bool] | None,
-    ) -> None:
         pool = self.pool
         assert pool is not None, "the app's lifespan has not started"
         limit = self._limit
@@ -436,6 +357,75 @@ class Forwarder:
         finally:
             if stall is not None:
                 stall.stop()
+
+    async def _guard(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        content_length: int | None,
+        response_headers: Callable[[Headers], Headers],
+        exchange: Exchange,
+        read_timeout: float | None,
+        timeout: float | None,
+    ) -> None:
+        """The circuit breaker, the concurrency cap and the route's deadline around one exchange."""
+        breaker = self.breaker
+        probe = False
+        if breaker is not None:
+            try:
+                probe = breaker.admit()
+            except ProxyError as exc:
+                self._shed(exc)
+                raise
+        # The answer's head decides the breaker's verdict (a stream may last for minutes).
+        verdict: list[bool] | None = [] if breaker is not None else None
+        try:
+            if self.admission is not None:
+                try:
+                    await self.admission.enter()
+                except ProxyError as exc:
+                    self._shed(exc)
+                    raise
+            try:
+                async with asyncio.timeout(timeout):  # None: no deadline
+                    await self.forward(
+                        scope,
+                        receive,
+                        send,
+                        raw_path=raw_path,
+                        query=query,
+                        headers=headers,
+                        content_length=content_length,
+                        response_headers=response_headers,
+                        exchange=exchange,
+                        read_timeout=read_timeout,
+                        verdict=verdict,
+                        guarded=True,
+                    )
+            except TimeoutError:
+                # Only the deadline raises this here: the exchange's own timeouts are ProxyErrors.
+                assert timeout is not None
+                if exchange.response_started:
+                    raise UpstreamAborted(f"the route's deadline of {timeout:g} s passed") from None
+                raise deadline_exceeded(timeout) from None
+            finally:
+                if self.admission is not None:
+                    self.admission.leave()
+        except (BadGateway, GatewayTimeout, UpstreamAborted):
+            if breaker is not None and not verdict:
+                breaker.record(False, probe)
+                probe = False
+            raise
+        finally:
+            if breaker is not None:
+                if verdict:
+                    breaker.record(verdict[0], probe)
+                else:
+                    breaker.abandon(probe)
 
     async def _send_request(
         self,
