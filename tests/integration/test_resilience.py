@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from websockets.asyncio.client import connect
 
 from tests.support.servers import Sidecar, start_sidecar, start_upstream
 
@@ -260,3 +261,26 @@ def test_a_route_sets_its_own_read_timeout_and_deadline(tmp_path: Path) -> None:
     # A stream past its route's deadline is cut (never ended as if complete), on time.
     assert cut and b"data: 0" in received and b"data: 19" not in received
     assert 0.4 < sse_took < 1.5
+
+
+async def test_websocket_sessions_do_not_take_the_slots_of_max_concurrent_requests(
+    tmp_path: Path,
+) -> None:
+    up = start_upstream("tests.support.ws_upstream:app", tmp_path)
+    sidecar = start_sidecar(
+        tmp_path, up.port, upstream="max_concurrent_requests = 1\nqueue_timeout_s = 0\n"
+    )
+    try:
+        sessions = [await connect(sidecar.ws_url + f"/ws{i}") for i in range(3)]
+        for i, ws in enumerate(sessions):
+            await ws.send(f"hello {i}")
+            assert await ws.recv() == f"hello {i}"
+        async with httpx.AsyncClient(base_url=sidecar.url) as client:
+            answers = [await client.get("/stats") for _ in range(3)]
+        for ws in sessions:
+            await ws.close()
+    finally:
+        sidecar.stop()
+        up.stop()
+    assert [a.status_code for a in answers] == [200, 200, 200]
+    assert answers[-1].json()["connects"] == 3

@@ -123,6 +123,28 @@ async def test_a_request_that_waits_longer_than_queue_timeout_is_shed() -> None:
     assert gate.active == 0
 
 
+async def test_a_flood_holds_at_most_max_queued_waiters_whatever_its_size() -> None:
+    gate = Admission(4, 0.2, 8)
+    peak = 0
+
+    async def one() -> str:
+        nonlocal peak
+        try:
+            await gate.enter()
+        except ServiceUnavailable as exc:
+            return str(exc.details["reason"])
+        peak = max(peak, gate.active)
+        await asyncio.sleep(0.05)
+        gate.leave()
+        return "ok"
+
+    results = await asyncio.gather(*(one() for _ in range(2000)))
+    assert peak == 4 and gate.active == 0 and gate.queued == 0
+    # The four admitted at once, and the eight queued behind them (served as slots freed).
+    assert results.count("ok") == 12
+    assert results.count("queue_full") == 2000 - 12
+
+
 # --- retries and per-route timeouts through the forwarder ---------------------------------------
 
 
