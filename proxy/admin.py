@@ -18,14 +18,24 @@ class Exposition(Protocol):
 class AdminApp:
     """Liveness, readiness and Prometheus metrics."""
 
-    def __init__(self, metrics: Exposition, readiness: Callable[[], dict[str, bool]]) -> None:
+    def __init__(
+        self,
+        metrics: Exposition,
+        readiness: Callable[[], dict[str, bool]],
+        details: Callable[[], dict[str, object]] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._readiness = readiness
+        self._details = details
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Whether /readyz answers 200, and what its body details: here, this process's checks."""
+        """Whether /readyz answers 200, and what its body details: here, this process's checks
+        (and, when given, informational details such as the circuit breaker's state)."""
         checks = self._readiness()
-        return all(checks.values()), {"checks": checks}
+        body: dict[str, Any] = {"checks": checks}
+        if self._details is not None:
+            body.update(self._details())
+        return all(checks.values()), body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

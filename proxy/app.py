@@ -49,8 +49,11 @@ class App:
             preserve_host=settings.server.preserve_host,
             send_timeout_s=settings.server.send_timeout_s,
             client_body_timeout_s=settings.server.client_body_timeout_s,
+            upstream=settings.upstream,
+            metrics=self.metrics,
+            compression=settings.compression,
         )
-        self.admin = AdminApp(self.metrics, self.readiness)
+        self.admin = AdminApp(self.metrics, self.readiness, details=self.readiness_details)
         self.pipeline: Pipeline | None = None
         self.auth: AuthService | None = None
         self.tunnel: Tunnel | None = None
@@ -71,6 +74,11 @@ class App:
         """SIGTERM with `server.shutdown_delay_s`: readiness fails now, requests are still served
         until the delay is over and the drain begins."""
         self.stopping = True
+
+    def readiness_details(self) -> dict[str, object]:
+        """What /readyz shows beside its checks (informational: they do not fail readiness)."""
+        breaker = self.forwarder.breaker
+        return {} if breaker is None else {"circuit_breaker": breaker.details()}
 
     def begin_drain(self) -> None:
         """SIGTERM: readiness fails, new requests get 503, WebSockets close after the drain."""

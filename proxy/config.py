@@ -171,6 +171,15 @@ class AdminSettings(_Frozen):
     listen: HostPort = "127.0.0.1:8001"
 
 
+class CircuitBreakerSettings(_Frozen):
+    """`[upstream.circuit_breaker]`: stop sending to an upstream that keeps failing."""
+
+    # Consecutive connect failures, 5xx answers or timeouts that open the breaker (0: off).
+    failure_threshold: int = Field(default=0, ge=0)
+    # While open every request gets 503 at once; after this one probe request decides.
+    open_s: float = Field(default=10.0, gt=0)
+
+
 class UpstreamSettings(_Frozen):
     """Where requests go."""
 
@@ -187,6 +196,14 @@ class UpstreamSettings(_Frozen):
     # Unset: every request header passes but those relay/headers.py removes. A list: only these
     # (and what the sidecar adds itself) reach the upstream, deny by default.
     forward_headers: tuple[HeaderName, ...] | None = None
+    # Load shedding (0: unlimited): requests beyond it wait for a slot at most queue_timeout_s,
+    # then get 503. At most max_queued_requests wait (0: as many as max_concurrent_requests).
+    max_concurrent_requests: int = Field(default=0, ge=0)
+    queue_timeout_s: float = Field(default=1.0, ge=0)
+    max_queued_requests: int = Field(default=0, ge=0)
+    # Re-sends of a request whose connection failed before any answer byte (see README).
+    retries: int = Field(default=1, ge=0, le=5)
+    circuit_breaker: CircuitBreakerSettings = Field(default_factory=CircuitBreakerSettings)
     # For an https upstream (and its wss tunnel): the CA bundle to trust instead of the system's,
     # and a client certificate and key (PEM) when the upstream asks for one (mTLS).
     ca_file: str | None = None
@@ -495,6 +512,10 @@ class RouteSettings(_Frozen):
     scopes: tuple[str, ...] = ()
     auth_optional: bool = False
     cors: CorsSettings | None = None
+    # The route's own upstream read timeout (long model streams) and total deadline for the
+    # whole exchange, response body included (None: upstream.read_timeout_s, no deadline).
+    read_timeout_s: float | None = Field(default=None, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
 
     @field_validator("path")
     @classmethod
@@ -597,6 +618,40 @@ class LoggingSettings(_Frozen):
     flush_interval_s: float = Field(default=0.1, ge=0, le=10)
 
 
+COMPRESSIBLE_TYPES = (
+    "text/*",
+    "application/json",
+    "application/*+json",
+    "application/javascript",
+    "application/x-ndjson",
+    "application/xml",
+    "application/*+xml",
+    "image/svg+xml",
+)
+
+
+class CompressionSettings(_Frozen):
+    """`[compression]`: compress text-like upstream answers for clients that accept it."""
+
+    enabled: bool = False
+    # Answers with a Content-Length below this pass untouched (a stream of unknown length does not).
+    min_bytes: int = Field(default=1024, ge=0)
+    level: int = Field(default=6, ge=1, le=9)  # gzip level (brotli uses a quality of its own)
+    # Media types compressed: exact, "type/*" or "application/*+json" (suffix) patterns.
+    types: tuple[str, ...] = COMPRESSIBLE_TYPES
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for t in value:
+            t = t.strip().lower()
+            if t.count("/") != 1 or not t.split("/")[0] or not t.split("/")[1]:
+                raise ValueError(f"expected a media type such as 'text/*', got {t!r}")
+            out.append(t)
+        return tuple(out)
+
+
 class Settings(_Frozen):
     """The whole configuration."""
 
@@ -609,6 +664,7 @@ class Settings(_Frozen):
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
 
     @model_validator(mode="after")
     def _methods_configured(self) -> Settings:

@@ -286,4 +286,6 @@ def _route_line(route: Route | None, method: str, path: str) -> str:
     policy = "public" if s.public else " or ".join(s.auth)
     extra = f"; scopes {' '.join(s.scopes)}" if s.scopes else ""
     extra += "; auth optional" if s.auth_optional else ""
+    extra += f"; read timeout {s.read_timeout_s:g} s" if s.read_timeout_s else ""
+    extra += f"; deadline {s.timeout_s:g} s" if s.timeout_s else ""
     return f"routes[{route.index}] {s.path!r} (auth: {policy}{extra})"

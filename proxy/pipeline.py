@@ -147,6 +147,8 @@ class Pipeline:
             return policy.response_headers(origin, h)
 
         exchange = Exchange()
+        assert r.route is not None
+        route = r.route.settings
         try:
             client = self._take_client_slot(scope, r) if self._per_client else None
             try:
@@ -160,6 +162,8 @@ class Pipeline:
                     content_length=r.content_length,
                     response_headers=response_headers,
                     exchange=exchange,
+                    read_timeout=route.read_timeout_s,
+                    timeout=route.timeout_s,
                 )
             finally:
                 if client is not None:

@@ -11,12 +11,18 @@ streamed upload gets a task of its own, and only a streamed answer watches for a
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PayloadTooLarge, ProxyError, RequestTimeout
+from ..config import CompressionSettings, UpstreamSettings
+from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, ProxyError, RequestTimeout
+from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
+from .breaker import STATE_VALUE, CircuitBreaker
+from .compress import Compression, Encoder, rewrite_headers
 from .headers import HeaderPolicy
+from .shedding import Admission
 from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
@@ -40,6 +46,18 @@ class ClientStalled(Exception):
 
 
 __all__ = ["ClientGone", "ClientStalled", "Exchange", "Forwarder", "UpstreamAborted"]
+
+# A retry after a reset or a refused connection waits a random 50-100 % of this, doubled per retry
+# (jitter: many sidecars retrying one restarting upstream do not arrive in step). A pooled
+# connection found closed is retried at once: that is our stale state, not the upstream's trouble.
+_RETRY_BASE_S = 0.025
+
+
+def deadline_exceeded(timeout_s: float) -> GatewayTimeout:
+    return GatewayTimeout(
+        "the upstream did not finish in time",
+        details={"reason": "deadline", "timeout_s": timeout_s},
+    )
 
 
 class _Stall:
@@ -194,6 +212,9 @@ class Forwarder:
         preserve_host: bool = False,
         send_timeout_s: float = 60.0,
         client_body_timeout_s: float = 60.0,
+        upstream: UpstreamSettings | None = None,
+        metrics: Metrics | None = None,
+        compression: CompressionSettings | None = None,
     ) -> None:
         self._limit = max_body_bytes
         self._headers = headers
@@ -201,6 +222,37 @@ class Forwarder:
         self._send_timeout = send_timeout_s
         self._body_timeout = client_body_timeout_s
         self.pool: UpstreamPool | None = None  # set by the app's lifespan
+        self._metrics = metrics
+        upstream = upstream or UpstreamSettings()
+        self._retries = upstream.retries
+        # Off (None) unless configured: the request path checks one attribute.
+        self.breaker: CircuitBreaker | None = None
+        cb = upstream.circuit_breaker
+        if cb.failure_threshold:
+            self.breaker = CircuitBreaker(
+                cb.failure_threshold, cb.open_s, changed=self._breaker_changed
+            )
+        self.compression: Compression | None = None
+        if compression is not None and compression.enabled:
+            self.compression = Compression(compression)
+        self.admission: Admission | None = None
+        if upstream.max_concurrent_requests:
+            self.admission = Admission(
+                upstream.max_concurrent_requests,
+                upstream.queue_timeout_s,
+                upstream.max_queued_requests,
+            )
+        self._guarded = self.breaker is not None or self.admission is not None
+
+    def _breaker_changed(self, state: str) -> None:
+        if self._metrics is not None:
+            self._metrics.circuit_state.set(STATE_VALUE[state])
+            if state == "open":
+                self._metrics.circuit_opens.inc()
+
+    def _shed(self, exc: ProxyError) -> None:
+        if self._metrics is not None:
+            self._metrics.shed.labels(exc.details.get("reason", "-")).inc()
 
     def _head(
         self,
@@ -237,8 +289,22 @@ class Forwarder:
         content_length: int | None,
         response_headers: Callable[[Headers], Headers],
         exchange: Exchange,
+        read_timeout: float | None = None,
+        timeout: float | None = None,
+        verdict: list[bool] | None = None,
+        guarded: bool = False,
     ) -> None:
-        """Forward; raises ProxyError before the response starts, UpstreamAborted after."""
+        """Forward; raises ProxyError before the response starts, UpstreamAborted after.
+
+        `read_timeout` and `timeout` are the route's own (routes[].read_timeout_s, timeout_s).
+        With a breaker, a concurrency cap or a deadline the exchange goes through `_guard` first
+        (which calls back with `guarded`); without, this check is all they cost."""
+        if not guarded and (self._guarded or timeout is not None):
+            await self._guard(
+                scope, receive, send, raw_path, query, headers, content_length,
+                response_headers, exchange, read_timeout, timeout,
+            )  # fmt: skip
+            return
         pool = self.pool
         assert pool is not None, "the app's lifespan has not started"
         limit = self._limit
@@ -268,19 +334,19 @@ class Forwarder:
             framing = b""
         request = self._head(method, raw_path, query, headers, framing) + chunk
         chunked = streamed and content_length is None
-        conn = await pool.acquire()
         # Only an exchange that streams can wait on the client: it alone gets the stall timer.
         stall = _Stall(self._send_timeout, self._body_timeout) if streamed else None
         try:
-            answered, upload = await self._send_request(
-                conn, method, request, chunked, stall, receive, exchange
+            conn, upload = await self._send_request(
+                method, request, chunked, stall, receive, exchange, read_timeout
             )
-            if answered is None:
+            if conn is None:
                 return  # the client left first
-            conn = answered
+            if verdict is not None:
+                verdict.append(conn.status < 500)  # the breaker's verdict, at the answer's head
             try:
                 await self._stream_back(
-                    conn, send, receive, upload, stall, response_headers, exchange
+                    conn, scope, send, receive, upload, stall, response_headers, exchange
                 )
             finally:
                 reusable = conn.end()
@@ -292,24 +358,107 @@ class Forwarder:
             if stall is not None:
                 stall.stop()
 
+    async def _guard(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        raw_path: bytes,
+        query: bytes,
+        headers: Headers,
+        content_length: int | None,
+        response_headers: Callable[[Headers], Headers],
+        exchange: Exchange,
+        read_timeout: float | None,
+        timeout: float | None,
+    ) -> None:
+        """The circuit breaker, the concurrency cap and the route's deadline around one exchange."""
+        breaker = self.breaker
+        probe = False
+        if breaker is not None:
+            try:
+                probe = breaker.admit()
+            except ProxyError as exc:
+                self._shed(exc)
+                raise
+        # The answer's head decides the breaker's verdict (a stream may last for minutes).
+        verdict: list[bool] | None = [] if breaker is not None else None
+        try:
+            if self.admission is not None:
+                try:
+                    await self.admission.enter()
+                except ProxyError as exc:
+                    self._shed(exc)
+                    raise
+            try:
+                async with asyncio.timeout(timeout):  # None: no deadline
+                    await self.forward(
+                        scope,
+                        receive,
+                        send,
+                        raw_path=raw_path,
+                        query=query,
+                        headers=headers,
+                        content_length=content_length,
+                        response_headers=response_headers,
+                        exchange=exchange,
+                        read_timeout=read_timeout,
+                        verdict=verdict,
+                        guarded=True,
+                    )
+            except TimeoutError:
+                # Only the deadline raises this here: the exchange's own timeouts are ProxyErrors.
+                assert timeout is not None
+                if exchange.response_started:
+                    raise UpstreamAborted(f"the route's deadline of {timeout:g} s passed") from None
+                raise deadline_exceeded(timeout) from None
+            finally:
+                if self.admission is not None:
+                    self.admission.leave()
+        except (BadGateway, GatewayTimeout, UpstreamAborted):
+            if breaker is not None and not verdict:
+                breaker.record(False, probe)
+                probe = False
+            raise
+        finally:
+            if breaker is not None:
+                if verdict:
+                    breaker.record(verdict[0], probe)
+                else:
+                    breaker.abandon(probe)
+
     async def _send_request(
         self,
-        conn: Connection,
         method: str,
         request: bytes,
         chunked: bool,
         stall: _Stall | None,
         receive: Receive,
         exchange: Exchange,
+        read_timeout: float | None,
     ) -> tuple[Connection | None, _Upload | None]:
         """Write the request (the rest of a streamed body from a task) and wait for the answer's
-        head: the connection it came on, or None when the client left first."""
+        head: the connection it came on, or None when the client left first.
+
+        `upstream.retries` re-sends: any request whose connection could not be made at all (the
+        first body chunk, the only one read yet, is in `request`), and an idempotent request whose
+        body is all in `request` when its connection failed before any answer byte."""
         pool = self.pool
         assert pool is not None
         head_only = method == "HEAD"
-        for attempt in (1, 2):
+        left = self._retries
+        fresh = False
+        while True:
+            try:
+                conn = await pool.acquire(fresh=fresh)
+            except ProxyError as exc:
+                if left and exc.details.get("reason") == "connect_failed":
+                    left -= 1
+                    await self._pause_before_retry(self._retries - left, "connect_failed")
+                    continue
+                raise
             upload: _Upload | None = None
-            conn.begin(head_only)
+            conn.begin(head_only, read_timeout)
             conn.write(request)
             if stall is not None:
                 upload = _Upload(conn, receive, self._limit, exchange, chunked, stall)
@@ -323,11 +472,14 @@ class Forwarder:
                 pool.release(conn, conn.end())
                 return None, None
             except ProxyError as exc:
-                stale = (
-                    conn.reused
+                replayable = (
+                    left
+                    and upload is None
                     and not conn.received
+                    and method in IDEMPOTENT
                     and exc.details.get("reason") == "upstream_disconnected"
                 )
+                stale = conn.reused
                 pool.release(conn, conn.end())
                 if upload is not None:
                     upload.stop()
@@ -337,9 +489,13 @@ class Forwarder:
                         return None, None
                 if exchange.client_gone:
                     return None, None
-                if attempt == 1 and stale and upload is None and method in IDEMPOTENT:
-                    # A pooled connection the upstream had closed while we were not looking.
-                    conn = await pool.acquire(fresh=True)
+                if replayable:
+                    left -= 1
+                    if stale:
+                        self._count_retry("stale_connection")
+                    else:
+                        await self._pause_before_retry(self._retries - left, "reset")
+                    fresh = True
                     continue
                 raise
             except BaseException:
@@ -348,11 +504,24 @@ class Forwarder:
                 conn.end()
                 pool.release(conn, False)
                 raise
-        raise AssertionError("unreachable")
+
+    def _count_compression(self, encoder: Encoder) -> None:
+        if self._metrics is not None:
+            self._metrics.compression_bytes.labels("in").inc(encoder.bytes_in)
+            self._metrics.compression_bytes.labels("out").inc(encoder.bytes_out)
+
+    def _count_retry(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.retries.labels(reason).inc()
+
+    async def _pause_before_retry(self, n: int, reason: str) -> None:
+        self._count_retry(reason)
+        await asyncio.sleep(_RETRY_BASE_S * (1 << (n - 1)) * random.uniform(0.5, 1.0))
 
     async def _stream_back(
         self,
         conn: Connection,
+        scope: Scope,
         send: Send,
         receive: Receive,
         upload: _Upload | None,
@@ -375,6 +544,23 @@ class Forwarder:
             # A ProxyError goes up from here: nothing was sent yet, so the client gets the 502.
         exchange.status = status
         headers = response_headers(self._headers.downstream_response(conn.headers))
+        encoder: Encoder | None = None
+        if self.compression is not None:
+            picked = self.compression.encoder(
+                scope["headers"], scope["method"], status, headers, length
+            )
+            if picked is not None:
+                encoder, coding = picked
+                if self._metrics is not None:
+                    self._metrics.compressed.labels(coding).inc()
+                if early and conn.finished:
+                    # The whole body is in hand: compressed at once, with its length.
+                    early = encoder.whole(early)
+                    headers = rewrite_headers(headers, coding, len(early))
+                    self._count_compression(encoder)
+                    encoder = None
+                else:
+                    headers = rewrite_headers(headers, coding, None)
         watcher: asyncio.Future[Message] | None = None
 
         def departed(_: asyncio.Future[Message]) -> None:
@@ -409,6 +595,12 @@ class Forwarder:
                         return
                     raise UpstreamAborted(exc.message) from exc
                 more = not conn.finished
+                if encoder is not None:
+                    # Flushed per chunk: a streamed answer reaches the client as it comes.
+                    chunk = encoder.chunk(chunk) if chunk else b""
+                    if not more:
+                        chunk += encoder.finish()
+                        self._count_compression(encoder)
                 if chunk or not more:
                     exchange.bytes_out += len(chunk)
                     if stall is not None:

@@ -12,10 +12,10 @@ What it guarantees:
   request, with keep-alive, and nothing unread; otherwise it is closed;
 - an idle connection older than `upstream.keepalive_s` is never reused (shorter than common
   upstream keep-alives, so we are not the side that races the upstream's close);
-- a reused connection that turns out dead before any answer byte gives the request one more try on
-  a fresh connection, when the request is idempotent and its body was never streamed;
-- `read_timeout_s` is the longest the upstream may stay silent while we wait for it (not while the
-  client is the slow side and reading is paused);
+- which failures may be retried is the forwarder's business (relay/http.py, `upstream.retries`):
+  the connection says whether it was reused and whether any answer byte came;
+- `read_timeout_s` (or the route's own) is the longest the upstream may stay silent while we wait
+  for it (not while the client is the slow side and reading is paused);
 - every failure is a `ProxyError` (502/504 with a `reason`), raised to the one caller.
 """
 
@@ -137,6 +137,7 @@ class Connection(asyncio.Protocol):
         self.awaiting_client = False  # an upload waits for the client's next body bytes
         self._timer: asyncio.TimerHandle | None = None
         self._last = 0.0
+        self._read_timeout = pool.read_timeout  # this exchange's (a route may set its own)
 
     # --- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -266,7 +267,7 @@ class Connection(asyncio.Protocol):
 
     # --- the exchange -------------------------------------------------------------------------
 
-    def begin(self, head_only: bool) -> None:
+    def begin(self, head_only: bool, read_timeout: float | None = None) -> None:
         """Get ready for a new response; make sure the read timer runs."""
         # llhttp is ready for the next message after a complete one: the parser of the last
         # clean exchange is reused (making one costs a few µs), any other is replaced.
@@ -286,11 +287,14 @@ class Connection(asyncio.Protocol):
         self.client_gone = False
         self.awaiting_client = False
         self._last = self._loop.time()
-        if self._timer is None:
-            # One timer per connection, moved on lazily (see _check_timer): not one per request.
-            self._timer = self._loop.call_at(
-                self._last + self._pool.read_timeout, self._check_timer
-            )
+        timeout = self._read_timeout = read_timeout or self._pool.read_timeout
+        timer = self._timer
+        if timer is None or timer.when() > self._last + timeout:
+            # One timer per connection, moved on lazily (see _check_timer): not one per request
+            # (re-armed only when this exchange's timeout is shorter than the armed one's).
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(self._last + timeout, self._check_timer)
 
     def end(self) -> bool:
         """The exchange is over; True when the connection may carry another."""
@@ -419,10 +423,10 @@ class Connection(asyncio.Protocol):
             # The client is the slow side (not reading, or not yet sending the rest of its
             # body): send_timeout and client_body_timeout are its business.
             self._last = now
-        elif now - self._last >= self._pool.read_timeout:
+        elif now - self._last >= self._read_timeout:
             self._fail(read_timeout())
             return
-        self._timer = self._loop.call_at(self._last + self._pool.read_timeout, self._check_timer)
+        self._timer = self._loop.call_at(self._last + self._read_timeout, self._check_timer)
 
 
 class UpstreamPool:

@@ -98,6 +98,43 @@ class Metrics:
             registry=r,
         )
 
+        # Protecting the upstream (circuit breaker, load shedding, retries) and compression.
+        self.circuit_state = Gauge(
+            "authproxy_upstream_circuit_state",
+            "The upstream circuit breaker: 0 closed, 1 open, 2 half-open.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.circuit_opens = Counter(
+            "authproxy_upstream_circuit_opens",
+            "Times the upstream circuit breaker opened.",
+            registry=r,
+        )
+        self.shed = Counter(
+            "authproxy_upstream_shed",
+            "Requests answered 503 to protect the upstream, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "authproxy_upstream_retries",
+            "Requests re-sent to the upstream, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.compressed = Counter(
+            "authproxy_compressed_responses",
+            "Responses compressed by the sidecar, by encoding.",
+            ["encoding"],
+            registry=r,
+        )
+        self.compression_bytes = Counter(
+            "authproxy_compression_bytes",
+            "Bytes of compressed responses, before ('in') and after ('out') compression.",
+            ["direction"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
