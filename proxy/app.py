@@ -6,22 +6,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import signal
+import time
+from collections.abc import Callable
 
 import aiohttp
 
 from .admin import AdminApp
 from .auth import AuthService, consumed_headers, new_key_session
-from .config import Settings
+from .auth.scopes import missing_scopes
+from .config import Settings, digest, pin_restart_only
 from .cors import Cors
+from .errors import ConfigError
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
 from .relay.tunnel import Tunnel
 from .relay.upstream import UpstreamPool
+from .relay.ws_outcomes import (
+    KEY_REVOKED,
+    POLICY_CHANGED,
+    PROVIDER_CHANGED,
+    SIGNING_KEY_WITHDRAWN,
+    Outcome,
+)
+from .relay.ws_registry import Session
 from .routing import RouteTable
 from .telemetry import logs
 from .telemetry.access import AccessLog
+from .telemetry.clock import rfc3339
 from .telemetry.metrics import Metrics
 from .tls import reload_server_certificate, server_context
 from .types import Receive, Scope, Send
@@ -32,27 +46,22 @@ log = logging.getLogger("authproxy.app")
 class App:
     """The sidecar: the public ASGI app (with lifespan) and its admin app."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, source: Callable[[], Settings] | None = None) -> None:
+        """`source` gives the settings a reload (SIGHUP) applies: the config file read again, or
+        what a supervisor validated; without one, SIGHUP re-reads key files and certificate."""
         self.settings = settings
+        self._source = source
         self.metrics = Metrics()
         # One access record per request or session, one writer of lines and request metrics.
         self.access = AccessLog(self.metrics, log_lines=settings.logging.access_log)
         # Everything that can fail on a bad configuration is built here, before serving.
-        self.headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
-        self.routes = RouteTable(settings.routes)
-        self.cors = Cors(settings, self.metrics)
+        self.headers, self.routes, self.cors, self.forwarder = self._policy(settings)
         # The public listener's TLS context (server.tls_cert_file), kept to reload on SIGHUP.
         self.tls = server_context(settings.server)
-        self.forwarder = Forwarder(
-            settings.server.max_body_bytes,
-            self.headers,
-            preserve_host=settings.server.preserve_host,
-            send_timeout_s=settings.server.send_timeout_s,
-            client_body_timeout_s=settings.server.client_body_timeout_s,
-            upstream=settings.upstream,
-            metrics=self.metrics,
-            compression=settings.compression,
-        )
+        self.config_sha256 = digest(settings)
+        self.config_loaded_at = time.time()
+        self._reload_lock: asyncio.Lock | None = None
+        self._reloads: set[asyncio.Task[bool]] = set()
         self.admin = AdminApp(self.metrics, self.readiness, details=self.readiness_details)
         self.pipeline: Pipeline | None = None
         self.auth: AuthService | None = None
@@ -77,8 +86,47 @@ class App:
 
     def readiness_details(self) -> dict[str, object]:
         """What /readyz shows beside its checks (informational: they do not fail readiness)."""
+        details: dict[str, object] = {"config": self.config_info()}
         breaker = self.forwarder.breaker
-        return {} if breaker is None else {"circuit_breaker": breaker.details()}
+        if breaker is not None:
+            details["circuit_breaker"] = breaker.details()
+        return details
+
+    def config_info(self) -> dict[str, str]:
+        """The policy in effect: its digest and when it was loaded."""
+        return {"sha256": self.config_sha256, "loaded_at": rfc3339(self.config_loaded_at)}
+
+    def _policy(self, settings: Settings) -> tuple[HeaderPolicy, RouteTable, Cors, Forwarder]:
+        """The per-request policy objects a reload replaces as a whole (ConfigError if any of
+        them cannot be built from `settings`)."""
+        headers = HeaderPolicy(settings, credential_headers=consumed_headers(settings.auth))
+        forwarder = Forwarder(
+            settings.server.max_body_bytes,
+            headers,
+            preserve_host=settings.server.preserve_host,
+            send_timeout_s=settings.server.send_timeout_s,
+            client_body_timeout_s=settings.server.client_body_timeout_s,
+            upstream=settings.upstream,
+            metrics=self.metrics,
+            compression=settings.compression,
+        )
+        return headers, RouteTable(settings.routes), Cors(settings, self.metrics), forwarder
+
+    def _pipeline(self, settings: Settings, auth: AuthService) -> Pipeline:
+        assert self.tunnel is not None
+        pipeline = Pipeline(
+            settings,
+            routes=self.routes,
+            cors=self.cors,
+            auth=auth,
+            headers=self.headers,
+            forwarder=self.forwarder,
+            tunnel=self.tunnel,
+            metrics=self.metrics,
+            access=self.access,
+        )
+        pipeline.draining = self.draining
+        return pipeline
 
     def begin_drain(self) -> None:
         """SIGTERM: readiness fails, new requests get 503, WebSockets close after the drain."""
@@ -114,28 +162,147 @@ class App:
             access=self.access,
         )
         await self.tunnel.start()
-        self.pipeline = Pipeline(
-            self.settings,
-            routes=self.routes,
-            cors=self.cors,
-            auth=self.auth,
-            headers=self.headers,
-            forwarder=self.forwarder,
-            tunnel=self.tunnel,
-            metrics=self.metrics,
-            access=self.access,
-        )
+        self.pipeline = self._pipeline(self.settings, self.auth)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         self.started = True
 
     def reload(self) -> None:
-        """SIGHUP: key files and the TLS certificate are read again."""
+        """SIGHUP: the whole configuration again (see `apply_reload`), in the background."""
+        task = asyncio.ensure_future(self.apply_reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def apply_reload(self) -> bool:
+        """Read the settings again and put all of them in effect, or, when anything in them
+        cannot be built, none (one log line naming the key; the running policy stays). Requests
+        in flight finish under the policy that admitted them; open WebSockets stay open unless
+        the new policy no longer admits them. Key files and the certificate are re-read either
+        way. True when the new settings are in effect."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        async with self._reload_lock:  # SIGHUPs in a burst apply one after the other
+            return await self._apply_reload()
+
+    async def _apply_reload(self) -> bool:
+        assert self.auth is not None and self.tunnel is not None
+        if self._source is None:
+            self._reread_files()
+            return True
+        try:
+            new = self._source()
+        except ConfigError as exc:
+            return self._reload_failed(str(exc))
+        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+            return self._reload_failed(f"cannot read the settings: {exc}")
+        new, pinned = pin_restart_only(self.settings, new)
+        for key in pinned:
+            log.warning(
+                "config reload: %s changed; it takes effect at the next restart",
+                key,
+                extra={"fields": {"event": "config_reload_pinned", "key": key}},
+            )
+        if new == self.settings:
+            self._reread_files()
+            self.metrics.config_reloads.labels("unchanged").inc()
+            log.info("config reload: no change; key files and certificate re-read")
+            return True
+        old_auth = self.auth
+        auth = old_auth
+        try:
+            headers, routes, cors, forwarder = self._policy(new)
+            forwarder.share_upstream(self.forwarder)
+            if new.auth != self.settings.auth:
+                assert self._key_session is not None
+                auth = AuthService(new, self.metrics, self._key_session)
+                await auth.start()
+                if not auth.ready:
+                    raise ConfigError(
+                        "auth.jwt.providers",
+                        "the keys of the new providers could not be fetched (see the JWKS "
+                        "lines above); the running policy stays",
+                    )
+            if self.tls is not None and not reload_server_certificate(self.tls, new.server):
+                raise ConfigError("server.tls_cert_file", "the certificate could not be loaded")
+        except ConfigError as exc:
+            if auth is not old_auth:
+                await auth.stop()
+            return self._reload_failed(str(exc))
+        # Past this line nothing fails: the swap is whole.
+        self.settings = new
+        self.headers, self.routes, self.cors, self.forwarder = headers, routes, cors, forwarder
+        self.auth = auth
+        self.pipeline = self._pipeline(new, auth)
+        if auth is old_auth:
+            auth.reload_keys()
+        else:
+            self.tunnel.resubscribe(auth.subscribe_revocations, auth.subscribe_key_withdrawals)
+        ended = self.tunnel.sessions.rejudge(self._verdict(routes, auth, old_auth))
+        if auth is not old_auth:
+            await old_auth.stop()
+        self.config_sha256, self.config_loaded_at = digest(new), time.time()
+        self.metrics.config_reloads.labels("ok").inc()
+        if self.tls is not None:
+            self.metrics.tls_reloads.labels("ok").inc()
+        log.info(
+            "config reloaded",
+            extra={
+                "fields": {
+                    "event": "config_reloaded",
+                    "sha256": self.config_sha256,
+                    "websockets_closed": ended,
+                    "restart_needed": pinned,
+                }
+            },
+        )
+        return True
+
+    def _verdict(
+        self, routes: RouteTable, auth: AuthService, old_auth: AuthService
+    ) -> Callable[[Session], Outcome | None]:
+        """How a reload judges an open WebSocket again: the route its path now matches must still
+        admit its credential (method and scopes), and the credential must still be trusted."""
+
+        def verdict(s: Session) -> Outcome | None:
+            route = routes.match(s.path, "GET")
+            if route is None:
+                return POLICY_CHANGED
+            rs = route.settings
+            if rs.public:
+                return None
+            identity = s.identity
+            if identity is None:
+                return None if rs.auth_optional and not rs.scopes else POLICY_CHANGED
+            if identity.method not in rs.auth or missing_scopes(identity, rs):
+                return POLICY_CHANGED
+            if auth is not old_auth:
+                why = auth.still_trusts(identity, old_auth)
+                if why == "api_key_revoked":
+                    return KEY_REVOKED
+                if why == "signing_key_withdrawn":
+                    return SIGNING_KEY_WITHDRAWN
+                if why is not None:
+                    return PROVIDER_CHANGED
+            return None
+
+        return verdict
+
+    def _reread_files(self) -> None:
+        """What every SIGHUP re-reads: key files, and the certificate."""
         if self.auth is not None:
             self.auth.reload_keys()
         if self.tls is not None:
             ok = reload_server_certificate(self.tls, self.settings.server)
             self.metrics.tls_reloads.labels("ok" if ok else "error").inc()
+
+    def _reload_failed(self, why: str) -> bool:
+        self.metrics.config_reloads.labels("error").inc()
+        log.error(
+            "config reload failed, the running config stays: %s",
+            why,
+            extra={"fields": {"event": "config_reload_failed"}},
+        )
+        return False
 
     async def shutdown(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

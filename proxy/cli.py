@@ -159,5 +159,5 @@ def _serve(path: str | None) -> int:
     if count > 1:
         from .supervisor import supervise
 
-        return supervise(settings, count)
-    return serve(settings)
+        return supervise(settings, count, path)
+    return serve(settings, source=lambda: config.load(path))

@@ -6,6 +6,7 @@ line naming the key, e.g. ``routes[2].auth: unknown method 'jtw'``.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -937,3 +938,62 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         }
     )
     return settings.model_copy(update={"auth": auth, "server": server, "upstream": upstream})
+
+
+# What a reload (SIGHUP) cannot change in a running process: the listeners and the processes
+# behind them, the log setup, the WebSocket tunnel's limits and the upstream connection pool (with
+# its breaker and queue). Whole tables, or (table, keys). A reload keeps the running values of
+# these and says which changed; they take effect at the next restart.
+RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
+    (
+        "server",
+        (
+            "listen",
+            "workers",
+            "max_header_bytes",
+            "header_timeout_s",
+            "graceful_shutdown_s",
+            "shutdown_delay_s",
+        ),
+    ),
+    ("admin", None),
+    ("logging", None),
+    ("websocket", None),
+    (
+        "upstream",
+        tuple(
+            name
+            for name in UpstreamSettings.model_fields
+            if name not in ("forward_headers", "max_concurrent_per_client")
+        ),
+    ),
+)
+
+
+def pin_restart_only(running: Settings, new: Settings) -> tuple[Settings, list[str]]:
+    """`new` with the running values of every key a reload cannot change, and the keys (dotted)
+    whose new value therefore waits for a restart."""
+    pinned: list[str] = []
+    update: dict[str, Any] = {}
+    for table, keys in RESTART_ONLY:
+        old_part, new_part = getattr(running, table), getattr(new, table)
+        if keys is None:
+            if old_part != new_part:
+                pinned += [
+                    f"{table}.{k}"
+                    for k in type(old_part).model_fields
+                    if getattr(old_part, k) != getattr(new_part, k)
+                ]
+                update[table] = old_part
+            continue
+        changed = [k for k in keys if getattr(old_part, k) != getattr(new_part, k)]
+        if changed:
+            pinned += [f"{table}.{k}" for k in changed]
+            update[table] = new_part.model_copy(update={k: getattr(old_part, k) for k in changed})
+    return (new.model_copy(update=update) if update else new), pinned
+
+
+def digest(settings: Settings) -> str:
+    """The SHA-256 of the settings in effect (the file with its environment overrides): what the
+    admin listener reports, equal across processes and replicas running the same policy."""
+    return hashlib.sha256(settings.model_dump_json().encode()).hexdigest()

@@ -20,6 +20,7 @@ import uvloop
 
 from .app import App
 from .config import Settings, split_listen
+from .config import load as load_config
 from .config import warnings as config_warnings
 from .errors import ConfigError
 from .limits import bounded_head_protocol
@@ -185,10 +186,10 @@ def log_config_warnings(settings: Settings) -> None:
         log.warning("config warning: %s", line, extra={"fields": {"event": "config_warning"}})
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, source: Callable[[], Settings] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests finish, new ones are refused."""
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
-    app = App(settings)
+    app = App(settings, source)
     public_config, admin_config = uvicorn_configs(app, settings)
     public = draining_server(public_config, app, settings)
     admin = QuietServer(admin_config)
@@ -230,7 +231,7 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
     The supervisor runs the admin listener and asks this process for its readiness; SIGTERM,
     SIGINT and SIGHUP reach it from the supervisor and mean what they mean to a single process."""
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
-    app = App(settings)
+    app = App(settings, _worker_source(role))
     public_config, _ = uvicorn_configs(app, settings)
     public = draining_server(public_config, app, settings)
     log = logging.getLogger("authproxy")
@@ -255,7 +256,9 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
         readiness: asyncio.Server | None = None
         if not public_task.done():
             # Answering on its readiness socket is how the supervisor learns this worker started.
-            readiness = await serve_readiness(role.readiness_path, app.readiness)
+            readiness = await serve_readiness(
+                role.readiness_path, app.readiness, app.readiness_details
+            )
         try:
             if not await public_task:
                 return _startup_failure(app, settings)
@@ -271,6 +274,17 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
         extra={"fields": {"worker": role.index, "listen": settings.server.listen}},
     )
     return uvloop.run(run())
+
+
+def _worker_source(role: WorkerRole) -> Callable[[], Settings]:
+    """What a worker's reload reads: the file the supervisor was started with, each worker for
+    itself (an invalid one is refused by each, with its line and metric)."""
+    path = role.config_path
+
+    def load() -> Settings:
+        return load_config(path)
+
+    return load
 
 
 def _startup_failure(app: App, settings: Settings) -> int:

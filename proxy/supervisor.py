@@ -58,7 +58,7 @@ _RESTART_DELAY_S = 1.0
 _KILL_MARGIN_S = 10.0  # past graceful_shutdown_s + websocket.drain_s, what is left is killed
 
 
-def supervise(settings: Settings, workers: int) -> int:
+def supervise(settings: Settings, workers: int, config_path: str | None = None) -> int:
     """Run `workers` worker processes until SIGTERM/SIGINT; the exit status of the group."""
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     try:
@@ -89,7 +89,8 @@ def supervise(settings: Settings, workers: int) -> int:
             },
         )
         port = reserved.getsockname()[1]  # server.listen may ask for port 0
-        return uvloop.run(Supervisor(settings, workers, directory, port).run())
+        supervisor = Supervisor(settings, workers, directory, port, config_path=config_path)
+        return uvloop.run(supervisor.run())
     finally:
         reserved.close()
         shutil.rmtree(directory, ignore_errors=True)
@@ -102,6 +103,7 @@ class WorkerStatus:
     worker: int  # its slot: 0 .. server.workers - 1
     pid: int | None
     checks: dict[str, bool] | None
+    config: dict[str, str] | None = None  # the sha256 and load time of the config it runs
 
 
 @dataclass
@@ -116,8 +118,17 @@ class _Slot:
 class Supervisor:
     """Starts, watches, signals and replaces the workers; answers for them on the admin listener."""
 
-    def __init__(self, settings: Settings, workers: int, directory: str, port: int) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        workers: int,
+        directory: str,
+        port: int,
+        *,
+        config_path: str | None = None,
+    ) -> None:
         self._settings = settings
+        self._config_path = config_path
         self._directory = directory
         self._port = port
         self._slots = [_Slot(i) for i in range(workers)]
@@ -146,7 +157,10 @@ class Supervisor:
             checks = None if answer is None else answer.get("checks")
             if not isinstance(checks, dict):
                 checks = None
-            return WorkerStatus(slot.index, process.pid, checks)
+            config = None if answer is None else answer.get("config")
+            return WorkerStatus(
+                slot.index, process.pid, checks, config if isinstance(config, dict) else None
+            )
 
         return list(await asyncio.gather(*(ask(slot) for slot in self._slots)))
 
@@ -234,7 +248,9 @@ class Supervisor:
                     return code
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
-        role = WorkerRole(slot.index, self._directory, self._port, self._parent_fd)
+        role = WorkerRole(
+            slot.index, self._directory, self._port, self._parent_fd, self._config_path
+        )
         environ = {**os.environ, **role.environ()}
         environ.pop("prometheus_multiproc_dir", None)  # the old spelling would win over ours
         process = await asyncio.create_subprocess_exec(

@@ -66,6 +66,8 @@ class WorkerRole:
     directory: str
     port: int
     parent_fd: int
+    # The file a reload (SIGHUP) reads again (None: $AUTHPROXY_CONFIG, then ./config.toml).
+    config_path: str | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str]) -> WorkerRole | None:
@@ -139,12 +141,18 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve_readiness(path: str, checks: Callable[[], dict[str, bool]]) -> asyncio.Server:
-    """Answer each connection to `path` with this worker's readiness checks, then close it."""
+async def serve_readiness(
+    path: str,
+    checks: Callable[[], dict[str, bool]],
+    details: Callable[[], dict[str, object]] | None = None,
+) -> asyncio.Server:
+    """Answer each connection to `path` with this worker's readiness checks (and its details:
+    the config it runs), then close it."""
 
     async def answer(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            writer.write(json.dumps({"pid": os.getpid(), "checks": checks()}).encode())
+            extra = details() if details is not None else {}
+            writer.write(json.dumps({**extra, "pid": os.getpid(), "checks": checks()}).encode())
             await writer.drain()
         except OSError:
             pass

@@ -68,7 +68,13 @@ async def test_a_worker_that_does_not_answer_makes_the_group_not_ready() -> None
     )
     assert status == 503
     assert body["checks"]["all_workers_ready"] is False
-    assert body["workers"][1] == {"worker": 1, "pid": None, "checks": None, "ready": False}
+    assert body["workers"][1] == {
+        "worker": 1,
+        "pid": None,
+        "checks": None,
+        "config": None,
+        "ready": False,
+    }
 
 
 async def test_a_draining_supervisor_is_not_ready() -> None:

@@ -178,6 +178,10 @@ class ApiKeyStore:
             )
         return key
 
+    def active(self) -> dict[str, str]:
+        """Id -> SHA-256 of every key usable now."""
+        return self._active_now(time.time())
+
     @property
     def keys(self) -> tuple[ApiKey, ...]:
         return tuple(self._by_hash.values())

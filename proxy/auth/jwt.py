@@ -249,6 +249,9 @@ class JwtVerifier:
             except Exception:  # one broken subscriber must not stop a key refresh
                 log.exception("provider %r: key withdrawal callback failed", name)
 
+    def provider(self, name: str | None) -> Provider | None:
+        return next((p for p in self.providers if p.name == name), None)
+
     def peek_provider(self, token: str) -> str | None:
         """The provider the token's unverified `iss` names (for explain), or None."""
         try:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import aiohttp
 
-from ..config import RouteSettings, Settings
+from ..config import JwtProviderSettings, RouteSettings, Settings
 from ..errors import BadRequest
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
@@ -22,6 +22,25 @@ from .extractor import Credentials, Extractor
 from .jwt import JwtVerifier
 from .method import Method
 from .registry import METHODS, locators
+
+
+def _trust(p: JwtProviderSettings) -> dict[str, object]:
+    """What decides which tokens a provider accepts (not its cache or refresh timings)."""
+    return p.model_dump(
+        include={
+            "issuer",
+            "audiences",
+            "algorithms",
+            "jwks_url",
+            "jwks_file",
+            "public_key_file",
+            "secret_env",
+            "required_claims",
+            "typ",
+            "scope_claim",
+            "max_lifetime_s",
+        }
+    )
 
 
 class AuthService:
@@ -82,6 +101,26 @@ class AuthService:
         """SIGHUP: re-read JWT key files and `keys_file`; a bad file keeps the old set."""
         for method in self.methods.values():
             method.reload()
+
+    def still_trusts(self, identity: Identity, previous: AuthService) -> str | None:
+        """After a reload built this service in place of `previous`: why a credential that
+        `previous` accepted (an open WebSocket's) is not trusted here, or None when it is."""
+        if identity.method == api_key.NAME:
+            key_id = identity.credential_id
+            now = self.api_keys.active().get(key_id or "")
+            if now is None or now != previous.api_keys.active().get(key_id or ""):
+                return "api_key_revoked"  # removed, disabled, expired or given another secret
+            return None
+        provider = self.jwt.provider(identity.credential_id)
+        before = previous.jwt.provider(identity.credential_id)
+        if provider is None or before is None:
+            return "provider_removed"
+        if _trust(provider.settings) != _trust(before.settings):
+            return "provider_changed"
+        keys = provider.keys.current()
+        if keys is not None and identity.signing_key not in keys.fingerprints():
+            return "signing_key_withdrawn"
+        return None
 
     def subscribe_revocations(self, callback: Callable[[str], None]) -> Callable[[], None]:
         """`callback(key_id)` whenever an API key stops being usable; returns an unsubscribe."""

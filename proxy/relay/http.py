@@ -244,6 +244,11 @@ class Forwarder:
             )
         self._guarded = self.breaker is not None or self.admission is not None
 
+    def share_upstream(self, other: Forwarder) -> None:
+        """A reload's new forwarder takes over the running one's upstream state: the pool, the
+        breaker and the queue (their settings need a restart to change)."""
+        self.pool, self.breaker, self.admission = other.pool, other.breaker, other.admission
+
     def _breaker_changed(self, state: str) -> None:
         if self._metrics is not None:
             self._metrics.circuit_state.set(STATE_VALUE[state])

@@ -156,6 +156,22 @@ class Tunnel:
             self._subscribe_key_withdrawals(self.sessions.withdraw_signing_keys),
         ]
 
+    def resubscribe(
+        self,
+        subscribe_revocations: SubscribeRevocations,
+        subscribe_key_withdrawals: SubscribeKeyWithdrawals,
+    ) -> None:
+        """A reload put another auth service in place: its revocations and withdrawals end
+        sessions from now on (every open session included), the old one's no longer."""
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._subscribe_revocations = subscribe_revocations
+        self._subscribe_key_withdrawals = subscribe_key_withdrawals
+        self._unsubscribe = [
+            subscribe_revocations(self.sessions.revoke_api_key),
+            subscribe_key_withdrawals(self.sessions.withdraw_signing_keys),
+        ]
+
     async def stop(self) -> None:
         """Called from the app's lifespan shutdown: every session is closed by now."""
         # A close may wait for the client (CLOSE_TIMEOUT_S), then for the upstream's closing
@@ -254,7 +270,7 @@ class Tunnel:
         # The request we sent is never read again: let its headers go. (Not `response`: websockets
         # takes the first event after a None response for the handshake's answer.)
         upstream.request = None
-        s = Session(h.identity, upstream, asyncio.get_running_loop().time())
+        s = Session(h.identity, upstream, asyncio.get_running_loop().time(), h.record.path)
         self.sessions.register(s, h.started)
         self.metrics.websockets_open.inc()
         try:

@@ -111,6 +111,14 @@ KEY_REVOKED = Outcome.by_proxy(
 KEY_EXPIRED = Outcome.by_proxy(
     "api_key_expired", CLOSE_REVOKED, "api key expired", CLOSE_GOING_AWAY
 )
+# A reload (SIGHUP) changed the policy so that the session's route no longer admits it.
+POLICY_CHANGED = Outcome.by_proxy(
+    "policy_changed", CLOSE_REVOKED, "no longer allowed by the reloaded policy", CLOSE_GOING_AWAY
+)
+# ...or no longer trusts the token's provider as it was (removed, another issuer or audience).
+PROVIDER_CHANGED = Outcome.by_proxy(
+    "provider_changed", CLOSE_TOKEN_EXPIRED, "token provider changed", CLOSE_GOING_AWAY
+)
 IDLE = Outcome.by_proxy("idle_timeout", CLOSE_NORMAL, "idle timeout")
 LIFETIME = Outcome.by_proxy("lifetime_exceeded", CLOSE_GOING_AWAY, "connection lifetime exceeded")
 DRAINING = Outcome.by_proxy("draining", CLOSE_GOING_AWAY, "server shutting down")

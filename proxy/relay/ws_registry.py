@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -59,6 +59,7 @@ class Session:
     identity: Identity | None
     upstream: UpstreamHop
     last_activity: float  # loop time of the last message either way
+    path: str = ""  # as routed: a reload judges the session again against its new route
     messages_in: int = 0  # client -> upstream
     bytes_in: int = 0
     messages_out: int = 0  # upstream -> client
@@ -232,6 +233,16 @@ class SessionRegistry:
             s.idle_timer = loop.call_later(remaining, self._idle_check, s, loop)
 
     # --- ended from outside -----------------------------------------------------------------------
+
+    def rejudge(self, verdict: Callable[[Session], Outcome | None]) -> int:
+        """After a reload: end every open session `verdict` no longer admits, with the outcome it
+        gives; the number ended."""
+        ended = 0
+        for s in list(self._sessions):
+            if s.outcome is None and (outcome := verdict(s)) is not None:
+                s.end(outcome)
+                ended += 1
+        return ended
 
     def revoke_api_key(self, key_id: str) -> None:
         """An API key stopped being usable: end its sessions (4403)."""

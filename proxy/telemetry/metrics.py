@@ -73,6 +73,12 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "authproxy_config_reloads",
+            "Whole-config reloads (SIGHUP), by result: ok, unchanged, error.",
+            ["result"],
+            registry=r,
+        )
         self.tls_reloads = Counter(
             "authproxy_tls_reloads",
             "Public listener certificate reloads (SIGHUP), by result.",
