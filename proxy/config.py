@@ -96,6 +96,20 @@ def _header_name(value: str) -> str:
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
+# `require_claims` rules and API key `claims`: a claim name (a dotted path reaches into nested
+# objects, e.g. Keycloak's "realm_access.roles") to a string or a non-empty list of strings.
+ClaimMap = dict[str, str | tuple[str, ...]]
+
+
+def _claim_map(value: ClaimMap, what: str) -> ClaimMap:
+    for name, wanted in value.items():
+        if not name or name.startswith(".") or name.endswith(".") or ".." in name:
+            raise ValueError(f"{name!r} is not a claim name (or a dotted path of them)")
+        if isinstance(wanted, tuple) and not wanted:
+            raise ValueError(f"{name}: an empty list {what}")
+    return value
+
+
 def split_listen(value: str) -> tuple[str, int]:
     """`'127.0.0.1:8000'` -> `('127.0.0.1', 8000)`; `'[::1]:8000'` -> `('::1', 8000)`."""
     host, _, port = value.rpartition(":")
@@ -350,6 +364,13 @@ class ApiKeySettings(_Frozen):
     scopes: tuple[str, ...] = ()
     expires: datetime | None = None
     disabled: bool = False
+    # What `routes[].require_claims` judges for this key, as a token's claims are judged.
+    claims: ClaimMap = {}
+
+    @field_validator("claims")
+    @classmethod
+    def _claims(cls, value: ClaimMap) -> ClaimMap:
+        return _claim_map(value, "gives the claim no value")
 
     @field_validator("id")
     @classmethod
@@ -456,6 +477,14 @@ class RouteSettings(_Frozen):
     scopes: tuple[str, ...] = ()
     auth_optional: bool = False
     cors: CorsSettings | None = None
+    # claim -> value (equality) or list (the claim, a string or a list, holds one of them); a
+    # miss is 403 claim_mismatch. `auth.claims` decides, after the scopes.
+    require_claims: ClaimMap = {}
+
+    @field_validator("require_claims")
+    @classmethod
+    def _require_claims(cls, value: ClaimMap) -> ClaimMap:
+        return _claim_map(value, "can never match")
 
     @field_validator("path")
     @classmethod
@@ -504,6 +533,8 @@ class RouteSettings(_Frozen):
     def _public_without_scopes(self) -> RouteSettings:
         if self.public and self.scopes:
             raise ValueError("a public route cannot require scopes")
+        if self.public and self.require_claims:
+            raise ValueError("a public route cannot require claims")
         return self
 
 

@@ -286,4 +286,9 @@ def _route_line(route: Route | None, method: str, path: str) -> str:
     policy = "public" if s.public else " or ".join(s.auth)
     extra = f"; scopes {' '.join(s.scopes)}" if s.scopes else ""
     extra += "; auth optional" if s.auth_optional else ""
+    if s.require_claims:
+        extra += "; claims " + ", ".join(
+            f"{k} = {v!r}" if isinstance(v, str) else f"{k} in {list(v)!r}"
+            for k, v in s.require_claims.items()
+        )
     return f"routes[{route.index}] {s.path!r} (auth: {policy}{extra})"

@@ -50,6 +50,9 @@ def _identity_lines(identity: Identity) -> list[str]:
 def _trace_lines(trace: list[Attempt]) -> list[str]:
     out = []
     for a in trace:
+        if a.method == "claims":  # the route's require_claims, judged after the scopes
+            out.append(_line("claims", f"{a.found} -> {a.outcome}"))
+            continue
         found = a.found or "nothing"
         out.append(_line(f"try {a.method}", f"found {found} -> {a.outcome}"))
     return out

@@ -244,6 +244,7 @@ class Provider:
             credential_id=self.name,
             signing_key=signing_key,
             claim_headers=self._headers(claims),
+            claims=claims,
         )
 
     def _scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
