@@ -60,6 +60,8 @@ class App:
         return {
             "started": self.started,
             "keys_loaded": self.auth is not None and self.auth.ready,
+            # False once a JWT provider's keys are staler than its max_stale_s (503 for them).
+            "keys_within_max_stale": self.auth is None or not self.auth.jwt.unavailable,
             "not_draining": not self.draining,
         }
 

@@ -110,6 +110,29 @@ def _claim_map(value: ClaimMap, what: str) -> ClaimMap:
     return value
 
 
+def is_loopback(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1: the one place plain http may carry keys."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def discovery_url_problem(url: str) -> str | None:
+    """Why `url` may not be used to fetch keys or discovery documents from, or None: https, or
+    http to a loopback address (a test IdP), no userinfo, query or fragment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an https:// URL, got {url!r}"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return f"must be https (plain http only to a loopback address), got {url!r}"
+    if parts.username is not None or parts.query or parts.fragment:
+        return f"may not carry userinfo, a query or a fragment, got {url!r}"
+    return None
+
+
 def split_listen(value: str) -> tuple[str, int]:
     """`'127.0.0.1:8000'` -> `('127.0.0.1', 8000)`; `'[::1]:8000'` -> `('::1', 8000)`."""
     host, _, port = value.rpartition(":")
@@ -279,6 +302,19 @@ class JwtProviderSettings(_Frozen):
     jwks_refresh_s: float = Field(default=300.0, ge=5)
     jwks_min_refresh_s: float = Field(default=30.0, ge=0)
     jwks_timeout_s: float = Field(default=5.0, gt=0)
+    # How long the last good keys are served once the JWKS endpoint (or the discovery document)
+    # began failing; beyond it the provider's tokens get 503 jwks_unavailable, never 401.
+    max_stale_s: float = Field(default=86400.0, ge=0)
+
+    @property
+    def discovers(self) -> bool:
+        """No key source configured: the JWKS is found by OpenID Connect discovery."""
+        return (
+            self.jwks_url is None
+            and self.jwks_file is None
+            and self.public_key_file is None
+            and self.secret_env is None
+        )
 
     @field_validator("algorithms")
     @classmethod
@@ -325,12 +361,22 @@ class JwtProviderSettings(_Frozen):
             for k in ("jwks_url", "jwks_file", "public_key_file", "secret_env")
             if getattr(self, k) is not None
         ]
-        if len(sources) != 1:
+        if len(sources) > 1:
             raise ValueError(
-                "exactly one of jwks_url, jwks_file, public_key_file, secret_env is required"
-                + (f" (got {', '.join(sources)})" if sources else "")
+                "at most one of jwks_url, jwks_file, public_key_file, secret_env "
+                f"(got {', '.join(sources)}); none: OpenID Connect discovery from the issuer"
             )
         hmac = set(self.algorithms) <= HMAC_ALGORITHMS
+        if not sources:
+            # OpenID Connect discovery: `{issuer}/.well-known/openid-configuration`.
+            problem = discovery_url_problem(self.issuer)
+            if problem is not None:
+                raise ValueError(
+                    f"issuer {problem} (no key source is set: the issuer is where OpenID "
+                    "Connect discovery fetches from)"
+                )
+            if hmac:
+                raise ValueError("HS* algorithms need secret_env (a shared secret)")
         if self.secret_env is not None and not hmac:
             raise ValueError("secret_env is for HS* algorithms only")
         if self.secret_env is None and hmac:

@@ -180,8 +180,14 @@ class JwtVerifier:
         self._files: list[FileKeys] = []
         for i, p in enumerate(settings.providers):
             source: KeySource
-            if p.jwks_url is not None:
-                cache = JwksCache(p, session, metrics, on_change=self._keys_changed(p.name))
+            if p.jwks_url is not None or p.discovers:
+                cache = JwksCache(
+                    p,
+                    session,
+                    metrics,
+                    on_change=self._keys_changed(p.name),
+                    on_unavailable=self._too_stale(p.name),
+                )
                 self.jwks.append(cache)
                 source = cache
             else:
@@ -194,6 +200,18 @@ class JwtVerifier:
     @property
     def ready(self) -> bool:
         return all(c.ready for c in self.jwks)
+
+    @property
+    def unavailable(self) -> list[str]:
+        """Providers whose keys are staler than their `max_stale_s` (their tokens get 503)."""
+        return [c.provider.name for c in self.jwks if c.unavailable]
+
+    def _too_stale(self, name: str) -> Callable[[], None]:
+        def drop() -> None:
+            # Cached verdicts would outlive the bound until their `exp`: they go too.
+            self.cache.drop_provider(name)
+
+        return drop
 
     async def start(self) -> None:
         await asyncio.gather(*(c.start() for c in self.jwks))

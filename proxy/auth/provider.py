@@ -46,6 +46,10 @@ class KeySource(Protocol):
 
     async def refresh_for_unknown_kid(self) -> None: ...
 
+    @property
+    def unavailable(self) -> bool:
+        """The keys are staler than `max_stale_s`: the provider's tokens get 503."""
+
 
 def _number(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
@@ -148,6 +152,16 @@ class Provider:
         return [k for k in keys.keys if alg in k.algorithms][:_MAX_CANDIDATES], True
 
     async def verify(self, raw: bytes, header: Mapping[str, Any]) -> Identity:
+        if self.keys.unavailable:
+            # A refetch (rate-limited, single-flight) so service returns with the IdP.
+            await self.keys.refresh_for_unknown_kid()
+            if self.keys.unavailable:
+                raise ServiceUnavailable(
+                    f"the signing keys of provider {self.name!r} are older than its "
+                    "max_stale_s and its JWKS endpoint is failing",
+                    retry_after_s=max(1, int(self.settings.jwks_min_refresh_s)),
+                    details={"reason": "jwks_unavailable", "provider": self.name},
+                )
         alg = self.check_header(header)
         kid: str | None = header.get("kid")
         candidates, known = self._candidates(self.keys.current(), kid, alg)
