@@ -305,6 +305,22 @@ class JwtProviderSettings(_Frozen):
     # How long the last good keys are served once the JWKS endpoint (or the discovery document)
     # began failing; beyond it the provider's tokens get 503 jwks_unavailable, never 401.
     max_stale_s: float = Field(default=86400.0, ge=0)
+    # RFC 7662: bearer tokens that are not JWTs are checked by the issuer's introspection
+    # endpoint, authenticated with HTTP Basic (client id, and the secret from the environment).
+    introspection_url: str | None = None
+    introspection_client_id: str | None = None
+    introspection_secret_env: str | None = None
+    introspection_cache_s: float = Field(default=60.0, ge=0)
+    introspection_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("introspection_url")
+    @classmethod
+    def _introspection_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = discovery_url_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @property
     def discovers(self) -> bool:
@@ -353,6 +369,21 @@ class JwtProviderSettings(_Frozen):
         if len(set(names)) != len(names):
             raise ValueError("two claim headers name the same header (case and '_' aside)")
         return value
+
+    @model_validator(mode="after")
+    def _introspection_client(self) -> JwtProviderSettings:
+        given = (
+            self.introspection_client_id is not None,
+            self.introspection_secret_env is not None,
+        )
+        if self.introspection_url is not None and given != (True, True):
+            raise ValueError(
+                "introspection_url needs introspection_client_id and introspection_secret_env "
+                "(the sidecar authenticates to the endpoint with HTTP Basic)"
+            )
+        if self.introspection_url is None and any(given):
+            raise ValueError("introspection_client_id/_secret_env without introspection_url")
+        return self
 
     @model_validator(mode="after")
     def _one_key_source(self) -> JwtProviderSettings:

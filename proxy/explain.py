@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from .auth import Attempt, AuthService, consumed_headers, new_key_session
 from .auth.jwks import JwksCache
+from .auth.jwt import opaque
 from .config import Settings, split_listen
 from .cors import Cors
 from .decision import Decider, Decision, Facts
@@ -138,7 +139,11 @@ def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
         lines.append(_line("credentials", "; ".join(found) or "none"))
         if creds.bearer is not None and r.route is not None and "jwt" in r.route.settings.auth:
             provider = service.jwt.peek_provider(creds.bearer)
-            if provider is None:
+            introspectors = service.jwt.introspectors
+            if introspectors and opaque(creds.bearer.encode("latin-1")):
+                names = ", ".join(repr(i.name) for i in introspectors)
+                lines.append(_line("provider", f"opaque token: introspected by {names}"))
+            elif provider is None:
                 lines.append(
                     _line("provider", "none (the token's 'iss' names no configured provider)")
                 )

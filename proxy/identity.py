@@ -11,7 +11,8 @@ from typing import Any, Literal
 class Identity:
     """An authenticated caller."""
 
-    method: Literal["jwt", "api_key"]
+    # "introspection": an opaque bearer token an RFC 7662 endpoint vouched for.
+    method: Literal["jwt", "api_key", "introspection"]
     subject: str
     scopes: frozenset[str] = frozenset()
     issuer: str | None = None

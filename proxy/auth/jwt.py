@@ -43,8 +43,10 @@ import aiohttp
 
 from .. import grammar
 from ..config import AuthSettings, JwtSettings, Settings
+from ..errors import ServiceUnavailable
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from .introspection import Introspector
 from .jwks import JwksCache
 from .key_files import FileKeys
 from .keys import KeySet
@@ -196,6 +198,12 @@ class JwtVerifier:
                 source = files
             self.providers.append(Provider(p, source))
         self._by_issuer = {p.settings.issuer: p for p in self.providers}
+        # Opaque bearer tokens (RFC 7662); empty: every bearer token must be a JWT.
+        self.introspectors = [
+            Introspector(i, provider, session, metrics, settings.cache_size)
+            for i, provider in enumerate(self.providers)
+            if provider.settings.introspection_url is not None
+        ]
 
     @property
     def ready(self) -> bool:
@@ -285,6 +293,8 @@ class JwtVerifier:
         except UnicodeEncodeError:
             raise Rejected("malformed", "malformed token (not ASCII)") from None
         digest = hashlib.sha256(raw).digest()
+        if self.introspectors and opaque(raw):
+            return await self._introspect(token, digest)
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
@@ -304,6 +314,36 @@ class JwtVerifier:
         identity = await provider.verify(raw, header)
         self.cache.put(digest, identity)
         return identity
+
+    async def _introspect(self, token: str, digest: bytes) -> Identity:
+        # Several introspecting providers: the first that calls the token active names it.
+        refusal: Rejected | None = None
+        outage: ServiceUnavailable | None = None
+        for introspector in self.introspectors:
+            try:
+                return await introspector.check(token, digest)
+            except Rejected as exc:
+                refusal = exc
+            except ServiceUnavailable as exc:
+                outage = exc
+        # One endpoint down and none active: the token may be good, so 503 rather than 401.
+        if outage is not None:
+            raise outage
+        assert refusal is not None
+        raise refusal
+
+
+def opaque(raw: bytes) -> bool:
+    """Is this bearer token not a JWS (three segments, the first a base64url JSON object)? A
+    JWE (five segments) is opaque to the sidecar too: only its issuer can read it."""
+    parts = raw.split(b".")
+    if len(parts) != 3:
+        return True
+    try:
+        _segment(parts[0], "header")
+    except Rejected:
+        return True
+    return False
 
 
 # -- the method ------------------------------------------------------------------------------

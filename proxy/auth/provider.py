@@ -51,7 +51,7 @@ class KeySource(Protocol):
         """The keys are staler than `max_stale_s`: the provider's tokens get 503."""
 
 
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
+def number_claim(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
@@ -214,11 +214,11 @@ class Provider:
     ) -> Identity:
         s = self.settings
         leeway = float(s.leeway_s)
-        exp = _number(claims, "exp")
+        exp = number_claim(claims, "exp")
         if exp is None:
             raise Rejected("missing_exp", "token has no 'exp' claim")
-        nbf = _number(claims, "nbf")
-        iat = _number(claims, "iat")
+        nbf = number_claim(claims, "nbf")
+        iat = number_claim(claims, "iat")
         if now >= exp + leeway:
             raise Rejected("token_expired", "token expired")
         if nbf is not None and nbf > now + leeway:
@@ -251,17 +251,18 @@ class Provider:
         return Identity(
             method="jwt",
             subject=sub,
-            scopes=self._scopes(claims),
+            scopes=self.scopes_from(claims),
             issuer=s.issuer,
             expires_at=exp,
             leeway_s=leeway,
             credential_id=self.name,
             signing_key=signing_key,
-            claim_headers=self._headers(claims),
+            claim_headers=self.headers_from(claims),
             claims=claims,
         )
 
-    def _scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
+    def scopes_from(self, claims: Mapping[str, Any]) -> frozenset[str]:
+        """The scopes a token's claims (or an introspection answer) grant."""
         for name in self._scope_claims:
             value = claims.get(name)
             if value is None:
@@ -276,7 +277,8 @@ class Provider:
             return frozenset(i for i in items if isinstance(i, str) and grammar.scope_token(i))
         return frozenset()
 
-    def _headers(self, claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    def headers_from(self, claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        """The `claim_headers` values of these claims (a deceptive value refuses the token)."""
         out = []
         for header, claim in self._claim_headers:
             value = claims.get(claim)

@@ -81,6 +81,18 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.introspections = Counter(
+            "authproxy_introspections",
+            "RFC 7662 introspection calls, by provider and result (active, inactive, error).",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.introspection_cache = Counter(
+            "authproxy_introspection_cache",
+            "Introspection verdict cache lookups, by provider and result (hit, miss).",
+            ["provider", "result"],
+            registry=r,
+        )
         self.api_key_reloads = Counter(
             "authproxy_api_key_reloads",
             "API key set reloads, by result.",

@@ -97,3 +97,75 @@ def test_discovery_then_an_outage_past_max_stale_is_503_then_service_returns(
     wait_until(lambda: get(sidecar, token(idp, "gina")).status_code == 200)
     assert httpx.get(sidecar.admin_url + "/readyz").status_code == 200
     assert "jwks_unavailable" in sidecar.output()  # the one error line naming the reason
+
+
+OPAQUE = "op_integration_" + "z" * 32
+
+
+def test_an_opaque_token_is_introspected_and_its_identity_reaches_the_upstream(
+    tmp_path: Path, upstream: Process, idp: ThreadedIdp
+) -> None:
+    now = int(time.time())
+    idp.tokens[OPAQUE] = {
+        "active": True,
+        "sub": "iris",
+        "scope": "models:read",
+        "exp": now + 300,
+        "groups": ["ml-admins"],
+    }
+    body = f"""
+    [[auth.jwt.providers]]
+    name = "corp"
+    issuer = "{idp.base}"
+    audiences = ["api"]
+    algorithms = ["RS256"]
+    introspection_url = "{idp.base}/introspect"
+    introspection_client_id = "{idp.client_id}"
+    introspection_secret_env = "CORP_INTROSPECTION_SECRET"
+
+    [[routes]]
+    path = "/echo/admin/*"
+    auth = ["jwt"]
+    require_claims = {{ groups = ["ops"] }}
+    [[routes]]
+    path = "/echo/*"
+    auth = ["jwt"]
+    scopes = ["models:read"]
+    """
+    sidecar = start_sidecar(
+        tmp_path, upstream.port, body, env={"CORP_INTROSPECTION_SECRET": idp.client_secret}
+    )
+    try:
+        bearer = {"Authorization": f"Bearer {OPAQUE}"}
+        for _ in range(5):
+            ok = httpx.get(sidecar.url + "/echo/x", headers=bearer)
+            assert ok.status_code == 200, ok.text
+        seen = dict(ok.json()["headers"])
+        assert seen["x-auth-subject"] == "iris"
+        assert seen["x-auth-method"] == "introspection"
+        assert seen["x-auth-scopes"] == "models:read"
+        assert seen["x-auth-issuer"] == idp.base
+        assert "authorization" not in seen
+        assert idp.introspections == 1  # four of five answered from the cache
+
+        forbidden = httpx.get(sidecar.url + "/echo/admin/x", headers=bearer)
+        assert forbidden.status_code == 403
+        assert forbidden.json()["details"]["reason"] == "claim_mismatch"
+
+        dead = httpx.get(sidecar.url + "/echo/x", headers={"Authorization": "Bearer op_dead"})
+        assert dead.status_code == 401
+        assert dead.json()["details"]["reason"] == "inactive_token"
+
+        idp.introspection_down = True
+        down = httpx.get(sidecar.url + "/echo/x", headers={"Authorization": "Bearer op_new"})
+        assert down.status_code == 503
+        assert down.json()["error"] == "service_unavailable"
+        assert down.json()["details"]["reason"] == "introspection_unavailable"
+
+        metrics = httpx.get(sidecar.admin_url + "/metrics").text
+        assert 'authproxy_introspection_cache_total{provider="corp",result="hit"} 5.0' in metrics
+    finally:
+        sidecar.stop()
+    log = sidecar.output()
+    assert OPAQUE not in log and idp.client_secret not in log
+    assert "introspection_unavailable" in log or "introspection for provider" in log
