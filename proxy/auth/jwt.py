@@ -339,6 +339,8 @@ def opaque(raw: bytes) -> bool:
     parts = raw.split(b".")
     if len(parts) != 3:
         return True
+    if parts[0][:3] == b"eyJ":  # base64url of '{"': a JWS header, without decoding it
+        return False
     try:
         _segment(parts[0], "header")
     except Rejected:

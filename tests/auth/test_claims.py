@@ -122,10 +122,11 @@ async def test_an_optional_route_with_claims_refuses_the_anonymous(svc: AuthServ
     assert await run(svc, route(["jwt"], auth_optional=True)) is None
 
 
-async def test_claim_mismatches_are_counted(svc: AuthService) -> None:
+async def test_claim_mismatches_are_counted(make_service: MakeService, tmp_path: Path) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [public_jwk(rsa_key(), "k1")]}))
     metrics = Metrics()
-    svc._chain._metrics = metrics  # a fresh registry, so the count is this test's
-    svc._chain._counters.clear()
+    svc = await make_service(make_settings([provider(jwks_file=str(path))]), metrics=metrics)
     r = route(["jwt"], require_claims={"tenant": "acme"})
     with pytest.raises(Forbidden):
         await run(svc, r, bearer=jwt_with(tenant="globex"))

@@ -290,3 +290,14 @@ async def test_explain_says_an_opaque_token_was_introspected(idp: ThreadedIdp) -
     assert "opaque token: introspected by 'corp'" in text
     assert "ACCEPTED as introspection 'hana'" in text and "X-Auth-Method: introspection" in text
     assert OPAQUE not in text
+
+
+def test_what_counts_as_opaque() -> None:
+    from proxy.auth.jwt import opaque
+
+    assert opaque(b"op_abcdef")
+    assert opaque(b"a.b")
+    assert opaque(b"a.b.c.d.e")  # a JWE: only its issuer can read it
+    assert opaque(b"abc.def.ghi")  # three segments, but no JSON header
+    assert not opaque(b"eyJhbGciOiJSUzI1NiJ9.e30.c2ln")
+    assert not opaque(b"e30.e30.c2ln")  # '{}' without the usual prefix: decoded to be sure
