@@ -160,3 +160,19 @@ def test_an_api_key_with_an_empty_claim_list_is_refused() -> None:
     key = {"id": "k", "sha256": hash_key(ADMIN_KEY), "claims": {"groups": []}}
     with pytest.raises(ConfigError, match=r"auth.api_keys.keys\[0\].claims"):
         from_dict({"auth": {"api_keys": {"keys": [key]}}})
+
+
+async def test_keys_from_a_keys_file_carry_claims_too(
+    make_service: MakeService, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text(
+        f'[[keys]]\nid = "file-bot"\nsha256 = "{hash_key(ADMIN_KEY)}"\n'
+        'claims = { groups = ["ops"], tenant = "acme" }\n'
+    )
+    svc = await make_service(make_settings(api_keys={"keys_file": str(keys)}))
+    assert (await run(svc, route(["api_key"], require_claims=RULES), key=ADMIN_KEY)).subject == (
+        "file-bot"
+    )
+    with pytest.raises(Forbidden):
+        await run(svc, route(["api_key"], require_claims={"tenant": "globex"}), key=ADMIN_KEY)
