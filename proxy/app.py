@@ -15,6 +15,7 @@ import aiohttp
 
 from .admin import AdminApp
 from .auth import AuthService, consumed_headers, new_key_session
+from .auth.claims import failed_claim
 from .auth.scopes import missing_scopes
 from .config import Settings, digest, pin_restart_only
 from .cors import Cors
@@ -76,6 +77,8 @@ class App:
         return {
             "started": self.started,
             "keys_loaded": self.auth is not None and self.auth.ready,
+            # False once a JWT provider's keys are staler than its max_stale_s (503 for them).
+            "keys_within_max_stale": self.auth is None or not self.auth.jwt.unavailable,
             "not_draining": not (self.draining or self.stopping),
         }
 
@@ -272,8 +275,15 @@ class App:
                 return None
             identity = s.identity
             if identity is None:
-                return None if rs.auth_optional and not rs.scopes else POLICY_CHANGED
-            if identity.method not in rs.auth or missing_scopes(identity, rs):
+                optional = rs.auth_optional and not rs.scopes and not rs.require_claims
+                return None if optional else POLICY_CHANGED
+            if identity.method not in rs.auth and not (
+                identity.method == "introspection" and "jwt" in rs.auth
+            ):
+                return POLICY_CHANGED
+            if missing_scopes(identity, rs) or (
+                rs.require_claims and failed_claim(identity, rs.require_claims) is not None
+            ):
                 return POLICY_CHANGED
             if auth is not old_auth:
                 why = auth.still_trusts(identity, old_auth)

@@ -1,4 +1,4 @@
-"""The `authproxy` command: serve, check-config, hash-key, explain, healthcheck."""
+"""The `authproxy` command: serve, check-config, hash-key, explain, coverage, healthcheck."""
 
 from __future__ import annotations
 
@@ -40,6 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-H", "--header", action="append", default=[], help="'Name: value' (repeatable)"
     )
 
+    coverage = commands.add_parser(
+        "coverage", help="which operations of an OpenAPI document the routes protect"
+    )
+    coverage.add_argument("--config")
+    coverage.add_argument(
+        "--openapi", required=True, help="the upstream's OpenAPI document (JSON, or .yaml)"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -52,6 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _healthcheck(args.config, args.timeout)
         if args.command == "explain":
             return _explain(args.config, args.method, args.target, args.header)
+        if args.command == "coverage":
+            return _coverage(args.config, args.openapi)
     except ConfigError as exc:
         print(f"authproxy: config error: {exc}", file=sys.stderr)
         return 2
@@ -145,6 +155,15 @@ def _explain(path: str | None, method: str, target: str, raw_headers: list[str])
     ok, report = asyncio.run(explain(settings, method.upper(), target, headers))
     print(report)
     return 0 if ok else 1
+
+
+def _coverage(path: str | None, openapi: str) -> int:
+    from .coverage import judge, load_document, table
+
+    settings = config.load(path)
+    ops = judge(settings, load_document(openapi))
+    print(table(ops))
+    return 1 if any(o.problem for o in ops) else 0
 
 
 def _serve(path: str | None) -> int:

@@ -97,6 +97,43 @@ def _header_name(value: str) -> str:
 HeaderName = Annotated[str, AfterValidator(_header_name)]
 
 
+# `require_claims` rules and API key `claims`: a claim name (a dotted path reaches into nested
+# objects, e.g. Keycloak's "realm_access.roles") to a string or a non-empty list of strings.
+ClaimMap = dict[str, str | tuple[str, ...]]
+
+
+def _claim_map(value: ClaimMap, what: str) -> ClaimMap:
+    for name, wanted in value.items():
+        if not name or name.startswith(".") or name.endswith(".") or ".." in name:
+            raise ValueError(f"{name!r} is not a claim name (or a dotted path of them)")
+        if isinstance(wanted, tuple) and not wanted:
+            raise ValueError(f"{name}: an empty list {what}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost`, 127.0.0.0/8 or ::1: the one place plain http may carry keys."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def discovery_url_problem(url: str) -> str | None:
+    """Why `url` may not be used to fetch keys or discovery documents from, or None: https, or
+    http to a loopback address (a test IdP), no userinfo, query or fragment."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"expected an https:// URL, got {url!r}"
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        return f"must be https (plain http only to a loopback address), got {url!r}"
+    if parts.username is not None or parts.query or parts.fragment:
+        return f"may not carry userinfo, a query or a fragment, got {url!r}"
+    return None
+
+
 def split_listen(value: str) -> tuple[str, int]:
     """`'127.0.0.1:8000'` -> `('127.0.0.1', 8000)`; `'[::1]:8000'` -> `('::1', 8000)`."""
     host, _, port = value.rpartition(":")
@@ -322,6 +359,35 @@ class JwtProviderSettings(_Frozen):
     jwks_refresh_s: float = Field(default=300.0, ge=5)
     jwks_min_refresh_s: float = Field(default=30.0, ge=0)
     jwks_timeout_s: float = Field(default=5.0, gt=0)
+    # How long the last good keys are served once the JWKS endpoint (or the discovery document)
+    # began failing; beyond it the provider's tokens get 503 jwks_unavailable, never 401.
+    max_stale_s: float = Field(default=86400.0, ge=0)
+    # RFC 7662: bearer tokens that are not JWTs are checked by the issuer's introspection
+    # endpoint, authenticated with HTTP Basic (client id, and the secret from the environment).
+    introspection_url: str | None = None
+    introspection_client_id: str | None = None
+    introspection_secret_env: str | None = None
+    introspection_cache_s: float = Field(default=60.0, ge=0)
+    introspection_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("introspection_url")
+    @classmethod
+    def _introspection_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = discovery_url_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @property
+    def discovers(self) -> bool:
+        """No key source configured: the JWKS is found by OpenID Connect discovery."""
+        return (
+            self.jwks_url is None
+            and self.jwks_file is None
+            and self.public_key_file is None
+            and self.secret_env is None
+        )
 
     @field_validator("algorithms")
     @classmethod
@@ -362,18 +428,43 @@ class JwtProviderSettings(_Frozen):
         return value
 
     @model_validator(mode="after")
+    def _introspection_client(self) -> JwtProviderSettings:
+        given = (
+            self.introspection_client_id is not None,
+            self.introspection_secret_env is not None,
+        )
+        if self.introspection_url is not None and given != (True, True):
+            raise ValueError(
+                "introspection_url needs introspection_client_id and introspection_secret_env "
+                "(the sidecar authenticates to the endpoint with HTTP Basic)"
+            )
+        if self.introspection_url is None and any(given):
+            raise ValueError("introspection_client_id/_secret_env without introspection_url")
+        return self
+
+    @model_validator(mode="after")
     def _one_key_source(self) -> JwtProviderSettings:
         sources = [
             k
             for k in ("jwks_url", "jwks_file", "public_key_file", "secret_env")
             if getattr(self, k) is not None
         ]
-        if len(sources) != 1:
+        if len(sources) > 1:
             raise ValueError(
-                "exactly one of jwks_url, jwks_file, public_key_file, secret_env is required"
-                + (f" (got {', '.join(sources)})" if sources else "")
+                "at most one of jwks_url, jwks_file, public_key_file, secret_env "
+                f"(got {', '.join(sources)}); none: OpenID Connect discovery from the issuer"
             )
         hmac = set(self.algorithms) <= HMAC_ALGORITHMS
+        if not sources:
+            # OpenID Connect discovery: `{issuer}/.well-known/openid-configuration`.
+            problem = discovery_url_problem(self.issuer)
+            if problem is not None:
+                raise ValueError(
+                    f"issuer {problem} (no key source is set: the issuer is where OpenID "
+                    "Connect discovery fetches from)"
+                )
+            if hmac:
+                raise ValueError("HS* algorithms need secret_env (a shared secret)")
         if self.secret_env is not None and not hmac:
             raise ValueError("secret_env is for HS* algorithms only")
         if self.secret_env is None and hmac:
@@ -407,6 +498,13 @@ class ApiKeySettings(_Frozen):
     scopes: tuple[str, ...] = ()
     expires: datetime | None = None
     disabled: bool = False
+    # What `routes[].require_claims` judges for this key, as a token's claims are judged.
+    claims: ClaimMap = {}
+
+    @field_validator("claims")
+    @classmethod
+    def _claims(cls, value: ClaimMap) -> ClaimMap:
+        return _claim_map(value, "gives the claim no value")
 
     @field_validator("id")
     @classmethod
@@ -517,6 +615,14 @@ class RouteSettings(_Frozen):
     # whole exchange, response body included (None: upstream.read_timeout_s, no deadline).
     read_timeout_s: float | None = Field(default=None, gt=0)
     timeout_s: float | None = Field(default=None, gt=0)
+    # claim -> value (equality) or list (the claim, a string or a list, holds one of them); a
+    # miss is 403 claim_mismatch. `auth.claims` decides, after the scopes.
+    require_claims: ClaimMap = {}
+
+    @field_validator("require_claims")
+    @classmethod
+    def _require_claims(cls, value: ClaimMap) -> ClaimMap:
+        return _claim_map(value, "can never match")
 
     @field_validator("path")
     @classmethod
@@ -565,6 +671,8 @@ class RouteSettings(_Frozen):
     def _public_without_scopes(self) -> RouteSettings:
         if self.public and self.scopes:
             raise ValueError("a public route cannot require scopes")
+        if self.public and self.require_claims:
+            raise ValueError("a public route cannot require claims")
         return self
 
 

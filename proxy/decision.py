@@ -288,4 +288,9 @@ def _route_line(route: Route | None, method: str, path: str) -> str:
     extra += "; auth optional" if s.auth_optional else ""
     extra += f"; read timeout {s.read_timeout_s:g} s" if s.read_timeout_s else ""
     extra += f"; deadline {s.timeout_s:g} s" if s.timeout_s else ""
+    if s.require_claims:
+        extra += "; claims " + ", ".join(
+            f"{k} = {v!r}" if isinstance(v, str) else f"{k} in {list(v)!r}"
+            for k, v in s.require_claims.items()
+        )
     return f"routes[{route.index}] {s.path!r} (auth: {policy}{extra})"

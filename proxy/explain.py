@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 from .auth import Attempt, AuthService, consumed_headers, new_key_session
 from .auth.jwks import JwksCache
+from .auth.jwt import opaque
 from .config import Settings, split_listen
 from .cors import Cors
 from .decision import Decider, Decision, Facts
@@ -50,6 +51,9 @@ def _identity_lines(identity: Identity) -> list[str]:
 def _trace_lines(trace: list[Attempt]) -> list[str]:
     out = []
     for a in trace:
+        if a.method == "claims":  # the route's require_claims, judged after the scopes
+            out.append(_line("claims", f"{a.found} -> {a.outcome}"))
+            continue
         found = a.found or "nothing"
         out.append(_line(f"try {a.method}", f"found {found} -> {a.outcome}"))
     return out
@@ -135,7 +139,11 @@ def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
         lines.append(_line("credentials", "; ".join(found) or "none"))
         if creds.bearer is not None and r.route is not None and "jwt" in r.route.settings.auth:
             provider = service.jwt.peek_provider(creds.bearer)
-            if provider is None:
+            introspectors = service.jwt.introspectors
+            if introspectors and opaque(creds.bearer.encode("latin-1")):
+                names = ", ".join(repr(i.name) for i in introspectors)
+                lines.append(_line("provider", f"opaque token: introspected by {names}"))
+            elif provider is None:
                 lines.append(
                     _line("provider", "none (the token's 'iss' names no configured provider)")
                 )

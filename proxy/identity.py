@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
 class Identity:
     """An authenticated caller."""
 
-    method: Literal["jwt", "api_key"]
+    # "introspection": an opaque bearer token an RFC 7662 endpoint vouched for.
+    method: Literal["jwt", "api_key", "introspection"]
     subject: str
     scopes: frozenset[str] = frozenset()
     issuer: str | None = None
@@ -27,6 +29,9 @@ class Identity:
     # How long past `expires_at` the credential is still accepted (a JWT provider's `leeway_s`),
     # folded in by the method that authenticated it.
     leeway_s: float = 0.0
+    # The claims `routes[].require_claims` judges: a JWT's (or introspection answer's) payload,
+    # an API key's configured `claims`. Never sent upstream, never logged.
+    claims: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     @property
     def valid_until(self) -> float | None:

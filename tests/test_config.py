@@ -77,7 +77,11 @@ def test_the_repository_config_is_valid() -> None:
         ),
         (
             {"auth": {"jwt": {"providers": [{**PROVIDER, "public_key_file": "k.pem"}]}}},
-            "auth.jwt.providers[0]: exactly one of jwks_url, jwks_file, public_key_file,",
+            "auth.jwt.providers[0]: at most one of jwks_url, jwks_file, public_key_file,",
+        ),
+        (
+            {"auth": {"jwt": {"providers": [{**PROVIDER, "jwks_url": None}]}}},
+            "auth.jwt.providers[0]: issuer must be https (plain http only to a loopback address)",
         ),
         (
             {"auth": {"api_keys": {"keys": [{"id": "a", "sha256": "abc"}]}}},

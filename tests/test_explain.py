@@ -66,6 +66,11 @@ def settings(url: str) -> Settings:
             "routes": [
                 {"path": "/auth/*", "auth": "public"},
                 {"path": "/api/admin/*", "auth": ["jwt", "api_key"], "scopes": ["models:write"]},
+                {
+                    "path": "/api/tenants/*",
+                    "auth": ["jwt"],
+                    "require_claims": {"groups": ["ml-admins"], "tenant": "acme"},
+                },
                 {"path": "/api/*", "auth": ["jwt", "api_key"], "scopes": ["models:read"]},
                 {"path": "/ws", "auth": ["jwt", "api_key"]},
             ],
@@ -93,7 +98,7 @@ async def test_an_accepted_jwt_shows_route_method_and_identity(jwks: dict[str, A
         settings(jwks["url"]), "get", "/api/models?limit=5", [("Authorization", f"Bearer {tok}")]
     )
     assert ok
-    assert "/api/models" in text and "routes[2] '/api/*'" in text
+    assert "/api/models" in text and "routes[3] '/api/*'" in text
     assert "try jwt:" in text and "ACCEPTED as jwt 'alice@example.com'" in text
     assert "X-Auth-Subject: alice@example.com" in text and "X-Auth-Issuer: " + ISS in text
     assert "provider:" in text and "'demo'" in text
@@ -158,3 +163,20 @@ async def test_an_unreachable_jwks_is_reported(jwks: dict[str, Any]) -> None:
     assert not ok
     assert "NO KEYS" in text and "HTTP 500" in text
     assert "REFUSED 503 service_unavailable" in text
+
+
+async def test_claim_rules_are_shown_with_what_each_token_makes_of_them(
+    jwks: dict[str, Any],
+) -> None:
+    s = settings(jwks["url"])
+    good = token(groups=["users", "ml-admins"], tenant="acme")
+    ok, text = await explain(s, "GET", "/api/tenants/1", [("Authorization", f"Bearer {good}")])
+    assert ok, text
+    assert "claims groups in ['ml-admins'], tenant = 'acme'" in text  # the route line
+    assert "claims:       groups in ['ml-admins'], tenant = 'acme' -> all hold" in text
+    wrong = token(groups=["ml-admins"], tenant="globex")
+    ok, text = await explain(s, "GET", "/api/tenants/1", [("Authorization", f"Bearer {wrong}")])
+    assert not ok
+    assert "-> claim 'tenant' does not match what this route requires" in text
+    assert "REFUSED 403 forbidden: claim 'tenant' does not match" in text
+    assert "globex" not in text

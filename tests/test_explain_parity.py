@@ -65,6 +65,7 @@ def make_settings() -> config.Settings:
                 {"path": "/public/*", "auth": "public"},
                 {"path": "/api/*", "auth": ["jwt", "api_key"], "methods": ["GET", "POST"]},
                 {"path": "/admin/*", "auth": ["jwt", "api_key"], "scopes": ["admin"]},
+                {"path": "/tenant/*", "auth": ["jwt", "api_key"], "require_claims": {"t": "a"}},
                 {"path": "/ws", "auth": ["jwt", "api_key"]},
             ],
         }
@@ -171,6 +172,7 @@ CASES: list[tuple[str, str, str, list[tuple[str, str]]]] = [
     ("GET", "/nowhere", "", []),
     ("GET", "/admin/x", "", [("X-API-Key", API_KEY)]),
     ("GET", "/public/x", "", [("Origin", ALLOWED)]),
+    ("GET", "/tenant/x", "", [("X-API-Key", API_KEY)]),  # the key carries no claims: 403
     ("GET", "/ws", "", [("Upgrade", "websocket"), ("Origin", "https://evil.example")]),
     ("GET", "/ws", "", [("Upgrade", "websocket"), ("Origin", ALLOWED)]),
 ]
@@ -192,6 +194,8 @@ async def test_explain_and_the_server_agree_on_bearer_tokens(
 ) -> None:
     for tok in (token(), token(exp=int(time.time()) - 600), token(aud="other"), "not.a.jwt"):
         await compare(*app, "GET", "/api/x", "", [("Authorization", f"Bearer {tok}")])
+    for tok in (token(t="a"), token(t="b"), token(t=["a"]), token()):
+        await compare(*app, "GET", "/tenant/x", "", [("Authorization", f"Bearer {tok}")])
 
 
 @settings(

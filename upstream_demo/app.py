@@ -28,6 +28,7 @@ from starlette.websockets import WebSocket
 
 from upstream_demo.events import EventBus, ModelSimulator
 from upstream_demo.idp import AuthError, IdentityProvider, KeyRing
+from upstream_demo.openapi import document as openapi_document
 from upstream_demo.signature import IdentitySignatureCheck, Scheme
 from upstream_demo.store import ConflictError, ModelCreate, ModelPatch, ModelReplace, ModelStore
 from upstream_demo.ws import EventSession
@@ -177,6 +178,7 @@ class DemoBackend:
             Route("/auth/refresh", self.refresh, methods=["POST"]),
             Route("/.well-known/jwks.json", self.jwks, methods=["GET"]),
             Route("/.well-known/openid-configuration", self.openid_configuration, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
             WebSocketRoute("/ws", self.websocket),
         ]
 
@@ -402,6 +404,9 @@ class DemoBackend:
     async def openid_configuration(self, request: Request) -> JSONResponse:
         return JSONResponse(self.idp.openid_configuration())
 
+    async def openapi(self, request: Request) -> JSONResponse:
+        return JSONResponse(_OPENAPI)
+
     # -- live events --------------------------------------------------------------------------
 
     async def websocket(self, websocket: WebSocket) -> None:
@@ -409,6 +414,14 @@ class DemoBackend:
 
 
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+_OPENAPI = openapi_document(
+    model_create=ModelCreate,
+    model_replace=ModelReplace,
+    model_patch=ModelPatch,
+    chat=ChatRequest,
+    login=LoginRequest,
+    refresh=RefreshRequest,
+)
 
 
 def create_app(

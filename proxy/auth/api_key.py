@@ -87,6 +87,7 @@ class ApiKeyMethod:
             issuer=None,
             expires_at=key.expires_at,
             credential_id=key.id,
+            claims=key.claims,
         )
 
     async def start(self) -> None:

@@ -19,8 +19,9 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -69,6 +70,7 @@ class ApiKey:
     scopes: frozenset[str]
     expires_at: float | None
     disabled: bool
+    claims: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def active(self, now: float) -> bool:
         return not self.disabled and (self.expires_at is None or now < self.expires_at)
@@ -126,6 +128,8 @@ def _build(
             scopes=frozenset(k.scopes),
             expires_at=k.expires.timestamp() if k.expires is not None else None,
             disabled=k.disabled,
+            # Lists as JSON gives them, so a key's claims read exactly as a token's would.
+            claims={c: v if isinstance(v, str) else list(v) for c, v in k.claims.items()},
         )
     return by_hash
 

@@ -19,6 +19,7 @@ from ..config import RouteSettings
 from ..errors import ProxyError, Unauthorized
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from .claims import describe, require_claims
 from .extractor import Credentials
 from .method import Method
 from .rejected import Rejected
@@ -110,9 +111,21 @@ class Chain:
                 self._count(name, "insufficient_scope")
                 exc.identity = identity
                 raise
+            if route.require_claims:
+                try:
+                    require_claims(identity, route.require_claims)
+                except ProxyError as exc:
+                    self._count(name, "claim_mismatch")
+                    if trace is not None:
+                        trace.append(Attempt("claims", describe(route.require_claims), exc.message))
+                    exc.identity = identity
+                    raise
+                if trace is not None:
+                    trace.append(Attempt("claims", describe(route.require_claims), "all hold"))
             self._count(name, "ok")
             return identity
-        if route.auth_optional and not route.scopes:
+        # Anonymous holds no scope and no claim: a route requiring either refuses it.
+        if route.auth_optional and not route.scopes and not route.require_claims:
             self._count("none", "anonymous")
             return None
         self._count("none", "missing_credentials")

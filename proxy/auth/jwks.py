@@ -6,24 +6,39 @@ background on the `Cache-Control: max-age` the endpoint asks for (clamped to the
 at most once per `jwks_min_refresh_s`, and single-flight: however many requests ask at once, one
 fetch runs and they all wait for it. A failed or garbage fetch keeps the last good set
 (stale-if-error), flips `authproxy_jwks_stale` to 1 and logs one line.
+
+Stale, but not forever: `max_stale_s` after the first failed fetch the provider becomes
+unavailable (`authproxy_jwks_unavailable` 1, readiness false, its cached verdicts dropped) and its
+tokens get 503 `jwks_unavailable` — never 401, which would sign every user out during an IdP
+outage. While unavailable, a token of the provider asks for a refetch (at most once per
+`jwks_min_refresh_s`), so service returns with the IdP, not at the next scheduled refresh.
+
+A provider with no key source finds its `jwks_uri` by OpenID Connect discovery (`{issuer}/.well-
+known/openid-configuration`), read again before every fetch so a moved JWKS is followed. The
+document must name exactly the configured issuer (OIDC Discovery 4.3: otherwise anyone able to
+serve that path could name keys for it), and its `jwks_uri` must be https (http only to a
+loopback address). A discovery failure is a failed fetch: the last good keys stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
+import time
 from collections.abc import Callable
 
 import aiohttp
 
-from ..config import JwtProviderSettings
+from ..config import JwtProviderSettings, discovery_url_problem
 from ..telemetry.metrics import Metrics
 from .keys import KeyError_, KeySet, parse_jwks
 
 log = logging.getLogger("authproxy.auth")
 
 MAX_JWKS_BYTES = 1024 * 1024
+DISCOVERY_PATH = "/.well-known/openid-configuration"
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)\"?", re.IGNORECASE)
 _NO_CACHE = re.compile(r"(?:^|[,\s])(?:no-store|no-cache)(?:$|[,\s=])", re.IGNORECASE)
 
@@ -64,10 +79,15 @@ class JwksCache:
         session: aiohttp.ClientSession,
         metrics: Metrics,
         on_change: Callable[[KeySet | None, KeySet], None] | None = None,
+        on_unavailable: Callable[[], None] | None = None,
     ) -> None:
-        assert provider.jwks_url is not None
+        assert provider.jwks_url is not None or provider.discovers
         self.provider = provider
-        self.url = provider.jwks_url
+        # With discovery: the document's address until the first document names the JWKS.
+        self.discovery_url = (
+            provider.issuer.rstrip("/") + DISCOVERY_PATH if provider.discovers else None
+        )
+        self.url = provider.jwks_url or self.discovery_url or ""
         self._session = session
         self._metrics = metrics
         self._on_change = on_change
@@ -81,6 +101,11 @@ class JwksCache:
         self._task: asyncio.Task[None] | None = None
         self.stale = False
         self.last_error: str | None = None
+        self._on_unavailable = on_unavailable
+        # time.monotonic() of the first failed fetch since the last good one (None: fresh).
+        self._failing_since: float | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self.unavailable = False
 
     def current(self) -> KeySet | None:
         return self._keys
@@ -95,7 +120,16 @@ class JwksCache:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"jwks:{self.provider.name}")
 
+    def stale_for(self) -> float:
+        """Seconds since the fetches began failing (0 while fresh)."""
+        if self._failing_since is None:
+            return 0.0
+        return time.monotonic() - self._failing_since
+
     async def stop(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         tasks = [t for t in (self._task, self._inflight) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
@@ -144,7 +178,11 @@ class JwksCache:
         self._last_attempt = loop.time()
         name = self.provider.name
         try:
-            body, cache_control = await self._download()
+            if self.discovery_url is not None:
+                self.url = await self._discover(self.discovery_url)
+            body, cache_control = await self._download(
+                self.url, "application/jwk-set+json, application/json"
+            )
             keys, skipped = parse_jwks(body, self._allowed)
         except (_FetchFailed, KeyError_) as exc:
             self._failed(str(exc), garbage=isinstance(exc, KeyError_))
@@ -153,6 +191,7 @@ class JwksCache:
         self._metrics.jwks_stale.labels(name).set(0)
         self._failures = 0
         self._next_at = loop.time() + refresh_delay(cache_control, self.provider)
+        self._recovered()
         for line in skipped:
             log.warning("jwks provider %r: skipped %s", name, line)
         old = self._keys
@@ -168,18 +207,39 @@ class JwksCache:
             if self._on_change is not None:
                 self._on_change(old, keys)
 
-    async def _download(self) -> tuple[bytes, str | None]:
+    async def _discover(self, url: str) -> str:
+        """The `jwks_uri` of the issuer's OpenID Connect discovery document."""
+        body, _ = await self._download(url, "application/json")
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _FetchFailed("discovery document is not JSON") from None
+        if not isinstance(doc, dict):
+            raise _FetchFailed("discovery document is not a JSON object")
+        issuer = doc.get("issuer")
+        if issuer != self.provider.issuer:
+            shown = repr(issuer)[:120] if isinstance(issuer, str) else "no issuer"
+            raise _FetchFailed(
+                f"discovery document names {shown}, not the configured issuer "
+                f"{self.provider.issuer!r}; refused"
+            )
+        jwks_uri = doc.get("jwks_uri")
+        if not isinstance(jwks_uri, str):
+            raise _FetchFailed("discovery document has no jwks_uri")
+        problem = discovery_url_problem(jwks_uri)
+        if problem is not None:
+            raise _FetchFailed(f"discovery document's jwks_uri {problem[:200]}")
+        return jwks_uri
+
+    async def _download(self, url: str, accept: str) -> tuple[bytes, str | None]:
         try:
             async with self._session.get(
-                self.url,
+                url,
                 timeout=self._timeout,
                 allow_redirects=True,
                 max_redirects=3,
                 # identity: the shared upstream session does not decompress bodies.
-                headers={
-                    "Accept": "application/jwk-set+json, application/json",
-                    "Accept-Encoding": "identity",
-                },
+                headers={"Accept": accept, "Accept-Encoding": "identity"},
             ) as resp:
                 if resp.status != 200:
                     raise _FetchFailed(f"HTTP {resp.status}")
@@ -207,6 +267,7 @@ class JwksCache:
         delay = min(base * 2 ** min(self._failures - 1, 10), self.provider.jwks_refresh_s)
         self._next_at = loop.time() + delay
         if self._keys is not None:
+            self._began_failing(loop)
             self.stale = True
             self._metrics.jwks_stale.labels(name).set(1)
             log.warning(
@@ -223,3 +284,45 @@ class JwksCache:
                 why,
                 delay,
             )
+
+    # -- max_stale_s -------------------------------------------------------------------------
+
+    def _began_failing(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._failing_since is not None:
+            return
+        self._failing_since = time.monotonic()
+        self._metrics.jwks_stale_since.labels(self.provider.name).set(time.time())
+        # A timer, not a clock read per request: the request path only reads `unavailable`.
+        self._deadline = loop.call_later(self.provider.max_stale_s, self._expire)
+
+    def _expire(self) -> None:
+        self._deadline = None
+        if self._failing_since is None:
+            return
+        self.unavailable = True
+        self._metrics.jwks_unavailable.labels(self.provider.name).set(1)
+        log.error(
+            "jwks provider %r: no good fetch for %.0f s (max_stale_s); its tokens get 503 "
+            "jwks_unavailable until %s answers again (last error: %s)",
+            self.provider.name,
+            self.stale_for(),
+            self.url,
+            self.last_error,
+        )
+        if self._on_unavailable is not None:
+            self._on_unavailable()
+
+    def _recovered(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        if self.unavailable:
+            log.warning(
+                "jwks provider %r: keys fetched again after %.0f s; tokens accepted again",
+                self.provider.name,
+                self.stale_for(),
+            )
+        self._failing_since = None
+        self.unavailable = False
+        self._metrics.jwks_stale_since.labels(self.provider.name).set(0)
+        self._metrics.jwks_unavailable.labels(self.provider.name).set(0)

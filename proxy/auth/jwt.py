@@ -43,8 +43,10 @@ import aiohttp
 
 from .. import grammar
 from ..config import AuthSettings, JwtSettings, Settings
+from ..errors import ServiceUnavailable
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from .introspection import Introspector
 from .jwks import JwksCache
 from .key_files import FileKeys
 from .keys import KeySet
@@ -180,8 +182,14 @@ class JwtVerifier:
         self._files: list[FileKeys] = []
         for i, p in enumerate(settings.providers):
             source: KeySource
-            if p.jwks_url is not None:
-                cache = JwksCache(p, session, metrics, on_change=self._keys_changed(p.name))
+            if p.jwks_url is not None or p.discovers:
+                cache = JwksCache(
+                    p,
+                    session,
+                    metrics,
+                    on_change=self._keys_changed(p.name),
+                    on_unavailable=self._too_stale(p.name),
+                )
                 self.jwks.append(cache)
                 source = cache
             else:
@@ -190,10 +198,28 @@ class JwtVerifier:
                 source = files
             self.providers.append(Provider(p, source))
         self._by_issuer = {p.settings.issuer: p for p in self.providers}
+        # Opaque bearer tokens (RFC 7662); empty: every bearer token must be a JWT.
+        self.introspectors = [
+            Introspector(i, provider, session, metrics, settings.cache_size)
+            for i, provider in enumerate(self.providers)
+            if provider.settings.introspection_url is not None
+        ]
 
     @property
     def ready(self) -> bool:
         return all(c.ready for c in self.jwks)
+
+    @property
+    def unavailable(self) -> list[str]:
+        """Providers whose keys are staler than their `max_stale_s` (their tokens get 503)."""
+        return [c.provider.name for c in self.jwks if c.unavailable]
+
+    def _too_stale(self, name: str) -> Callable[[], None]:
+        def drop() -> None:
+            # Cached verdicts would outlive the bound until their `exp`: they go too.
+            self.cache.drop_provider(name)
+
+        return drop
 
     async def start(self) -> None:
         await asyncio.gather(*(c.start() for c in self.jwks))
@@ -270,6 +296,8 @@ class JwtVerifier:
         except UnicodeEncodeError:
             raise Rejected("malformed", "malformed token (not ASCII)") from None
         digest = hashlib.sha256(raw).digest()
+        if self.introspectors and opaque(raw):
+            return await self._introspect(token, digest)
         cached = self.cache.get(digest)
         if cached is not None:
             return cached
@@ -289,6 +317,38 @@ class JwtVerifier:
         identity = await provider.verify(raw, header)
         self.cache.put(digest, identity)
         return identity
+
+    async def _introspect(self, token: str, digest: bytes) -> Identity:
+        # Several introspecting providers: the first that calls the token active names it.
+        refusal: Rejected | None = None
+        outage: ServiceUnavailable | None = None
+        for introspector in self.introspectors:
+            try:
+                return await introspector.check(token, digest)
+            except Rejected as exc:
+                refusal = exc
+            except ServiceUnavailable as exc:
+                outage = exc
+        # One endpoint down and none active: the token may be good, so 503 rather than 401.
+        if outage is not None:
+            raise outage
+        assert refusal is not None
+        raise refusal
+
+
+def opaque(raw: bytes) -> bool:
+    """Is this bearer token not a JWS (three segments, the first a base64url JSON object)? A
+    JWE (five segments) is opaque to the sidecar too: only its issuer can read it."""
+    parts = raw.split(b".")
+    if len(parts) != 3:
+        return True
+    if parts[0][:3] == b"eyJ":  # base64url of '{"': a JWS header, without decoding it
+        return False
+    try:
+        _segment(parts[0], "header")
+    except Rejected:
+        return True
+    return False
 
 
 # -- the method ------------------------------------------------------------------------------

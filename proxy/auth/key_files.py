@@ -57,6 +57,8 @@ def load_keys(index: int, p: JwtProviderSettings) -> KeySet:
 class FileKeys:
     """One provider's keys from a file or the environment: replaced only by `reload()`."""
 
+    unavailable = False  # read from disk: never stale
+
     def __init__(
         self,
         index: int,

@@ -46,8 +46,12 @@ class KeySource(Protocol):
 
     async def refresh_for_unknown_kid(self) -> None: ...
 
+    @property
+    def unavailable(self) -> bool:
+        """The keys are staler than `max_stale_s`: the provider's tokens get 503."""
 
-def _number(claims: Mapping[str, Any], name: str) -> float | None:
+
+def number_claim(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
     if value is None:
         return None
@@ -148,6 +152,16 @@ class Provider:
         return [k for k in keys.keys if alg in k.algorithms][:_MAX_CANDIDATES], True
 
     async def verify(self, raw: bytes, header: Mapping[str, Any]) -> Identity:
+        if self.keys.unavailable:
+            # A refetch (rate-limited, single-flight) so service returns with the IdP.
+            await self.keys.refresh_for_unknown_kid()
+            if self.keys.unavailable:
+                raise ServiceUnavailable(
+                    f"the signing keys of provider {self.name!r} are older than its "
+                    "max_stale_s and its JWKS endpoint is failing",
+                    retry_after_s=max(1, int(self.settings.jwks_min_refresh_s)),
+                    details={"reason": "jwks_unavailable", "provider": self.name},
+                )
         alg = self.check_header(header)
         kid: str | None = header.get("kid")
         candidates, known = self._candidates(self.keys.current(), kid, alg)
@@ -200,11 +214,11 @@ class Provider:
     ) -> Identity:
         s = self.settings
         leeway = float(s.leeway_s)
-        exp = _number(claims, "exp")
+        exp = number_claim(claims, "exp")
         if exp is None:
             raise Rejected("missing_exp", "token has no 'exp' claim")
-        nbf = _number(claims, "nbf")
-        iat = _number(claims, "iat")
+        nbf = number_claim(claims, "nbf")
+        iat = number_claim(claims, "iat")
         if now >= exp + leeway:
             raise Rejected("token_expired", "token expired")
         if nbf is not None and nbf > now + leeway:
@@ -237,16 +251,18 @@ class Provider:
         return Identity(
             method="jwt",
             subject=sub,
-            scopes=self._scopes(claims),
+            scopes=self.scopes_from(claims),
             issuer=s.issuer,
             expires_at=exp,
             leeway_s=leeway,
             credential_id=self.name,
             signing_key=signing_key,
-            claim_headers=self._headers(claims),
+            claim_headers=self.headers_from(claims),
+            claims=claims,
         )
 
-    def _scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
+    def scopes_from(self, claims: Mapping[str, Any]) -> frozenset[str]:
+        """The scopes a token's claims (or an introspection answer) grant."""
         for name in self._scope_claims:
             value = claims.get(name)
             if value is None:
@@ -261,7 +277,8 @@ class Provider:
             return frozenset(i for i in items if isinstance(i, str) and grammar.scope_token(i))
         return frozenset()
 
-    def _headers(self, claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+    def headers_from(self, claims: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
+        """The `claim_headers` values of these claims (a deceptive value refuses the token)."""
         out = []
         for header, claim in self._claim_headers:
             value = claims.get(claim)

@@ -39,6 +39,8 @@ def _trust(p: JwtProviderSettings) -> dict[str, object]:
             "typ",
             "scope_claim",
             "max_lifetime_s",
+            "introspection_url",
+            "introspection_client_id",
         }
     )
 
@@ -117,7 +119,7 @@ class AuthService:
             return "provider_removed"
         if _trust(provider.settings) != _trust(before.settings):
             return "provider_changed"
-        keys = provider.keys.current()
+        keys = provider.keys.current() if identity.signing_key is not None else None
         if keys is not None and identity.signing_key not in keys.fingerprints():
             return "signing_key_withdrawn"
         return None

@@ -58,3 +58,12 @@ class TokenCache:
             if identity.credential_id == provider and identity.signing_key in keys
         ]:
             del self._entries[digest]
+
+    def drop_provider(self, provider: str) -> None:
+        """Forget every verdict of `provider` (its keys became too stale to vouch for them)."""
+        for digest in [
+            digest
+            for digest, (identity, _) in self._entries.items()
+            if identity.credential_id == provider and identity.method == "jwt"
+        ]:
+            del self._entries[digest]

@@ -179,7 +179,8 @@ def upstream_left(exc: ConnectionClosed) -> Outcome:
 
 def credential_expired(identity: Identity) -> Outcome:
     """How a session ends when the credential it was opened with stops being valid."""
-    return TOKEN_EXPIRED if identity.method == "jwt" else KEY_EXPIRED
+    # Bearer tokens (JWT or introspected) expire and are renewed: 4401; API keys: 4403.
+    return KEY_EXPIRED if identity.method == "api_key" else TOKEN_EXPIRED
 
 
 def accepted_subprotocol(

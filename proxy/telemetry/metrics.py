@@ -67,6 +67,32 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",  # workers: 1 while any of them serves stale keys
         )
+        self.jwks_stale_since = Gauge(
+            "authproxy_jwks_stale_since_seconds",
+            "Unix time a provider's JWKS fetches began failing (0 while fresh).",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.jwks_unavailable = Gauge(
+            "authproxy_jwks_unavailable",
+            "1 once a provider's keys are staler than max_stale_s: its tokens get 503.",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.introspections = Counter(
+            "authproxy_introspections",
+            "RFC 7662 introspection calls, by provider and result (active, inactive, error).",
+            ["provider", "result"],
+            registry=r,
+        )
+        self.introspection_cache = Counter(
+            "authproxy_introspection_cache",
+            "Introspection verdict cache lookups, by provider and result (hit, miss).",
+            ["provider", "result"],
+            registry=r,
+        )
         self.api_key_reloads = Counter(
             "authproxy_api_key_reloads",
             "API key set reloads, by result.",
