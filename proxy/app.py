@@ -77,8 +77,6 @@ class App:
         return {
             "started": self.started,
             "keys_loaded": self.auth is not None and self.auth.ready,
-            # False once a JWT provider's keys are staler than its max_stale_s (503 for them).
-            "keys_within_max_stale": self.auth is None or not self.auth.jwt.unavailable,
             "not_draining": not (self.draining or self.stopping),
         }
 
@@ -90,6 +88,11 @@ class App:
     def readiness_details(self) -> dict[str, object]:
         """What /readyz shows beside its checks (informational: they do not fail readiness)."""
         details: dict[str, object] = {"config": self.config_info()}
+        # Providers whose keys are staler than their max_stale_s: their tokens get 503, but the
+        # process is not unready for it. API keys and other providers still work, and an IdP
+        # outage that failed readiness on every replica would take the whole service down.
+        if self.auth is not None and (stale := self.auth.jwt.unavailable):
+            details["jwks_unavailable"] = stale
         breaker = self.forwarder.breaker
         if breaker is not None:
             details["circuit_breaker"] = breaker.details()
