@@ -24,6 +24,7 @@ from .paths import judge_path
 from .relay.headers import HeaderPolicy
 from .routing import Route, RouteTable
 from .telemetry import logs
+from .tracing import Trace, trace_of
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -60,6 +61,7 @@ class Request:
     route: Route | None = None
     identity: Identity | None = None
     credentials: Credentials | None = None
+    trace: Trace | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -76,6 +78,7 @@ class Request:
             headers = scope["headers"]  # type: ignore[assignment]
             http_version = str(scope.get("http_version"))
         request_id = None
+        traceparent = tracestate = None
         r = cls(method=method, headers=headers, request_id="")
         size = 0
         for name, value in headers:
@@ -113,6 +116,10 @@ class Request:
                 r.acr_headers = value.decode("latin-1")
             elif name == b"access-control-request-private-network":
                 r.acr_private_network = value.strip().lower() == b"true"
+            elif name == b"traceparent":
+                traceparent = value if traceparent is None else b""  # two: invalid
+            elif name == b"tracestate":
+                tracestate = value if tracestate is None else tracestate + b"," + value
         if size > max_header_bytes:
             raise BadRequest(
                 "the request headers are larger than the limit",
@@ -121,6 +128,7 @@ class Request:
         if r.host is None and http_version == "1.1":
             raise _bad_host("no Host header")  # HTTP/1.0 may omit it
         r.request_id = request_id or new_request_id()
+        r.trace = trace_of(traceparent, tracestate, r.request_id, new_request_id)
         return r
 
 
@@ -238,6 +246,7 @@ class Decider:
                     identity=r.identity,
                     raw_path=r.raw_path,
                     query=query,
+                    trace=r.trace,
                 )
                 return Decision(
                     "tunnel",
@@ -256,6 +265,7 @@ class Decider:
                 method=method,
                 raw_path=r.raw_path,
                 query=query,
+                trace=r.trace,
             )
             return Decision(
                 "forward", r, policy, upstream_headers=upstream, trace=trace, attempts=attempts

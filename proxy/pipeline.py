@@ -62,6 +62,7 @@ def record_of(scope: Scope, d: Decision) -> AccessRecord:
         origin=r.origin,
         client=peer(scope),
         websocket=scope["type"] == "websocket",
+        trace_id=r.trace.trace_id if r.trace is not None else None,
     )
 
 
@@ -94,6 +95,7 @@ class Pipeline:
         self.tunnel = tunnel
         self.metrics = metrics
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
+        self._in_flight_gauge = metrics.in_flight
         self._per_client = settings.upstream.max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
 
@@ -114,6 +116,14 @@ class Pipeline:
     # --- HTTP ------------------------------------------------------------------------------------
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        in_flight = self._in_flight_gauge
+        in_flight.inc()
+        try:
+            await self._http(scope, receive, send)
+        finally:
+            in_flight.dec()
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         d = await self.decider.decide(facts_of(scope, websocket=False))
         r = d.request
         record = record_of(scope, d)
@@ -196,6 +206,7 @@ class Pipeline:
         finally:
             record.bytes_in, record.bytes_out = exchange.bytes_in, exchange.bytes_out
             record.upstream_status = exchange.upstream_status
+            record.upstream_seconds = exchange.upstream_seconds
 
     def _take_client_slot(self, scope: Scope, r: Request) -> str:
         """Count one more upstream request for this client address, or refuse it (429)."""

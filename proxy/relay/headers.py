@@ -22,6 +22,7 @@ from ..authority import valid_host
 from ..config import Settings
 from ..errors import BadRequest, ConfigError
 from ..identity import Identity
+from ..tracing import Trace
 from ..types import Scope
 
 HOP_BY_HOP = frozenset(
@@ -281,6 +282,8 @@ class HeaderPolicy:
         # header: a `Connection: content-length` would otherwise strip it and leave the body to
         # be read upstream as a second, unjudged request.
         drop |= {b"host", b"x-request-id", b"expect", b"content-length"}
+        # The trace context goes as the request's `Trace` says (kept or started: tracing.py).
+        drop |= {b"traceparent", b"tracestate"}
         credentials = {_name(header) for header in credential_headers}
         if not settings.auth.forward_credentials:
             drop |= credentials
@@ -358,6 +361,7 @@ class HeaderPolicy:
         method: str | None = None,
         raw_path: bytes | None = None,
         query: bytes | None = None,
+        trace: Trace | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """The headers sent upstream on the REST hop, as the bytes that go on the wire.
 
@@ -367,7 +371,7 @@ class HeaderPolicy:
         path, query without credentials): a v2 signature covers them.
         """
         target = (method, raw_path, query)
-        out = self._upstream(headers, self._drop, peer, scheme, request_id, identity, target)
+        out = self._upstream(headers, self._drop, peer, scheme, request_id, identity, target, trace)
         for _, value in out:
             if not value.isascii():
                 _utf8(value)
@@ -383,12 +387,15 @@ class HeaderPolicy:
         identity: Identity | None,
         raw_path: bytes | None = None,
         query: bytes | None = None,
+        trace: Trace | None = None,
     ) -> list[tuple[str, str]]:
         """The headers of the upstream WebSocket handshake, as strings `websockets` encodes as
         latin-1 back to the same bytes (so identity values still reach the upstream as UTF-8).
         `raw_path` and `query` as for `upstream_request`; a handshake's method is GET."""
         target = ("GET", raw_path, query)
-        out = self._upstream(headers, self._drop_ws, peer, scheme, request_id, identity, target)
+        out = self._upstream(
+            headers, self._drop_ws, peer, scheme, request_id, identity, target, trace
+        )
         return [(_latin1(name), _latin1(value)) for name, value in out]
 
     def _upstream(
@@ -400,6 +407,7 @@ class HeaderPolicy:
         request_id: str,
         identity: Identity | None,
         target: tuple[str | None, bytes | None, bytes | None],
+        trace: Trace | None = None,
     ) -> list[tuple[bytes, bytes]]:
         named = connection_named(headers)
         trusted = self.trusted(peer)
@@ -439,6 +447,10 @@ class HeaderPolicy:
         if self._preserve_host and host:
             out.append((b"host", host))
         out.append((b"x-request-id", request_id.encode("latin-1")))
+        if trace is not None:
+            out.append((b"traceparent", trace.traceparent))
+            if trace.tracestate is not None:
+                out.append((b"tracestate", trace.tracestate))
         ours: list[tuple[bytes, bytes]] = []
         if identity is not None:
             ours.append((b"x-auth-subject", _wire(identity.subject)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -126,6 +127,8 @@ class Exchange:
     bytes_out: int = 0
     client_gone: bool = False
     response_started: bool = False
+    # From the request's head written to the answer's head read (the attempt that answered).
+    upstream_seconds: float | None = None
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -464,11 +467,13 @@ class Forwarder:
                 raise
             upload: _Upload | None = None
             conn.begin(head_only, read_timeout)
+            sent = time.perf_counter()
             conn.write(request)
             if stall is not None:
                 upload = _Upload(conn, receive, self._limit, exchange, chunked, stall)
             try:
                 await conn.response_head()
+                exchange.upstream_seconds = time.perf_counter() - sent
                 return conn, upload
             except ClientGone:
                 exchange.client_gone = True

@@ -320,6 +320,8 @@ class Tunnel:
         self, s: Session, upstream: ClientConnection, receive: Receive
     ) -> None:
         loop = asyncio.get_running_loop()
+        messages = self.metrics.websocket_messages.labels("in")
+        relayed = self.metrics.websocket_bytes.labels("in")
         try:
             while True:
                 message: Message = await receive()
@@ -327,12 +329,15 @@ class Tunnel:
                     text = message.get("text")
                     if text is not None:
                         await upstream.send(text)
-                        s.bytes_in += utf8_len(text)
+                        size = utf8_len(text)
                     else:
                         data = message.get("bytes") or b""
                         await upstream.send(data)
-                        s.bytes_in += len(data)
+                        size = len(data)
+                    s.bytes_in += size
                     s.messages_in += 1
+                    messages.inc()
+                    relayed.inc(size)
                     s.last_activity = loop.time()
                 elif message["type"] == "websocket.disconnect":
                     s.end(client_left(message))
@@ -345,16 +350,21 @@ class Tunnel:
 
     async def _upstream_to_client(self, s: Session, upstream: ClientConnection, send: Send) -> None:
         loop = asyncio.get_running_loop()
+        messages = self.metrics.websocket_messages.labels("out")
+        relayed = self.metrics.websocket_bytes.labels("out")
         try:
             while True:
                 data = await upstream.recv()
                 if isinstance(data, str):
                     await send({"type": "websocket.send", "text": data})
-                    s.bytes_out += utf8_len(data)
+                    size = utf8_len(data)
                 else:
                     await send({"type": "websocket.send", "bytes": data})
-                    s.bytes_out += len(data)
+                    size = len(data)
+                s.bytes_out += size
                 s.messages_out += 1
+                messages.inc()
+                relayed.inc(size)
                 s.last_activity = loop.time()
         except ConnectionClosed as exc:
             s.end(upstream_left(exc))

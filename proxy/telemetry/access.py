@@ -52,6 +52,8 @@ class AccessRecord:
     error: str | None = None
     reason: str | None = None
     websocket: bool = False
+    trace_id: str | None = None  # W3C trace id (kept from the caller or started: tracing.py)
+    upstream_seconds: float | None = None  # request head written -> answer head read
     # Kind-specific fields (preflight, client_gone, a session's messages and close codes).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -65,6 +67,7 @@ class AccessLog:
         # Metric children by (route, status): labels() per request costs more than the increment.
         self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
         self._upstream_errors: dict[str, Any] = {}
+        self._upstream_seconds: dict[str, Any] = {}
 
     def emit(self, record: AccessRecord) -> None:
         duration = time.perf_counter() - record.started
@@ -76,6 +79,13 @@ class AccessLog:
             )
         series[0].inc()
         series[1].observe(duration)
+        if record.upstream_seconds is not None:
+            upstream = self._upstream_seconds.get(record.route)
+            if upstream is None:
+                upstream = self._upstream_seconds[record.route] = (
+                    self.metrics.upstream_seconds.labels(record.route)
+                )
+            upstream.observe(record.upstream_seconds)
         if record.reason in UPSTREAM_FAILURES:
             counter = self._upstream_errors.get(record.reason)
             if counter is None:
@@ -100,7 +110,10 @@ class AccessLog:
             "upstream_status": record.upstream_status,
             "route": record.route,
             "client": record.client,
+            "trace_id": record.trace_id,
         }
+        if record.upstream_seconds is not None:
+            fields["upstream_ms"] = round(record.upstream_seconds * 1000, 3)
         if record.error is not None:
             fields["error"] = record.error
             fields["reason"] = record.reason

@@ -36,6 +36,31 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.upstream_seconds = Histogram(
+            "authproxy_upstream_duration_seconds",
+            "Upstream time to the answer's head, from the request's head written, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "authproxy_requests_in_flight",
+            "HTTP requests being answered now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.websocket_messages = Counter(
+            "authproxy_websocket_messages",
+            "WebSocket messages relayed, by direction (in: client to upstream).",
+            ["direction"],
+            registry=r,
+        )
+        self.websocket_bytes = Counter(
+            "authproxy_websocket_bytes",
+            "WebSocket payload bytes relayed, by direction (in: client to upstream).",
+            ["direction"],
+            registry=r,
+        )
         self.upstream_errors = Counter(
             "authproxy_upstream_errors",
             "Upstream failures, by kind.",
