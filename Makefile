@@ -15,7 +15,7 @@ BENCH_STAMP := $(VENV)/.bench-stamp
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,otel]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -58,7 +58,7 @@ soak: install
 	$(VENV)/bin/pytest -m soak tests/soak
 
 $(BENCH_STAMP): pyproject.toml constraints.txt $(STAMP)
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,bench]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,otel,bench]'
 	touch $(BENCH_STAMP)
 
 # BENCH_ARGS=--quick: one short round of every figure (a smoke test of the harness).
@@ -73,7 +73,7 @@ clean:
 lock:
 	rm -rf .lock-venv && python3 -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet --upgrade pip
-	.lock-venv/bin/pip install --quiet '.[test,demo,bench]'
+	.lock-venv/bin/pip install --quiet '.[test,demo,otel,bench]'
 	{ echo "# Written by 'make lock' from pyproject.toml; 'make' installs with it (pip -c)."; \
 	  .lock-venv/bin/pip freeze --exclude authproxy; } > constraints.txt
 	rm -rf .lock-venv

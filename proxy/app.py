@@ -38,10 +38,30 @@ from .telemetry import logs
 from .telemetry.access import AccessLog
 from .telemetry.clock import rfc3339
 from .telemetry.metrics import Metrics
+from .telemetry.otel import Exporter, MissingExtra
 from .tls import reload_server_certificate, server_context
 from .types import Receive, Scope, Send
 
 log = logging.getLogger("authproxy.app")
+
+
+def _exporter(settings: Settings) -> Exporter | None:
+    """The span exporter `[tracing]` asks for, if any."""
+    t = settings.tracing
+    if t.otlp_endpoint is None:
+        return None
+    try:
+        return Exporter(
+            t.otlp_endpoint,
+            service_name=t.service_name,
+            sample_ratio=t.sample_ratio,
+            export_interval_s=t.export_interval_s,
+        )
+    except MissingExtra:
+        raise ConfigError(
+            "tracing.otlp_endpoint",
+            "span export needs the otel extra: pip install 'authproxy[otel]'",
+        ) from None
 
 
 class App:
@@ -59,6 +79,7 @@ class App:
         self.headers, self.routes, self.cors, self.forwarder = self._policy(settings)
         # The public listener's TLS context (server.tls_cert_file), kept to reload on SIGHUP.
         self.tls = server_context(settings.server)
+        self.otel = _exporter(settings)
         self.config_sha256 = digest(settings)
         self.config_loaded_at = time.time()
         self._reload_lock: asyncio.Lock | None = None
@@ -130,6 +151,7 @@ class App:
             tunnel=self.tunnel,
             metrics=self.metrics,
             access=self.access,
+            otel=self.otel,
         )
         pipeline.draining = self.draining
         return pipeline
@@ -328,6 +350,8 @@ class App:
             await self.forwarder.pool.close()
         if self._key_session is not None:
             await self._key_session.close()
+        if self.otel is not None:
+            await asyncio.to_thread(self.otel.shutdown)
         logs.flush()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

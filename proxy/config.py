@@ -718,6 +718,24 @@ class IdentitySettings(_Frozen):
         return self
 
 
+class TracingSettings(_Frozen):
+    """OpenTelemetry span export (OTLP over HTTP); off unless `otlp_endpoint` is set."""
+
+    otlp_endpoint: str | None = None  # e.g. "http://otel-collector:4318" (/v1/traces is added)
+    service_name: str = Field(default="authproxy", min_length=1)
+    sample_ratio: float = Field(default=1.0, ge=0, le=1)  # for traces the sidecar starts
+    export_interval_s: float = Field(default=2.0, gt=0)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+
 class LoggingSettings(_Frozen):
     """Log output: JSON lines on stdout."""
 
@@ -773,6 +791,7 @@ class Settings(_Frozen):
     websocket: WebSocketSettings = Field(default_factory=WebSocketSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
 
     @model_validator(mode="after")
@@ -1066,6 +1085,7 @@ RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ),
     ("admin", None),
     ("logging", None),
+    ("tracing", None),
     ("websocket", None),
     (
         "upstream",

@@ -63,6 +63,9 @@ class Request:
     credentials: Credentials | None = None
     trace: Trace | None = None
     started: float = field(default_factory=time.perf_counter)
+    # perf_counter() around the auth stage (for its span, when spans are exported)
+    auth_started: float = 0.0
+    auth_ended: float = 0.0
 
     @property
     def preflight(self) -> bool:
@@ -235,7 +238,9 @@ class Decider:
                     "no route matches this path", details={"path": r.path, "method": r.method}
                 )
             r.credentials = self.auth.extract(r.headers, facts.query, websocket=facts.websocket)
+            r.auth_started = time.perf_counter()
             r.identity = await self.auth.authenticate(r.route.settings, r.credentials, attempts)
+            r.auth_ended = time.perf_counter()
             query = r.credentials.clean_query
             if facts.websocket:
                 handshake = self.headers.upstream_handshake(

@@ -9,7 +9,8 @@ it), forwards, or tunnels. Every request and session ends in exactly one access 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from .auth import AuthService
 from .client_address import client_address
@@ -23,6 +24,7 @@ from .relay.tunnel import Handshake
 from .routing import RouteTable
 from .telemetry.access import AccessLog, AccessRecord
 from .telemetry.metrics import Metrics
+from .telemetry.otel import Exporter
 from .types import Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ class Pipeline:
         tunnel: Tunnel,
         metrics: Metrics,
         access: AccessLog | None = None,
+        otel: Exporter | None = None,
     ) -> None:
         self.settings = settings
         self.decider = Decider(
@@ -96,6 +99,7 @@ class Pipeline:
         self.metrics = metrics
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
         self._in_flight_gauge = metrics.in_flight
+        self._otel = otel
         self._per_client = settings.upstream.max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
 
@@ -127,6 +131,7 @@ class Pipeline:
         d = await self.decider.decide(facts_of(scope, websocket=False))
         r = d.request
         record = record_of(scope, d)
+        span = self._request_span(r, record) if self._otel is not None else None
         try:
             if d.action == "preflight":
                 assert d.preflight_headers is not None
@@ -140,12 +145,57 @@ class Pipeline:
                 assert d.error is not None
                 await self._reply_error(send, r, d.error, d.policy, record)
             else:
-                await self._forward(scope, receive, send, d, record)
+                await self._forward(scope, receive, send, d, record, span)
         finally:
             self.access.emit(record)
+            if span is not None:
+                self._end_request_span(span, record)
+
+    def _request_span(self, r: Request, record: AccessRecord) -> Any:
+        """The request's server span (and its auth stage's, already over), when spans are
+        exported; the access line then names the span's trace."""
+        otel = self._otel
+        assert otel is not None
+        trace = r.trace
+        parent = trace.traceparent if trace is not None and not trace.started else None
+        span = otel.request_span(f"{r.method} {record.route}", parent, r.started)
+        record.trace_id = otel.traceparent(span)[0]
+        if r.auth_ended and r.route is not None and not r.route.settings.public:
+            auth = otel.child_span(span, "authproxy.auth", r.auth_started)
+            identity = r.identity
+            otel.end(
+                auth,
+                r.auth_ended,
+                {"authproxy.auth_method": identity.method if identity else None},
+                error=False,
+            )
+        return span
+
+    def _end_request_span(self, span: Any, record: AccessRecord) -> None:
+        assert self._otel is not None
+        self._otel.end(
+            span,
+            time.perf_counter(),
+            {
+                "http.request.method": record.method,
+                "url.path": record.path,
+                "http.response.status_code": record.status,
+                "http.route": record.route,
+                "authproxy.request_id": record.request_id,
+                "authproxy.auth_method": record.auth_method,
+                "error.type": record.error,
+            },
+            error=record.status >= 500 or record.status == 0,
+        )
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, d: Decision, record: AccessRecord
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        d: Decision,
+        record: AccessRecord,
+        span: Any = None,
     ) -> None:
         r, policy = d.request, d.policy
         assert r.credentials is not None and d.upstream_headers is not None and policy is not None
@@ -157,6 +207,9 @@ class Pipeline:
             return policy.response_headers(origin, h)
 
         exchange = Exchange()
+        upstream_span = None
+        if span is not None:
+            upstream_span = self._upstream_span(span, d.upstream_headers)
         assert r.route is not None
         route = r.route.settings
         try:
@@ -207,6 +260,28 @@ class Pipeline:
             record.bytes_in, record.bytes_out = exchange.bytes_in, exchange.bytes_out
             record.upstream_status = exchange.upstream_status
             record.upstream_seconds = exchange.upstream_seconds
+            if upstream_span is not None:
+                assert self._otel is not None
+                status = exchange.upstream_status
+                self._otel.end(
+                    upstream_span,
+                    time.perf_counter(),
+                    {"http.response.status_code": status},
+                    error=status is None or status >= 500,
+                )
+
+    def _upstream_span(self, span: Any, headers: list[tuple[bytes, bytes]]) -> Any:
+        """The upstream exchange's client span; the `traceparent` sent names it."""
+        assert self._otel is not None
+        upstream = self._otel.child_span(
+            span, "authproxy.upstream", time.perf_counter(), client=True
+        )
+        _, traceparent = self._otel.traceparent(upstream)
+        for i, (name, _) in enumerate(headers):
+            if name == b"traceparent":
+                headers[i] = (name, traceparent)
+                break
+        return upstream
 
     def _take_client_slot(self, scope: Scope, r: Request) -> str:
         """Count one more upstream request for this client address, or refuse it (429)."""
