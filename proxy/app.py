@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 
 import aiohttp
@@ -14,12 +15,14 @@ from .admin import AdminApp
 from .auth import AuthService, consumed_headers, new_key_session
 from .config import Settings
 from .cors import Cors
+from .errors import ConfigError
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
 from .relay.tunnel import Tunnel
 from .relay.upstream import UpstreamPool
 from .routing import RouteTable
+from .state import Limiter, Revocation, Revocations, Store, open_store
 from .telemetry import logs
 from .telemetry.access import AccessLog
 from .telemetry.metrics import Metrics
@@ -47,7 +50,11 @@ class App:
             send_timeout_s=settings.server.send_timeout_s,
             client_body_timeout_s=settings.server.client_body_timeout_s,
         )
-        self.admin = AdminApp(self.metrics, self.readiness)
+        self.revocations = Revocations(on_revoked=self._revoked)
+        self.store: Store | None = None
+        self.admin = AdminApp(
+            self.metrics, self.readiness, revoke=self.revoke, token=_admin_token(settings)
+        )
         self.pipeline: Pipeline | None = None
         self.auth: AuthService | None = None
         self.tunnel: Tunnel | None = None
@@ -97,6 +104,9 @@ class App:
             access=self.access,
         )
         await self.tunnel.start()
+        self.store = open_store(self.settings.state, self.metrics)
+        await self.store.start(self.revocations.apply)
+        limiter = Limiter(self.settings, self.metrics, self.store)
         self.pipeline = Pipeline(
             self.settings,
             routes=self.routes,
@@ -107,6 +117,8 @@ class App:
             tunnel=self.tunnel,
             metrics=self.metrics,
             access=self.access,
+            limiter=limiter if limiter.routes is not None else None,
+            revocations=self.revocations,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.auth.reload_keys)
@@ -117,6 +129,8 @@ class App:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.tunnel is not None:
             await self.tunnel.stop()
+        if self.store is not None:
+            await self.store.close()
         if self.auth is not None:
             await self.auth.stop()
         if self.forwarder.pool is not None:
@@ -124,6 +138,23 @@ class App:
         if self._key_session is not None:
             await self._key_session.close()
         logs.flush()
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """`authproxy revoke` through the admin listener: to the state backend (Redis: every
+        sidecar hears it), and to this sidecar at once."""
+        if self.store is not None:
+            await self.store.publish(revocation)
+        self.revocations.apply(revocation)
+
+    def _revoked(self, revocation: Revocation) -> None:
+        """A revocation heard (here or from another sidecar): end its open WebSockets (4403)."""
+        self.metrics.revocations.labels(revocation.kind).inc()
+        if self.tunnel is None:
+            return
+        if revocation.kind == "key":
+            self.tunnel.sessions.revoke_api_key(revocation.value)
+        else:
+            self.tunnel.sessions.revoke_token(revocation.value)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -148,3 +179,16 @@ class App:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _admin_token(settings: Settings) -> str | None:
+    """The admin listener's bearer secret, from the variable `admin.token_env` names."""
+    name = settings.admin.token_env
+    if name is None:
+        return None
+    token = os.environ.get(name, "")
+    if len(token) < 16:
+        raise ConfigError(
+            "admin.token_env", f"${name} must hold a secret of at least 16 characters"
+        )
+    return token

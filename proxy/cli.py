@@ -1,4 +1,4 @@
-"""The `authproxy` command: serve, check-config, hash-key, explain."""
+"""The `authproxy` command: serve, check-config, hash-key, explain, revoke."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "-H", "--header", action="append", default=[], help="'Name: value' (repeatable)"
     )
 
+    revoke = commands.add_parser(
+        "revoke", help="revoke an API key or a JWT on every sidecar of the state backend"
+    )
+    revoke.add_argument("--config")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key-id", help="an API key id")
+    which.add_argument("--jti", help="a JWT id (its jti claim)")
+    revoke.add_argument(
+        "--until", help="RFC 3339; default: for good (--key-id), 24 hours from now (--jti)"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -44,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _hash_key(args.key, args.id)
         if args.command == "explain":
             return _explain(args.config, args.method, args.target, args.header)
+        if args.command == "revoke":
+            return _revoke(args.config, args.key_id, args.jti, args.until)
     except ConfigError as exc:
         print(f"authproxy: config error: {exc}", file=sys.stderr)
         return 2
@@ -115,6 +128,79 @@ def _explain(path: str | None, method: str, target: str, raw_headers: list[str])
     ok, report = asyncio.run(explain(settings, method.upper(), target, headers))
     print(report)
     return 0 if ok else 1
+
+
+def _revoke(path: str | None, key_id: str | None, jti: str | None, until: str | None) -> int:
+    import time
+
+    from .admin import parse_revocation
+
+    settings = config.load(path)
+    request: dict[str, str] = {"key_id": key_id} if key_id else {"jti": jti or ""}
+    if until is not None:
+        request["until"] = until
+    elif jti is not None:
+        # A token lives minutes: a day outlives any sane one without the list growing for good.
+        stamp = time.gmtime(time.time() + 86400)
+        request["until"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", stamp)
+    try:
+        revocation = parse_revocation(request)
+    except ValueError as exc:
+        raise ConfigError("--until" if until else "--key-id/--jti", str(exc)) from None
+    what = f"API key {key_id!r}" if key_id else f"token jti {jti!r}"
+    if settings.state.backend == "redis":
+        from .state.redis_store import client, publish
+
+        async def send() -> None:
+            redis = client(settings.state)
+            try:
+                await publish(redis, settings.state, revocation)
+            finally:
+                await redis.aclose()
+
+        try:
+            asyncio.run(send())
+        except Exception as exc:  # redis' errors, OSError, timeouts: one line, exit 1
+            print(f"authproxy: revoke failed: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"revoked {what} on every sidecar of {settings.state.redis_url}")
+        return 0
+    return _revoke_through_admin(settings, request, what)
+
+
+def _revoke_through_admin(settings: config.Settings, request: dict[str, str], what: str) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    name = settings.admin.token_env
+    token = os.environ.get(name, "") if name else ""
+    if not token:
+        raise ConfigError(
+            "admin.token_env", "the memory backend revokes through the admin listener: set it"
+        )
+    host, port = config.split_listen(settings.admin.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/revocations"
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(request).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as answer:
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:200]
+        print(f"authproxy: revoke failed: {url} answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"authproxy: revoke failed: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked {what} on the sidecar at {settings.admin.listen}")
+    return 0
 
 
 def _serve(path: str | None) -> int:

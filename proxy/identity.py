@@ -27,6 +27,8 @@ class Identity:
     # How long past `expires_at` the credential is still accepted (a JWT provider's `leeway_s`),
     # folded in by the method that authenticated it.
     leeway_s: float = 0.0
+    # JWT: its `jti` claim, when a string: what `authproxy revoke --jti` names.
+    token_id: str | None = None
 
     @property
     def valid_until(self) -> float | None:

@@ -21,6 +21,7 @@ from .relay.headers import HeaderPolicy, peer
 from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .relay.tunnel import Handshake
 from .routing import RouteTable
+from .state import Admission, Limiter, Revocations
 from .telemetry.access import AccessLog, AccessRecord
 from .telemetry.metrics import Metrics
 from .types import Receive, Scope, Send
@@ -80,6 +81,8 @@ class Pipeline:
         tunnel: Tunnel,
         metrics: Metrics,
         access: AccessLog | None = None,
+        limiter: Limiter | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.settings = settings
         self.decider = Decider(
@@ -96,6 +99,11 @@ class Pipeline:
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
         self._per_client = settings.upstream.max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
+        # Shared state: per route index its [[rate_limits]] (None without any rule, so a request
+        # pays one test), and the revoked keys and tokens (skipped while none is revoked).
+        self.limiter = limiter
+        self._limits = limiter.routes if limiter is not None else None
+        self.revocations = revocations if revocations is not None else Revocations()
 
     @property
     def draining(self) -> bool:
@@ -142,12 +150,20 @@ class Pipeline:
         origin = r.origin
         request_id = r.request_id.encode()
 
+        limited: list[tuple[bytes, bytes]] = []  # RateLimit headers, on a limited route
+
         def response_headers(h: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
             h.append((b"x-request-id", request_id))
+            if limited:
+                h.extend(limited)
             return policy.response_headers(origin, h)
 
         exchange = Exchange()
+        admission: Admission | None = None
         try:
+            admission = await self._admit(scope, r, record)
+            if admission is not None:
+                limited = admission.headers
             client = self._take_client_slot(scope, r) if self._per_client else None
             try:
                 await self.forwarder.forward(
@@ -192,6 +208,28 @@ class Pipeline:
         finally:
             record.bytes_in, record.bytes_out = exchange.bytes_in, exchange.bytes_out
             record.upstream_status = exchange.upstream_status
+            if admission is not None and self.limiter is not None:
+                self.limiter.release(admission)
+
+    async def _admit(self, scope: Scope, r: Request, record: AccessRecord) -> Admission | None:
+        """After authentication: refuse a revoked credential (401), then apply the route's
+        rate limits (429); the admission holds the slots to give back."""
+        if r.identity is not None and self.revocations.active:
+            self.revocations.check(r.identity)
+        if self._limits is None or r.route is None:
+            return None
+        limits = self._limits[r.route.index]
+        if limits is None:
+            return None
+        assert self.limiter is not None
+        address = client_address(r.headers, peer(scope), self.headers.trusted)
+        try:
+            return await self.limiter.admit(limits, r.identity, address)
+        except ProxyError as exc:
+            rule = exc.details.get("rule")
+            if rule is not None:
+                record.extra["rate_limit"] = rule
+            raise
 
     def _take_client_slot(self, scope: Scope, r: Request) -> str:
         """Count one more upstream request for this client address, or refuse it (429)."""
@@ -246,6 +284,14 @@ class Pipeline:
         assert r.route is not None and r.credentials is not None
         assert d.handshake_headers is not None
         policy = d.policy
+        record = record_of(scope, d)
+        try:
+            admission = await self._admit(scope, r, record)
+        except ProxyError as exc:
+            await self._deny(scope, send, r, exc, policy)
+            _refused(record, r, exc)
+            self.access.emit(record)
+            return
 
         async def deny(exc: ProxyError) -> None:
             await self._deny(scope, send, r, exc, policy)
@@ -261,13 +307,17 @@ class Pipeline:
             deny=deny,
             origin=r.origin,
             started=r.started,
-            record=record_of(scope, d),
+            record=record,
         )
         # A session lives for hours in this frame: keep nothing it will not read again (the
         # credentials hold the token itself, a kilobyte a socket).
         r.credentials = None
         del d
-        await self.tunnel.run(scope, receive, send, handshake)
+        try:
+            await self.tunnel.run(scope, receive, send, handshake)
+        finally:
+            if admission is not None and self.limiter is not None:
+                self.limiter.release(admission)
 
     async def _deny(
         self, scope: Scope, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None

@@ -244,6 +244,7 @@ class Provider:
             credential_id=self.name,
             signing_key=signing_key,
             claim_headers=self._headers(claims),
+            token_id=jti if isinstance(jti := claims.get("jti"), str) else None,
         )
 
     def _scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
