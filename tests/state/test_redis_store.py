@@ -1,0 +1,123 @@
+"""The Redis engine against a real redis-server: the same exact windows as the memory engine,
+shared by every store on that Redis, slots that outlive no holder, revocations by pub/sub, and a
+dead Redis that costs a bounded time and is found again without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from proxy.config import StateSettings
+from proxy.state import Revocation
+from proxy.state.redis_store import RedisStore
+from proxy.state.rules import Rule
+from proxy.state.store import Slots, StateUnavailable
+from proxy.telemetry.metrics import Metrics
+from tests.support.redis_server import RedisServer
+
+
+def settings(server: RedisServer, **extra: object) -> StateSettings:
+    return StateSettings.model_validate({"backend": "redis", "redis_url": server.url, **extra})
+
+
+@asynccontextmanager
+async def store(
+    server: RedisServer, heard: Callable[[Revocation], None] | None = None, **extra: object
+) -> AsyncIterator[RedisStore]:
+    s = RedisStore(settings(server, **extra), Metrics())
+    await s.start(heard or (lambda _: None))
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_a_fresh_caller_gets_exactly_limit_at_once_and_an_honest_wait(
+    redis_server: RedisServer,
+) -> None:
+    rule = Rule("r", False, 5, 60, 0)
+    async with store(redis_server) as s:
+        results = await asyncio.gather(*(s.hit([rule], ["r|a"]) for _ in range(8)))
+    allowed = [r for r in results if r.refused is None]
+    assert len(allowed) == 5
+    assert sorted(r.states[0][1] for r in allowed) == [0, 1, 2, 3, 4]
+    refused = [r for r in results if r.refused is not None]
+    assert all(59.0 < r.retry_after_s <= 60.0 for r in refused)
+
+
+async def test_two_stores_on_one_redis_share_one_window_and_a_short_one_reopens(
+    redis_server: RedisServer,
+) -> None:
+    rule = Rule("r", False, 4, 1, 0)
+    async with store(redis_server) as a, store(redis_server) as b:
+        results = await asyncio.gather(*(x.hit([rule], ["r|k"]) for x in (a, b) * 5))
+        assert sum(r.refused is None for r in results) == 4
+        wait = max(r.retry_after_s for r in results if r.refused is not None)
+        assert 0 < wait <= 1.0
+        await asyncio.sleep(wait + 0.01)
+        assert (await b.hit([rule], ["r|k"])).refused is None
+
+
+async def test_slots_are_shared_given_back_and_lost_with_a_holder_that_never_renews(
+    redis_server: RedisServer,
+) -> None:
+    rule = Rule("c", False, 0, 60, 1)
+    async with store(redis_server, lease_s=3) as a, store(redis_server, lease_s=3) as b:
+        held = await a.acquire([rule], ["c|k"])
+        assert isinstance(held, Slots)
+        assert await b.acquire([rule], ["c|k"]) == rule
+        a.release(held)
+        await asyncio.sleep(0.1)
+        taken = await b.acquire([rule], ["c|k"])
+        assert isinstance(taken, Slots)
+        # b "dies": it forgets the slot without giving it back or renewing it.
+        b._held.clear()
+        assert await a.acquire([rule], ["c|k"]) == rule
+        await asyncio.sleep(3.1)
+        assert isinstance(await a.acquire([rule], ["c|k"]), Slots)
+
+
+async def test_a_revocation_published_by_one_store_reaches_the_others_and_late_joiners(
+    redis_server: RedisServer,
+) -> None:
+    heard_b: list[Revocation] = []
+    revocation = Revocation("key", "ci-bot")
+    async with store(redis_server) as a, store(redis_server, heard_b.append) as b:
+        assert b.subscribed.is_set()
+        await a.publish(revocation)
+        deadline = time.monotonic() + 1
+        while not heard_b:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert heard_b == [revocation]
+    late: list[Revocation] = []
+    async with store(redis_server, late.append):
+        assert late == [revocation]  # from the deny list, at start
+
+
+async def test_a_dead_redis_costs_a_bounded_time_once_per_retry_and_is_found_again(
+    redis_server: RedisServer,
+) -> None:
+    rule = Rule("r", False, 2, 60, 0)
+    async with store(redis_server, retry_s=0.5) as s:
+        assert (await s.hit([rule], ["r|k"])).refused is None
+        redis_server.stop()
+        started = time.monotonic()
+        with pytest.raises(StateUnavailable):
+            await s.hit([rule], ["r|k"])
+        assert time.monotonic() - started < 0.6  # connect + command timeouts, no retries
+        started = time.monotonic()
+        for _ in range(50):  # within retry_s: not even tried
+            with pytest.raises(StateUnavailable):
+                await s.hit([rule], ["r|k"])
+        assert time.monotonic() - started < 0.05
+        redis_server.start()
+        await asyncio.sleep(0.55)
+        # Back, without a restart of the store (its window was lost with Redis' memory).
+        assert (await s.hit([rule], ["r|k"])).refused is None
+        assert (await s.hit([rule], ["r|k"])).refused is None
+        assert (await s.hit([rule], ["r|k"])).refused == rule
