@@ -161,9 +161,10 @@ class Pipeline:
         exchange = Exchange()
         admission: Admission | None = None
         try:
-            admission = await self._admit(scope, r, record)
-            if admission is not None:
-                limited = admission.headers
+            if self._limits is not None or self.revocations.active:
+                admission = await self._admit(scope, r, record)
+                if admission is not None:
+                    limited = admission.headers
             client = self._take_client_slot(scope, r) if self._per_client else None
             try:
                 await self.forwarder.forward(
@@ -285,8 +286,10 @@ class Pipeline:
         assert d.handshake_headers is not None
         policy = d.policy
         record = record_of(scope, d)
+        admission: Admission | None = None
         try:
-            admission = await self._admit(scope, r, record)
+            if self._limits is not None or self.revocations.active:
+                admission = await self._admit(scope, r, record)
         except ProxyError as exc:
             await self._deny(scope, send, r, exc, policy)
             _refused(record, r, exc)

@@ -62,11 +62,9 @@ class Revocations:
         self._keys: dict[str, float] = {}  # API key id -> until (inf: for good)
         self._jtis: dict[str, float] = {}
         self._on_revoked = on_revoked
-
-    @property
-    def active(self) -> bool:
-        """Anything revoked: false, a request skips the check altogether."""
-        return bool(self._keys or self._jtis)
+        # Anything revoked; false, a request skips the check altogether (an attribute, not a
+        # property: it is read on every request).
+        self.active = False
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._jtis)
@@ -79,6 +77,7 @@ class Revocations:
         table = self._keys if revocation.kind == "key" else self._jtis
         known = table.get(revocation.value)
         table[revocation.value] = until
+        self.active = True
         if known == until:
             return  # heard again (a resubscription reloads the deny list): nothing new to end
         if known is None:
@@ -115,6 +114,7 @@ class Revocations:
             return
         if until <= time.time():
             del table[value]
+            self.active = bool(self._keys or self._jtis)
             return
         raise Unauthorized(
             "this credential has been revoked",
