@@ -9,11 +9,15 @@ free loopback port, stopped by PID at the end). wrk drives small API-key GETs at
 200: the figure is the check, not refusals). CPU per request is the kernel's utime + stime of the
 sidecar process over the run divided by the requests (the Redis server's own CPU is shown apart);
 ratios are against the sidecar without rules in the same run. Bounded: rounds x 3 x (1 + seconds) s.
+
+Then the check alone, in this process (`Limiter.admit`, 16 concurrent callers on uvloop): the CPU
+one check costs with each backend, without the HTTP around it (steadier on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 import statistics
 import sys
@@ -22,11 +26,19 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import psutil
+import uvloop
 
+from proxy.config import from_dict
+from proxy.identity import Identity
+from proxy.state import Limiter, MemoryStore, Store
+from proxy.state.redis_store import RedisStore
+from proxy.telemetry.metrics import Metrics
 from tests.support.redis_server import RedisServer
 from tests.support.servers import start_sidecar
 
 from . import contenders, http_load, tokens
+
+ORDER = (("no rule", None), ("memory", "memory"), ("redis", "redis"))
 
 RULE = """
 [[rate_limits]]
@@ -53,6 +65,43 @@ auth = ["api_key"]
     return text + (f'redis_url = "{redis_url}"\n' if redis_url else "")
 
 
+def check_cost(redis_url: str, calls: int = 16000) -> dict[str, float]:
+    """CPU µs per `Limiter.admit` call, by backend, with 16 callers at once."""
+    settings = from_dict(
+        {
+            "routes": [{"path": "/key/*", "auth": "public"}],
+            "rate_limits": [{"name": "r", "limit": 10**9, "window_s": 1}],
+            "state": {"backend": "redis", "redis_url": redis_url},
+        }
+    )
+    caller = Identity(method="api_key", subject="bench", credential_id="bench")
+
+    async def measure(store: Store) -> float:
+        await store.start(lambda _: None)
+        limiter = Limiter(settings, Metrics(), store)
+        assert limiter.routes is not None and limiter.routes[0] is not None
+        limits = limiter.routes[0]
+
+        async def caller_loop(n: int) -> None:
+            for _ in range(n):
+                await limiter.admit(limits, caller, None)
+
+        await caller_loop(500)  # connections made, scripts loaded
+        started = psutil.Process().cpu_times()
+        await asyncio.gather(*(caller_loop(calls // 16) for _ in range(16)))
+        ended = psutil.Process().cpu_times()
+        await store.close()
+        return (ended.user + ended.system - started.user - started.system) / calls * 1e6
+
+    async def both() -> dict[str, float]:
+        return {
+            "memory": await measure(MemoryStore()),
+            "redis": await measure(RedisStore(settings.state, Metrics())),
+        }
+
+    return uvloop.run(both())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.state", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5)
@@ -70,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         redis.start()
         servers: dict[str, contenders.Server] = {}
         try:
-            for name, state in (("no rule", None), ("memory", "memory"), ("redis", "redis")):
+            for name, state in ORDER:
                 running = start_sidecar(
                     tmp, upstream.port, body(creds, state, redis.url), env=contenders.SIDECAR_ENV
                 )
@@ -79,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             assert redis.proc is not None
             redis_process = psutil.Process(redis.proc.pid)
+            in_process = check_cost(redis.url)
             samples: dict[str, list[http_load.Sample]] = {name: [] for name in servers}
             redis_cpu: list[float] = []
             headers = {"X-API-Key": creds.api_key}
@@ -112,6 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         p50 = statistics.median(s.p50_ms for s in runs)
         extra = f"{statistics.median(redis_cpu):.1f}" if name == "redis" else "-"
         print(f"| {name} | {rps:,.0f} | {p50:.2f} | {cpu:.1f} | {cpu / base:.2f}x | {extra} |")
+    print()
+    print("| the check alone (Limiter.admit, in process) | CPU µs per call |")
+    print("| --- | ---: |")
+    for name, cost in in_process.items():
+        print(f"| {name} | {cost:.1f} |")
     return 0
 
 

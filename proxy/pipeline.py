@@ -223,7 +223,11 @@ class Pipeline:
         if limits is None:
             return None
         assert self.limiter is not None
-        address = client_address(r.headers, peer(scope), self.headers.trusted)
+        address = (
+            client_address(r.headers, peer(scope), self.headers.trusted)
+            if r.identity is None or limits.by_ip
+            else None
+        )
         try:
             return await self.limiter.admit(limits, r.identity, address)
         except ProxyError as exc:

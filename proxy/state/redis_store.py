@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from ..config import StateSettings
 from ..telemetry.metrics import Metrics
+from .resp import ScriptPipe
 from .revocations import Revocation
 from .rules import Rule
 from .store import Slots, StateUnavailable, WindowResult
@@ -132,8 +133,10 @@ class RedisStore:
     def __init__(self, settings: StateSettings, metrics: Metrics) -> None:
         self._settings = settings
         self._redis = client(settings)
-        self._window = self._redis.register_script(_WINDOW)
-        self._acquire = self._redis.register_script(_ACQUIRE)
+        # The per-request scripts go through their own pipelined connection (resp.py).
+        self._pipe = ScriptPipe(
+            settings.redis_url, settings.connect_timeout_s, {"window": _WINDOW, "acquire": _ACQUIRE}
+        )
         self._renew = self._redis.register_script(_RENEW)
         self._prefix = settings.key_prefix
         self._lease_ms = int(settings.lease_s * 1000)
@@ -167,6 +170,7 @@ class RedisStore:
 
     def _failed(self, op: str, exc: BaseException) -> None:
         self._errors[op].inc()
+        self._pipe.reset()  # a timed-out connection may be a stuck one: the next try reconnects
         self._down_until = time.monotonic() + self._settings.retry_s
         if not self._down:
             self._down = True
@@ -185,7 +189,7 @@ class RedisStore:
         for rule in rules:
             args += [rule.limit, rule.window_s * 1000]
         names = [self._prefix + "w:" + k for k in keys]
-        out = await self._run("window", lambda: self._window(keys=names, args=args))
+        out = await self._run("window", lambda: self._pipe.run("window", names, args))
         now, refused = out[0], out[1]
         result = WindowResult()
         for i, rule in enumerate(rules):
@@ -204,7 +208,7 @@ class RedisStore:
         member = self._me + str(next(self._ids))
         names = [self._prefix + "c:" + k for k in keys]
         args: list[str | int] = [member, self._lease_ms, *(r.concurrent for r in rules)]
-        full = await self._run("acquire", lambda: self._acquire(keys=names, args=args))
+        full = await self._run("acquire", lambda: self._pipe.run("acquire", names, args))
         if full:
             return rules[int(full) - 1]
         self._held[member] = names
@@ -328,6 +332,7 @@ class RedisStore:
             await self._release(slots)
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        self._pipe.close()
         with contextlib.suppress(*_FAILURES):
             await self._redis.aclose()
 

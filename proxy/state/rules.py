@@ -35,6 +35,7 @@ class RouteLimits:
     windowed: tuple[Rule, ...]
     capped: tuple[Rule, ...]
     policy_header: bytes | None  # RateLimit-Policy (None: only concurrency caps)
+    by_ip: bool  # some rule keys by address: it is needed even for an identified caller
 
 
 def compile_routes(settings: Settings) -> tuple[RouteLimits | None, ...] | None:
@@ -55,6 +56,7 @@ def compile_routes(settings: Settings) -> tuple[RouteLimits | None, ...] | None:
                 windowed=windowed,
                 capped=tuple(r for r in rules if r.concurrent),
                 policy_header=policy.encode() if policy else None,
+                by_ip=any(r.by_ip for r in rules),
             )
         )
     return tuple(out)

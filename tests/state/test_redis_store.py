@@ -121,3 +121,51 @@ async def test_a_dead_redis_costs_a_bounded_time_once_per_retry_and_is_found_aga
         assert (await s.hit([rule], ["r|k"])).refused is None
         assert (await s.hit([rule], ["r|k"])).refused is None
         assert (await s.hit([rule], ["r|k"])).refused == rule
+
+
+async def test_scripts_flushed_behind_its_back_are_loaded_again_and_the_url_s_db_is_used(
+    redis_server: RedisServer,
+) -> None:
+    from redis.asyncio import Redis
+
+    rule = Rule("r", False, 3, 60, 0)
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    s = RedisStore(StateSettings(backend="redis", redis_url=url), Metrics())
+    await s.start(lambda _: None)
+    admin = Redis.from_url(url)
+    try:
+        assert (await s.hit([rule], ["r|k"])).refused is None
+        await admin.script_flush()
+        assert (await s.hit([rule], ["r|k"])).refused is None
+        assert await admin.zcard("authproxy:w:r|k") == 2  # in db 3, where the URL says
+        db0 = Redis.from_url(redis_server.url)
+        assert await db0.zcard("authproxy:w:r|k") == 0
+        await db0.aclose()
+    finally:
+        await admin.aclose()
+        await s.close()
+
+
+async def test_a_redis_that_takes_connections_and_never_answers_costs_a_bounded_time() -> None:
+    # A listening socket nobody reads from: connects succeed, replies never come.
+    writers: list[asyncio.StreamWriter] = []
+    server = await asyncio.start_server(lambda r, w: writers.append(w), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    s = RedisStore(
+        StateSettings(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0", retry_s=0.2),
+        Metrics(),
+    )
+    await s.start(lambda _: None)  # returns although the deny list never loads
+    try:
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                await s.hit([Rule("r", False, 3, 60, 0)], ["r|k"])
+            assert time.monotonic() - started < 0.6
+            await asyncio.sleep(0.25)
+    finally:
+        await s.close()
+        for writer in writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
