@@ -102,6 +102,12 @@ def _check_config(path: str | None) -> int:
         f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
         f" (credentials {'on' if settings.cors.allow_credentials else 'off'})"
     )
+    if settings.rate_limits or settings.state.backend != "memory":
+        print(
+            f"  state: {settings.state.backend} (on_error {settings.state.on_error}); "
+            f"rate limits ({len(settings.rate_limits)}): "
+            + (", ".join(rule.name for rule in settings.rate_limits) or "none")
+        )
     return 0
 
 

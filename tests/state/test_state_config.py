@@ -95,3 +95,40 @@ def test_an_admin_token_variable_that_is_unset_or_short_is_refused(tmp_path: Pat
             "authproxy: config error: admin.token_env: "
             "$AP_ADMIN must hold a secret of at least 16 characters"
         )
+
+
+async def test_explain_names_the_rules_a_request_is_under_without_counting_it() -> None:
+    from proxy.config import Settings
+    from proxy.explain import explain
+
+    settings = load(
+        rate_limits=[
+            {"name": "per-caller", "routes": ["/api/*"], "limit": 100, "window_s": 60},
+            {"name": "streams", "concurrent": 2, "by": "ip"},
+        ]
+    )
+    assert isinstance(settings, Settings)
+    ok, text = await explain(settings, "GET", "/api/models", [])
+    assert ok
+    line = next(x for x in text.splitlines() if x.startswith("rate limits:"))
+    assert "per-caller (100 per 60 s, by identity)" in line
+    assert "streams (2 at once, by ip)" in line and "state: memory" in line
+    ok, text = await explain(settings, "GET", "/ws", [])
+    line = next(x for x in text.splitlines() if x.startswith("rate limits:"))
+    assert "per-caller" not in line and "streams" in line
+
+
+def test_check_config_summarises_the_state_backend_and_rules(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[state]\nbackend = "redis"\non_error = "deny"\n[[routes]]\npath = "/*"\nauth = "public"\n'
+        '[[rate_limits]]\nname = "per-caller"\nlimit = 5\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "  state: redis (on_error deny); rate limits (1): per-caller" in done.stdout
