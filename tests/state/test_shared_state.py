@@ -18,6 +18,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from proxy.auth.apikeys import hash_key
+from tests.integration.test_workers import requests_on_fresh_connections
 from tests.relay.test_websocket_tunnel import close_of, open_ws
 from tests.support.redis_server import RedisServer
 from tests.support.servers import ROOT, Process, Sidecar, start_sidecar, start_upstream
@@ -214,3 +215,31 @@ async def test_a_session_cap_per_identity_holds_across_sidecars_and_frees_on_clo
             assert exc.response.status_code == 429
             assert time.monotonic() < deadline, "the closed session's slot was never given back"
             await asyncio.sleep(0.1)
+
+
+def test_workers_of_one_sidecar_hold_one_limit_through_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    upstream = start_upstream("tests.support.upstreams:app", tmp_path)
+    body = f"""
+        [state]
+        backend = "redis"
+        redis_url = "{redis_server.url}"
+        [[routes]]
+        path = "/*"
+        auth = "public"
+        [[rate_limits]]
+        name = "per-ip"
+        by = "ip"
+        limit = 10
+        window_s = 60
+        """
+    sidecar = start_sidecar(tmp_path, upstream.port, body, server="workers = 2")
+    try:
+        answers = requests_on_fresh_connections(sidecar, "/echo/x")
+        # Both workers served; counted apart, each would have let 10 through.
+        assert len({pid for _, pid in answers}) == 2
+        assert [status for status, _ in answers] == [200] * 10 + [429] * (len(answers) - 10)
+    finally:
+        sidecar.stop()
+        upstream.stop()
