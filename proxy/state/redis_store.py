@@ -155,8 +155,13 @@ class RedisStore:
     # --- availability -------------------------------------------------------------------------
 
     async def _run(self, op: str, call: Callable[[], Any]) -> Any:
-        if self._down and time.monotonic() < self._down_until:
-            raise StateUnavailable("redis was unreachable moments ago")
+        if self._down:
+            now = time.monotonic()
+            if now < self._down_until:
+                raise StateUnavailable("redis was unreachable moments ago")
+            # This request probes; the others keep on_error until it knows (a Redis that takes
+            # connections and answers nothing would otherwise hold every one of them).
+            self._down_until = now + self._settings.retry_s
         try:
             async with asyncio.timeout(self._bound_s):
                 result = await call()

@@ -163,6 +163,16 @@ async def test_a_redis_that_takes_connections_and_never_answers_costs_a_bounded_
                 await s.hit([Rule("r", False, 3, 60, 0)], ["r|k"])
             assert time.monotonic() - started < 0.6
             await asyncio.sleep(0.25)
+
+        # Past retry_s, one request probes; the others at the same moment do not wait with it.
+        async def timed() -> float:
+            started = time.monotonic()
+            with pytest.raises(StateUnavailable):
+                await s.hit([Rule("r", False, 3, 60, 0)], ["r|k"])
+            return time.monotonic() - started
+
+        took = await asyncio.gather(*(timed() for _ in range(10)))
+        assert sum(t > 0.2 for t in took) == 1 and max(took) < 0.6
     finally:
         await s.close()
         for writer in writers:
