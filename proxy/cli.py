@@ -7,6 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from . import config
 from .errors import ConfigError
@@ -169,7 +170,9 @@ def _revoke(path: str | None, key_id: str | None, jti: str | None, until: str | 
         except Exception as exc:  # redis' errors, OSError, timeouts: one line, exit 1
             print(f"authproxy: revoke failed: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
-        print(f"revoked {what} on every sidecar of {settings.state.redis_url}")
+        where = urlsplit(settings.state.redis_url)
+        shown = where.hostname or where.path  # never the password a URL may hold
+        print(f"revoked {what} on every sidecar sharing the redis at {shown}")
         return 0
     return _revoke_through_admin(settings, request, what)
 

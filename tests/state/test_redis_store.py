@@ -5,9 +5,12 @@ dead Redis that costs a bounded time and is found again without a restart."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +21,7 @@ from proxy.state.rules import Rule
 from proxy.state.store import Slots, StateUnavailable
 from proxy.telemetry.metrics import Metrics
 from tests.support.redis_server import RedisServer
+from tests.support.servers import ROOT
 
 
 def settings(server: RedisServer, **extra: object) -> StateSettings:
@@ -179,3 +183,44 @@ async def test_a_redis_that_takes_connections_and_never_answers_costs_a_bounded_
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_password_in_the_url_is_used_and_never_printed(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, password="s3cret-redis-pass")
+    server.start()
+    try:
+        heard: list[Revocation] = []
+        async with store(server, heard.append) as s:
+            assert s.subscribed.is_set()  # redis-py's connection authenticated
+            rule = Rule("r", False, 1, 60, 0)
+            assert (await s.hit([rule], ["r|k"])).refused is None  # the pipe's too
+            assert (await s.hit([rule], ["r|k"])).refused == rule
+            config = tmp_path / "c.toml"
+            config.write_text(
+                f'[state]\nbackend = "redis"\nredis_url = "{server.url}"\n'
+                '[[routes]]\npath = "/*"\nauth = "public"\n'
+            )
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "proxy", "revoke", "--config", str(config)]
+                + ["--key-id", "k"],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=30,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "s3cret" not in done.stdout + done.stderr
+            deadline = time.monotonic() + 1
+            while not heard:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            assert heard == [Revocation("key", "k")]
+        wrong = RedisStore(
+            settings(server, redis_url=server.url.replace("s3cret", "wrong")), Metrics()
+        )
+        with pytest.raises(StateUnavailable):
+            await wrong.hit([Rule("r", False, 1, 60, 0)], ["r|k"])
+        await wrong.close()
+    finally:
+        server.stop()
