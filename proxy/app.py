@@ -117,7 +117,7 @@ class App:
             tunnel=self.tunnel,
             metrics=self.metrics,
             access=self.access,
-            limiter=limiter if limiter.routes is not None else None,
+            limiter=limiter if limiter.routes is not None or limiter.session_cap else None,
             revocations=self.revocations,
         )
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

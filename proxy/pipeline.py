@@ -21,7 +21,7 @@ from .relay.headers import HeaderPolicy, peer
 from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .relay.tunnel import Handshake
 from .routing import RouteTable
-from .state import Admission, Limiter, Revocations
+from .state import Admission, Limiter, Revocations, RouteLimits
 from .telemetry.access import AccessLog, AccessRecord
 from .telemetry.metrics import Metrics
 from .types import Receive, Scope, Send
@@ -103,6 +103,7 @@ class Pipeline:
         # pays one test), and the revoked keys and tokens (skipped while none is revoked).
         self.limiter = limiter
         self._limits = limiter.routes if limiter is not None else None
+        self._session_cap = limiter is not None and limiter.session_cap is not None
         self.revocations = revocations if revocations is not None else Revocations()
 
     @property
@@ -212,16 +213,31 @@ class Pipeline:
             if admission is not None and self.limiter is not None:
                 self.limiter.release(admission)
 
-    async def _admit(self, scope: Scope, r: Request, record: AccessRecord) -> Admission | None:
+    async def _admit(
+        self, scope: Scope, r: Request, record: AccessRecord, *, websocket: bool = False
+    ) -> Admission | None:
         """After authentication: refuse a revoked credential (401), then apply the route's
-        rate limits (429); the admission holds the slots to give back."""
+        rate limits (429) and, for a WebSocket, the shared per-identity session cap; the
+        admission holds the slots to give back."""
         if r.identity is not None and self.revocations.active:
             self.revocations.check(r.identity)
-        if self._limits is None or r.route is None:
-            return None
-        limits = self._limits[r.route.index]
-        if limits is None:
-            return None
+        admission = None
+        limits = self._limits[r.route.index] if self._limits is not None and r.route else None
+        if limits is not None:
+            admission = await self._admit_route(scope, r, record, limits)
+        if websocket and self._session_cap and r.identity is not None:
+            assert self.limiter is not None
+            admission = admission or Admission([])
+            try:
+                await self.limiter.admit_session(admission, r.identity)
+            except ProxyError:
+                self.limiter.release(admission)
+                raise
+        return admission
+
+    async def _admit_route(
+        self, scope: Scope, r: Request, record: AccessRecord, limits: RouteLimits
+    ) -> Admission:
         assert self.limiter is not None
         address = (
             client_address(r.headers, peer(scope), self.headers.trusted)
@@ -292,8 +308,8 @@ class Pipeline:
         record = record_of(scope, d)
         admission: Admission | None = None
         try:
-            if self._limits is not None or self.revocations.active:
-                admission = await self._admit(scope, r, record)
+            if self._limits is not None or self.revocations.active or self._session_cap:
+                admission = await self._admit(scope, r, record, websocket=True)
         except ProxyError as exc:
             await self._deny(scope, send, r, exc, policy)
             _refused(record, r, exc)

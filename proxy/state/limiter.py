@@ -28,6 +28,9 @@ class Admission:
 
     headers: list[tuple[bytes, bytes]]
     slots: Slots | None = None
+    session: Slots | None = (
+        None  # the WebSocket's slot under websocket.max_connections_per_identity
+    )
 
 
 class Limiter:
@@ -44,6 +47,28 @@ class Limiter:
             for kind in ("rate", "concurrency")
         }
         self._fallbacks = {o: metrics.state_fallbacks.labels(o) for o in ("allow", "deny")}
+        # With a shared store, `websocket.max_connections_per_identity` holds across every sidecar
+        # and worker on it (the registry's own count stays, per process, beneath it).
+        cap = settings.websocket.max_connections_per_identity
+        self.session_cap = Rule(_SESSION_RULE, False, 0, 1, cap) if store.shared and cap else None
+
+    async def admit_session(self, admission: Admission, identity: Identity) -> None:
+        """Take the identity's WebSocket slot across the store, or raise 429 as the registry
+        does (503 with `on_error = "deny"` while the store cannot answer)."""
+        rule = self.session_cap
+        assert rule is not None
+        try:
+            got = await self.store.acquire([rule], [_key(rule, identity, None)])
+        except StateUnavailable:
+            self._unavailable()
+            return
+        if isinstance(got, Rule):
+            raise RateLimited(
+                "too many WebSocket connections for this identity",
+                details={"reason": "websocket_identity_limit", "limit": rule.concurrent},
+                headers={"Retry-After": "5"},
+            )
+        admission.session = got
 
     async def admit(
         self, limits: RouteLimits, identity: Identity | None, address: str | None
@@ -109,6 +134,9 @@ class Limiter:
         if admission.slots is not None:
             slots, admission.slots = admission.slots, None
             self.store.release(slots)
+        if admission.session is not None:
+            session, admission.session = admission.session, None
+            self.store.release(session)
 
     def _unavailable(self) -> None:
         if self._deny:
@@ -118,6 +146,9 @@ class Limiter:
                 details={"reason": "state_unavailable"},
             )
         self._fallbacks["allow"].inc()
+
+
+_SESSION_RULE = "websocket-identity"
 
 
 def _key(rule: Rule, identity: Identity | None, address: str | None) -> str:

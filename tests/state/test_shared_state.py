@@ -52,6 +52,12 @@ auth = ["api_key", "jwt"]
 [[routes]]
 path = "/ws/*"
 auth = ["api_key", "jwt"]
+[[routes]]
+path = "/live/*"
+auth = ["api_key", "jwt"]
+
+[websocket]
+max_connections_per_identity = 2
 
 [[rate_limits]]
 name = "shared"
@@ -243,3 +249,29 @@ def test_workers_of_one_sidecar_hold_one_limit_through_redis(
     finally:
         sidecar.stop()
         upstream.stop()
+
+
+async def test_the_websocket_cap_per_identity_holds_across_sidecars_on_redis(pair: Pair) -> None:
+    first = await open_ws(pair.a, "/live/echo", headers=key("dave"))
+    second = await open_ws(pair.b, "/live/echo", headers=key("dave"))
+    try:
+        for sidecar in (pair.a, pair.b):
+            with pytest.raises(InvalidStatus) as info:
+                async with open_ws(sidecar, "/live/echo", headers=key("dave")):
+                    pass
+            assert info.value.response.status_code == 429
+            assert b"websocket_identity_limit" in info.value.response.body
+    finally:
+        await first.close()
+    deadline = time.monotonic() + 3
+    while True:  # the closed session's slot comes back
+        try:
+            async with open_ws(pair.b, "/live/echo", headers=key("dave")) as ws:
+                await ws.send("third")
+                assert await ws.recv() == "third"
+                break
+        except InvalidStatus as exc:
+            assert exc.response.status_code == 429
+            assert time.monotonic() < deadline, "the closed session's slot was never given back"
+            await asyncio.sleep(0.1)
+    await second.close()
