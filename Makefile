@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-APT_PACKAGES := chromium
+APT_PACKAGES := chromium redis-server
 # The bench's contenders and clients: nginx and Caddy (Debian's own builds), wrk, curl.
 BENCH_APT_PACKAGES := nginx wrk caddy curl
 BENCH_STAMP := $(VENV)/.bench-stamp
@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-# Debian packages the tests drive for real (Chromium for the browser tests).
+# Debian packages the tests drive for real (Chromium for the browser tests, redis-server for the
+# shared-state tests: started by the fixture on a free port, never as the system service).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pickle
 import signal
 import time
@@ -34,6 +35,7 @@ from .relay.ws_outcomes import (
 )
 from .relay.ws_registry import Session
 from .routing import RouteTable
+from .state import Limiter, Revocation, Revocations, Store, open_store
 from .telemetry import logs
 from .telemetry.access import AccessLog
 from .telemetry.clock import rfc3339
@@ -84,7 +86,16 @@ class App:
         self.config_loaded_at = time.time()
         self._reload_lock: asyncio.Lock | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
-        self.admin = AdminApp(self.metrics, self.readiness, details=self.readiness_details)
+        self.revocations = Revocations(on_revoked=self._revoked)
+        self.store: Store | None = None
+        self.limiter: Limiter | None = None
+        self.admin = AdminApp(
+            self.metrics,
+            self.readiness,
+            details=self.readiness_details,
+            revoke=self.revoke,
+            token=_admin_token(settings),
+        )
         self.pipeline: Pipeline | None = None
         self.auth: AuthService | None = None
         self.tunnel: Tunnel | None = None
@@ -139,7 +150,7 @@ class App:
         )
         return headers, RouteTable(settings.routes), Cors(settings, self.metrics), forwarder
 
-    def _pipeline(self, settings: Settings, auth: AuthService) -> Pipeline:
+    def _pipeline(self, settings: Settings, auth: AuthService, limiter: Limiter) -> Pipeline:
         assert self.tunnel is not None
         pipeline = Pipeline(
             settings,
@@ -152,6 +163,8 @@ class App:
             metrics=self.metrics,
             access=self.access,
             otel=self.otel,
+            limiter=limiter if limiter.routes is not None or limiter.session_cap else None,
+            revocations=self.revocations,
         )
         pipeline.draining = self.draining
         return pipeline
@@ -190,7 +203,10 @@ class App:
             access=self.access,
         )
         await self.tunnel.start()
-        self.pipeline = self._pipeline(self.settings, self.auth)
+        self.store = open_store(self.settings.state, self.metrics)
+        await self.store.start(self.revocations.apply)
+        self.limiter = Limiter(self.settings, self.metrics, self.store)
+        self.pipeline = self._pipeline(self.settings, self.auth, self.limiter)
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         self.started = True
@@ -250,6 +266,8 @@ class App:
                         "the keys of the new providers could not be fetched (see the JWKS "
                         "lines above); the running policy stays",
                     )
+            assert self.store is not None
+            limiter = Limiter(new, self.metrics, self.store)
             if self.tls is not None and not reload_server_certificate(self.tls, new.server):
                 raise ConfigError("server.tls_cert_file", "the certificate could not be loaded")
         except ConfigError as exc:
@@ -260,7 +278,8 @@ class App:
         self.settings = new
         self.headers, self.routes, self.cors, self.forwarder = headers, routes, cors, forwarder
         self.auth = auth
-        self.pipeline = self._pipeline(new, auth)
+        self.limiter = limiter
+        self.pipeline = self._pipeline(new, auth, limiter)
         if auth is old_auth:
             auth.reload_keys()
         else:
@@ -344,6 +363,8 @@ class App:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.tunnel is not None:
             await self.tunnel.stop()
+        if self.store is not None:
+            await self.store.close()
         if self.auth is not None:
             await self.auth.stop()
         if self.forwarder.pool is not None:
@@ -353,6 +374,23 @@ class App:
         if self.otel is not None:
             await asyncio.to_thread(self.otel.shutdown)
         logs.flush()
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """`authproxy revoke` through the admin listener: to the state backend (Redis: every
+        sidecar hears it), and to this sidecar at once."""
+        if self.store is not None:
+            await self.store.publish(revocation)
+        self.revocations.apply(revocation)
+
+    def _revoked(self, revocation: Revocation) -> None:
+        """A revocation heard (here or from another sidecar): end its open WebSockets (4403)."""
+        self.metrics.revocations.labels(revocation.kind).inc()
+        if self.tunnel is None:
+            return
+        if revocation.kind == "key":
+            self.tunnel.sessions.revoke_api_key(revocation.value)
+        else:
+            self.tunnel.sessions.revoke_token(revocation.value)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -377,3 +415,16 @@ class App:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _admin_token(settings: Settings) -> str | None:
+    """The admin listener's bearer secret, from the variable `admin.token_env` names."""
+    name = settings.admin.token_env
+    if name is None:
+        return None
+    token = os.environ.get(name, "")
+    if len(token) < 16:
+        raise ConfigError(
+            "admin.token_env", f"${name} must hold a secret of at least 16 characters"
+        )
+    return token

@@ -1,4 +1,5 @@
-"""The `authproxy` command: serve, check-config, hash-key, explain, coverage, healthcheck."""
+"""The `authproxy` command: serve, check-config, hash-key, explain, coverage, revoke,
+healthcheck."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from urllib.parse import urlsplit
 
 from . import config
 from .errors import ConfigError
@@ -48,6 +50,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--openapi", required=True, help="the upstream's OpenAPI document (JSON, or .yaml)"
     )
 
+    revoke = commands.add_parser(
+        "revoke", help="revoke an API key or a JWT on every sidecar of the state backend"
+    )
+    revoke.add_argument("--config")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key-id", help="an API key id")
+    which.add_argument("--jti", help="a JWT id (its jti claim)")
+    revoke.add_argument(
+        "--until", help="RFC 3339; default: for good (--key-id), 24 hours from now (--jti)"
+    )
+
     args = parser.parse_args(argv)
     try:
         if args.command == "serve":
@@ -62,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _explain(args.config, args.method, args.target, args.header)
         if args.command == "coverage":
             return _coverage(args.config, args.openapi)
+        if args.command == "revoke":
+            return _revoke(args.config, args.key_id, args.jti, args.until)
     except ConfigError as exc:
         print(f"authproxy: config error: {exc}", file=sys.stderr)
         return 2
@@ -129,6 +144,12 @@ def _check_config(path: str | None) -> int:
         f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
         f" (credentials {'on' if settings.cors.allow_credentials else 'off'})"
     )
+    if settings.rate_limits or settings.state.backend != "memory":
+        print(
+            f"  state: {settings.state.backend} (on_error {settings.state.on_error}); "
+            f"rate limits ({len(settings.rate_limits)}): "
+            + (", ".join(rule.name for rule in settings.rate_limits) or "none")
+        )
     return 0
 
 
@@ -164,6 +185,81 @@ def _coverage(path: str | None, openapi: str) -> int:
     ops = judge(settings, load_document(openapi))
     print(table(ops))
     return 1 if any(o.problem for o in ops) else 0
+
+
+def _revoke(path: str | None, key_id: str | None, jti: str | None, until: str | None) -> int:
+    import time
+
+    from .admin import parse_revocation
+
+    settings = config.load(path)
+    request: dict[str, str] = {"key_id": key_id} if key_id else {"jti": jti or ""}
+    if until is not None:
+        request["until"] = until
+    elif jti is not None:
+        # A token lives minutes: a day outlives any sane one without the list growing for good.
+        stamp = time.gmtime(time.time() + 86400)
+        request["until"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", stamp)
+    try:
+        revocation = parse_revocation(request)
+    except ValueError as exc:
+        raise ConfigError("--until" if until else "--key-id/--jti", str(exc)) from None
+    what = f"API key {key_id!r}" if key_id else f"token jti {jti!r}"
+    if settings.state.backend == "redis":
+        from .state.redis_store import client, publish
+
+        async def send() -> None:
+            redis = client(settings.state)
+            try:
+                await publish(redis, settings.state, revocation)
+            finally:
+                await redis.aclose()
+
+        try:
+            asyncio.run(send())
+        except Exception as exc:  # redis' errors, OSError, timeouts: one line, exit 1
+            print(f"authproxy: revoke failed: redis: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        where = urlsplit(settings.state.redis_url)
+        shown = where.hostname or where.path  # never the password a URL may hold
+        print(f"revoked {what} on every sidecar sharing the redis at {shown}")
+        return 0
+    return _revoke_through_admin(settings, request, what)
+
+
+def _revoke_through_admin(settings: config.Settings, request: dict[str, str], what: str) -> int:
+    import json
+    import urllib.error
+    import urllib.request
+
+    name = settings.admin.token_env
+    token = os.environ.get(name, "") if name else ""
+    if not token:
+        raise ConfigError(
+            "admin.token_env", "the memory backend revokes through the admin listener: set it"
+        )
+    host, port = config.split_listen(settings.admin.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/revocations"
+    req = urllib.request.Request(
+        url,
+        data=json.dumps(request).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as answer:
+            answer.read()
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:200]
+        print(f"authproxy: revoke failed: {url} answered {exc.code}: {detail}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"authproxy: revoke failed: {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"revoked {what} on the sidecar at {settings.admin.listen}")
+    return 0
 
 
 def _serve(path: str | None) -> int:

@@ -207,6 +207,9 @@ class AdminSettings(_Frozen):
     """The admin listener: /healthz, /readyz, /metrics."""
 
     listen: HostPort = "127.0.0.1:8001"
+    # The environment variable holding the bearer secret of the mutating endpoints (POST
+    # /revocations); unset, they answer 403 whatever the address.
+    token_env: str | None = None
 
 
 class CircuitBreakerSettings(_Frozen):
@@ -697,6 +700,61 @@ class WebSocketSettings(_Frozen):
     client_compression: bool = True
 
 
+class StateSettings(_Frozen):
+    """What replicas (and workers) share: rate-limit windows, concurrency slots, revocations."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    on_error: Literal["allow", "deny"] = "allow"
+    # A dead Redis costs a request at most connect_timeout_s + timeout_s, and only one request
+    # every retry_s: in between, on_error answers at once.
+    connect_timeout_s: float = Field(default=0.25, gt=0, le=10)
+    timeout_s: float = Field(default=0.25, gt=0, le=10)
+    retry_s: float = Field(default=1.0, gt=0, le=60)
+    max_connections: int = Field(default=64, ge=1)
+    key_prefix: str = Field(default="authproxy:", max_length=64)
+    # A concurrency slot held in Redis is renewed every lease_s / 3 by its sidecar; a sidecar that
+    # dies without giving its slots back loses them after lease_s.
+    lease_s: float = Field(default=30.0, ge=3, le=3600)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+
+class RateLimitSettings(_Frozen):
+    """One `[[rate_limits]]` rule: every matching rule applies, the strictest refusal wins."""
+
+    name: str = Field(min_length=1, max_length=64)
+    routes: tuple[str, ...] | None = None  # `path` values of [[routes]]; None: every route
+    by: Literal["identity", "ip"] = "identity"
+    limit: int = Field(default=0, ge=0)  # requests in any window_s seconds; 0: no rate limit
+    window_s: int = Field(default=60, ge=1, le=86400)
+    # Requests and WebSocket sessions in progress at once per key (0: no cap): long model
+    # streams hold a slot until they end.
+    concurrent: int = Field(default=0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        # It is a key of the RateLimit headers (an sf-string) and a metric label.
+        if not re.fullmatch(r"[A-Za-z0-9._:-]+", value):
+            raise ValueError(f"{value!r}: letters, digits and . _ : - only")
+        return value
+
+    def applies_to(self, route: RouteSettings) -> bool:
+        return self.routes is None or route.path in self.routes
+
+    @model_validator(mode="after")
+    def _something(self) -> RateLimitSettings:
+        if not self.limit and not self.concurrent:
+            raise ValueError("set limit (with window_s) or concurrent, or both")
+        return self
+
+
 class IdentitySettings(_Frozen):
     """How the caller's identity is told to the upstream."""
 
@@ -793,6 +851,31 @@ class Settings(_Frozen):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
+    rate_limits: tuple[RateLimitSettings, ...] = ()
+
+    @model_validator(mode="after")
+    def _rate_limits(self) -> Settings:
+        paths = {r.path for r in self.routes}
+        names: set[str] = set()
+        for i, rule in enumerate(self.rate_limits):
+            if rule.name in names:
+                raise _KeyedError(f"rate_limits[{i}].name", f"{rule.name!r} is used twice")
+            names.add(rule.name)
+            for j, path in enumerate(rule.routes or ()):
+                if path not in paths:
+                    raise _KeyedError(
+                        f"rate_limits[{i}].routes[{j}]",
+                        f"{path!r} is not the path of any [[routes]] entry",
+                    )
+        if self.rate_limits and self.state.backend == "memory" and self.server.workers != 1:
+            # Each worker would count alone: the limits would silently multiply.
+            raise _KeyedError(
+                "server.workers",
+                f'{self.server.workers!r} with [[rate_limits]] needs state.backend = "redis" '
+                "(the memory backend counts per process)",
+            )
+        return self
 
     @model_validator(mode="after")
     def _methods_configured(self) -> Settings:
@@ -1086,6 +1169,7 @@ RESTART_ONLY: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("admin", None),
     ("logging", None),
     ("tracing", None),
+    ("state", None),
     ("websocket", None),
     (
         "upstream",

@@ -392,22 +392,35 @@ def _merge_vary(values: list[bytes]) -> bytes:
     return b", ".join(tokens)
 
 
+# Exposed to pages on routes a [[rate_limits]] rule covers (none is CORS-safelisted).
+RATE_LIMIT_HEADERS = ("Retry-After", "RateLimit-Policy", "RateLimit")
+
+
 class Cors:
     """Global policy plus per-route overrides."""
 
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.global_policy = CorsPolicy(settings.cors, rule="global", metrics=metrics)
-        self._routes = tuple(
-            self.global_policy
-            if route.cors is None
-            else CorsPolicy(
-                route.cors,
-                rule=f"routes[{i}] {route.path}",
-                metrics=metrics,
-                config_key=f"routes[{i}].cors",
+        routes: list[CorsPolicy] = []
+        for i, route in enumerate(settings.routes):
+            limited = any(rule.applies_to(route) for rule in settings.rate_limits)
+            if route.cors is None and not limited:
+                routes.append(self.global_policy)
+                continue
+            cors = route.cors or settings.cors
+            if limited:
+                # A page must be able to read why it was refused and when to come back.
+                extra = [h for h in RATE_LIMIT_HEADERS if h not in cors.expose_headers]
+                cors = cors.model_copy(update={"expose_headers": (*cors.expose_headers, *extra)})
+            routes.append(
+                CorsPolicy(
+                    cors,
+                    rule=f"routes[{i}] {route.path}",
+                    metrics=metrics,
+                    config_key=f"routes[{i}].cors" if route.cors is not None else "cors",
+                )
             )
-            for i, route in enumerate(settings.routes)
-        )
+        self._routes = tuple(routes)
 
     def policy(self, route_index: int | None) -> CorsPolicy:
         """The route's own policy, or the global one (also for requests that match no route)."""

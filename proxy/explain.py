@@ -110,12 +110,30 @@ async def explain(
         await service.start()
         try:
             decision = await decider.decide(facts, explain=True)
-            return report(decision, facts, service)
+            return report(decision, facts, service, limits=_rate_limits(settings, decision))
         finally:
             await service.stop()
 
 
-def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
+def _rate_limits(settings: Settings, d: Decision) -> str | None:
+    """The [[rate_limits]] rules the request's route is under (explain counts nothing)."""
+    route = d.request.route
+    if route is None or d.action in ("preflight", "refuse"):
+        return None
+    rules = [rule for rule in settings.rate_limits if rule.applies_to(route.settings)]
+    if not rules:
+        return None
+    shown = []
+    for rule in rules:
+        parts = [f"{rule.limit} per {rule.window_s} s"] if rule.limit else []
+        parts += [f"{rule.concurrent} at once"] if rule.concurrent else []
+        shown.append(f"{rule.name} ({', '.join(parts)}, by {rule.by})")
+    return "; ".join(shown) + f" [state: {settings.state.backend}; not counted here]"
+
+
+def report(
+    d: Decision, facts: Facts, service: AuthService, *, limits: str | None = None
+) -> tuple[bool, str]:
     """The decision in words: (accepted?, the lines)."""
     r = d.request
     creds = r.credentials
@@ -154,6 +172,8 @@ def report(d: Decision, facts: Facts, service: AuthService) -> tuple[bool, str]:
                         status = _key_status(cache)
                 lines.append(_line("provider", f"{provider!r}: {status}"))
     lines.extend(_trace_lines(d.attempts or []))
+    if limits is not None:
+        lines.append(_line("rate limits", limits))
     if d.action == "refuse":
         assert d.error is not None
         exc = d.error

@@ -32,6 +32,8 @@ class Identity:
     # The claims `routes[].require_claims` judges: a JWT's (or introspection answer's) payload,
     # an API key's configured `claims`. Never sent upstream, never logged.
     claims: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    # JWT: its `jti` claim, when a string: what `authproxy revoke --jti` names.
+    token_id: str | None = None
 
     @property
     def valid_until(self) -> float | None:

@@ -22,6 +22,7 @@ from .relay.headers import HeaderPolicy, peer
 from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .relay.tunnel import Handshake
 from .routing import RouteTable
+from .state import Admission, Limiter, Revocations, RouteLimits
 from .telemetry.access import AccessLog, AccessRecord
 from .telemetry.metrics import Metrics
 from .telemetry.otel import Exporter
@@ -84,6 +85,8 @@ class Pipeline:
         metrics: Metrics,
         access: AccessLog | None = None,
         otel: Exporter | None = None,
+        limiter: Limiter | None = None,
+        revocations: Revocations | None = None,
     ) -> None:
         self.settings = settings
         self.decider = Decider(
@@ -102,6 +105,12 @@ class Pipeline:
         self._otel = otel
         self._per_client = settings.upstream.max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
+        # Shared state: per route index its [[rate_limits]] (None without any rule, so a request
+        # pays one test), and the revoked keys and tokens (skipped while none is revoked).
+        self.limiter = limiter
+        self._limits = limiter.routes if limiter is not None else None
+        self._session_cap = limiter is not None and limiter.session_cap is not None
+        self.revocations = revocations if revocations is not None else Revocations()
 
     @property
     def draining(self) -> bool:
@@ -202,17 +211,26 @@ class Pipeline:
         origin = r.origin
         request_id = r.request_id.encode()
 
+        limited: list[tuple[bytes, bytes]] = []  # RateLimit headers, on a limited route
+
         def response_headers(h: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
             h.append((b"x-request-id", request_id))
+            if limited:
+                h.extend(limited)
             return policy.response_headers(origin, h)
 
         exchange = Exchange()
+        admission: Admission | None = None
         upstream_span = None
         if span is not None:
             upstream_span = self._upstream_span(span, d.upstream_headers)
         assert r.route is not None
         route = r.route.settings
         try:
+            if self._limits is not None or self.revocations.active:
+                admission = await self._admit(scope, r, record)
+                if admission is not None:
+                    limited = admission.headers
             client = self._take_client_slot(scope, r) if self._per_client else None
             try:
                 await self.forwarder.forward(
@@ -270,6 +288,9 @@ class Pipeline:
                     error=status is None or status >= 500,
                 )
 
+            if admission is not None and self.limiter is not None:
+                self.limiter.release(admission)
+
     def _upstream_span(self, span: Any, headers: list[tuple[bytes, bytes]]) -> Any:
         """The upstream exchange's client span; the `traceparent` sent names it."""
         assert self._otel is not None
@@ -282,6 +303,45 @@ class Pipeline:
                 headers[i] = (name, traceparent)
                 break
         return upstream
+
+    async def _admit(
+        self, scope: Scope, r: Request, record: AccessRecord, *, websocket: bool = False
+    ) -> Admission | None:
+        """After authentication: refuse a revoked credential (401), then apply the route's
+        rate limits (429) and, for a WebSocket, the shared per-identity session cap; the
+        admission holds the slots to give back."""
+        if r.identity is not None and self.revocations.active:
+            self.revocations.check(r.identity)
+        admission = None
+        limits = self._limits[r.route.index] if self._limits is not None and r.route else None
+        if limits is not None:
+            admission = await self._admit_route(scope, r, record, limits)
+        if websocket and self._session_cap and r.identity is not None:
+            assert self.limiter is not None
+            admission = admission or Admission([])
+            try:
+                await self.limiter.admit_session(admission, r.identity)
+            except ProxyError:
+                self.limiter.release(admission)
+                raise
+        return admission
+
+    async def _admit_route(
+        self, scope: Scope, r: Request, record: AccessRecord, limits: RouteLimits
+    ) -> Admission:
+        assert self.limiter is not None
+        address = (
+            client_address(r.headers, peer(scope), self.headers.trusted)
+            if r.identity is None or limits.by_ip
+            else None
+        )
+        try:
+            return await self.limiter.admit(limits, r.identity, address)
+        except ProxyError as exc:
+            rule = exc.details.get("rule")
+            if rule is not None:
+                record.extra["rate_limit"] = rule
+            raise
 
     def _take_client_slot(self, scope: Scope, r: Request) -> str:
         """Count one more upstream request for this client address, or refuse it (429)."""
@@ -336,6 +396,16 @@ class Pipeline:
         assert r.route is not None and r.credentials is not None
         assert d.handshake_headers is not None
         policy = d.policy
+        record = record_of(scope, d)
+        admission: Admission | None = None
+        try:
+            if self._limits is not None or self.revocations.active or self._session_cap:
+                admission = await self._admit(scope, r, record, websocket=True)
+        except ProxyError as exc:
+            await self._deny(scope, send, r, exc, policy)
+            _refused(record, r, exc)
+            self.access.emit(record)
+            return
 
         async def deny(exc: ProxyError) -> None:
             await self._deny(scope, send, r, exc, policy)
@@ -351,13 +421,17 @@ class Pipeline:
             deny=deny,
             origin=r.origin,
             started=r.started,
-            record=record_of(scope, d),
+            record=record,
         )
         # A session lives for hours in this frame: keep nothing it will not read again (the
         # credentials hold the token itself, a kilobyte a socket).
         r.credentials = None
         del d
-        await self.tunnel.run(scope, receive, send, handshake)
+        try:
+            await self.tunnel.run(scope, receive, send, handshake)
+        finally:
+            if admission is not None and self.limiter is not None:
+                self.limiter.release(admission)
 
     async def _deny(
         self, scope: Scope, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None

@@ -259,6 +259,7 @@ class Provider:
             signing_key=signing_key,
             claim_headers=self.headers_from(claims),
             claims=claims,
+            token_id=jti if isinstance(jti := claims.get("jti"), str) else None,
         )
 
     def scopes_from(self, claims: Mapping[str, Any]) -> frozenset[str]:

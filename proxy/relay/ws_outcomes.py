@@ -11,6 +11,7 @@ in one place, `Tunnel._close`):
     JWT expires (exp + leeway)      client 4401 "token expired", upstream 1001
     JWT's signing key withdrawn     client 4401 "signing key withdrawn", upstream 1001
     API key revoked / expires       client 4403 "api key revoked" / "api key expired", upstream 1001
+    JWT revoked (`revoke --jti`)    client 4403 "token revoked", upstream 1001
     idle (`idle_timeout_s`)         1000 "idle timeout" to both
     `max_connection_lifetime_s`     1001 "connection lifetime exceeded" to both
     drain (SIGTERM) / shutdown      1001 "server shutting down" to both
@@ -108,6 +109,7 @@ SIGNING_KEY_WITHDRAWN = Outcome.by_proxy(
 KEY_REVOKED = Outcome.by_proxy(
     "api_key_revoked", CLOSE_REVOKED, "api key revoked", CLOSE_GOING_AWAY
 )
+TOKEN_REVOKED = Outcome.by_proxy("token_revoked", CLOSE_REVOKED, "token revoked", CLOSE_GOING_AWAY)
 KEY_EXPIRED = Outcome.by_proxy(
     "api_key_expired", CLOSE_REVOKED, "api key expired", CLOSE_GOING_AWAY
 )

@@ -28,6 +28,7 @@ from .ws_outcomes import (
     LIFETIME,
     SHUTDOWN,
     SIGNING_KEY_WITHDRAWN,
+    TOKEN_REVOKED,
     UPSTREAM_PING_TIMEOUT,
     Outcome,
     credential_expired,
@@ -253,6 +254,17 @@ class SessionRegistry:
         self._revoked_at[key_id] = now
         for s in list(self._by_key.get(key_id, ())):
             s.end(KEY_REVOKED)
+
+    def revoke_token(self, jti: str) -> int:
+        """A JWT id was revoked (`authproxy revoke --jti`): end its sessions (4403); how many.
+
+        Revocations are rare, so this walks the sessions instead of keeping an index per token."""
+        ended = 0
+        for s in list(self._sessions):
+            if s.identity is not None and s.identity.token_id == jti:
+                s.end(TOKEN_REVOKED)
+                ended += 1
+        return ended
 
     def withdraw_signing_keys(self, provider: str, fingerprints: frozenset[str]) -> None:
         """Signing keys left a JWT provider's set: end the sessions they verified (4401)."""

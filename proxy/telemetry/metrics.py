@@ -191,6 +191,30 @@ class Metrics:
             ["direction"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "authproxy_rate_limited",
+            "Requests and WebSocket handshakes refused by a [[rate_limits]] rule, by rule.",
+            ["rule", "kind"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "authproxy_state_errors",
+            "Shared-state (Redis) operations that failed, by operation.",
+            ["op"],
+            registry=r,
+        )
+        self.state_fallbacks = Counter(
+            "authproxy_state_fallbacks",
+            "Requests decided by state.on_error because the shared state did not answer.",
+            ["outcome"],
+            registry=r,
+        )
+        self.revocations = Counter(
+            "authproxy_revocations",
+            "Revocations received (API key ids, JWT ids).",
+            ["kind"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

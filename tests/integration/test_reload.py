@@ -290,3 +290,20 @@ def test_every_worker_reloads_and_reports_the_same_config(
             assert r.status_code == 401
     finally:
         sidecar.stop()
+
+
+def test_rate_limits_come_and_go_with_a_reload(tmp_path: Path, upstream: Process) -> None:
+    sidecar = start_sidecar(tmp_path, upstream.port, policy())
+    try:
+        for _ in range(5):
+            assert httpx.get(sidecar.url + "/echo/free").status_code == 200
+        rule = '\n[[rate_limits]]\nname = "tight"\nroutes = ["/echo/*"]\nby = "ip"\nlimit = 2\n'
+        rewrite(sidecar, upstream, policy() + rule)
+        sighup(sidecar)
+        codes = [httpx.get(sidecar.url + "/echo/limited").status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        rewrite(sidecar, upstream, policy())
+        sighup(sidecar)
+        assert httpx.get(sidecar.url + "/echo/free-again").status_code == 200
+    finally:
+        sidecar.stop()
