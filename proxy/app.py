@@ -24,6 +24,7 @@ from .errors import ConfigError
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
+from .relay.streams import StreamRegistry
 from .relay.tunnel import Tunnel
 from .relay.upstream import UpstreamPool
 from .relay.ws_outcomes import (
@@ -86,6 +87,10 @@ class App:
         self.config_loaded_at = time.time()
         self._reload_lock: asyncio.Lock | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
+        # Streamed answers bound to their credentials (closed at expiry or revocation).
+        self.streams = StreamRegistry()
+        self.forwarder.streams = self.streams
+        self._stream_subscriptions: list[Callable[[], None]] = []
         self.revocations = Revocations(on_revoked=self._revoked)
         self.store: Store | None = None
         self.limiter: Limiter | None = None
@@ -203,6 +208,7 @@ class App:
             access=self.access,
         )
         await self.tunnel.start()
+        self._watch_streams(self.auth)
         self.store = open_store(self.settings.state, self.metrics)
         await self.store.start(self.revocations.apply)
         self.limiter = Limiter(self.settings, self.metrics, self.store)
@@ -284,8 +290,11 @@ class App:
             auth.reload_keys()
         else:
             self.tunnel.resubscribe(auth.subscribe_revocations, auth.subscribe_key_withdrawals)
+            self._watch_streams(auth)
         ended = self.tunnel.sessions.rejudge(self._verdict(routes, auth, old_auth))
         if auth is not old_auth:
+            # Requests in flight keep their route, but not a credential the new policy dropped.
+            self.streams.rejudge(lambda identity: auth.still_trusts(identity, old_auth) is not None)
             await old_auth.stop()
         self.config_sha256, self.config_loaded_at = digest(new), time.time()
         self.metrics.config_reloads.labels("ok").inc()
@@ -303,6 +312,16 @@ class App:
             },
         )
         return True
+
+    def _watch_streams(self, auth: AuthService) -> None:
+        """Streams end when `auth` revokes an API key or withdraws a signing key (and no longer
+        when a replaced auth service does)."""
+        for unsubscribe in self._stream_subscriptions:
+            unsubscribe()
+        self._stream_subscriptions = [
+            auth.subscribe_revocations(self.streams.revoke_api_key),
+            auth.subscribe_key_withdrawals(self.streams.withdraw_signing_keys),
+        ]
 
     def _verdict(
         self, routes: RouteTable, auth: AuthService, old_auth: AuthService
@@ -389,8 +408,10 @@ class App:
             return
         if revocation.kind == "key":
             self.tunnel.sessions.revoke_api_key(revocation.value)
+            self.streams.revoke_api_key(revocation.value)
         else:
             self.tunnel.sessions.revoke_token(revocation.value)
+            self.streams.revoke_token(revocation.value)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":

@@ -19,7 +19,7 @@ from .cors import Cors, CorsPolicy
 from .decision import Decider, Decision, Facts, Request
 from .errors import InternalError, ProxyError, RateLimited, render
 from .relay.headers import HeaderPolicy, peer
-from .relay.http import ClientStalled, Exchange, Forwarder, UpstreamAborted
+from .relay.http import AuthEnded, ClientStalled, Exchange, Forwarder, UpstreamAborted
 from .relay.tunnel import Handshake
 from .routing import RouteTable
 from .state import Admission, Limiter, Revocations, RouteLimits
@@ -219,7 +219,7 @@ class Pipeline:
                 h.extend(limited)
             return policy.response_headers(origin, h)
 
-        exchange = Exchange()
+        exchange = Exchange(identity=r.identity, request_id=r.request_id)
         admission: Admission | None = None
         upstream_span = None
         if span is not None:
@@ -252,12 +252,20 @@ class Pipeline:
             record.status = exchange.status
             if exchange.client_gone:
                 record.extra["client_gone"] = True
+            if exchange.auth_end is not None:
+                record.extra["end"] = exchange.auth_end  # an SSE stream closed with its event
         except ProxyError as exc:
             await self._reply_error(send, r, exc, policy, record)
         except UpstreamAborted as exc:
             record.status = exchange.status
             record.error, record.reason = "upstream_aborted", "aborted_mid_response"
             record.extra["detail"] = str(exc)
+            raise
+        except AuthEnded as exc:
+            # A streamed body whose credential ended mid-stream: raising cuts the connection.
+            record.status = exchange.status
+            record.error, record.reason = exc.why, exc.why
+            record.extra["end"] = exc.why
             raise
         except ClientStalled as exc:
             # Not the upstream's failure. Raising cuts the client's connection.

@@ -17,13 +17,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..config import CompressionSettings, UpstreamSettings
-from ..errors import BadGateway, GatewayTimeout, PayloadTooLarge, ProxyError, RequestTimeout
+from ..errors import (
+    BadGateway,
+    GatewayTimeout,
+    PayloadTooLarge,
+    ProxyError,
+    RequestTimeout,
+    error_body,
+)
+from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
 from .breaker import STATE_VALUE, CircuitBreaker
 from .compress import Compression, Encoder, rewrite_headers
 from .headers import HeaderPolicy
 from .shedding import Admission
+from .streams import AUTH_EXPIRED, AUTH_REVOKED, Stream, StreamRegistry
 from .upstream import IDEMPOTENT, ClientGone, Connection, UpstreamPool
 
 Headers = list[tuple[bytes, bytes]]
@@ -46,7 +55,24 @@ class ClientStalled(Exception):
     """The client took no response bytes for `server.send_timeout_s`: the connection is cut."""
 
 
-__all__ = ["ClientGone", "ClientStalled", "Exchange", "Forwarder", "UpstreamAborted"]
+class AuthEnded(Exception):
+    """The credential of a streamed answer expired or was revoked mid-body, and the body was not
+    Server-Sent Events ending on an event boundary: the connection is cut (`why` says which)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the stream's credential ended: {why}")
+        self.why = why
+
+
+__all__ = ["AuthEnded", "ClientGone", "ClientStalled", "Exchange", "Forwarder", "UpstreamAborted"]
+
+# An SSE stream whose credential ends mid-event gets this long to reach the event's end (where
+# the closing event can be told apart from the upstream's), then it is cut.
+SSE_BOUNDARY_GRACE_S = 1.0
+_AUTH_END_MESSAGES = {
+    AUTH_EXPIRED: ("the credential expired during the stream", "token_expired"),
+    AUTH_REVOKED: ("the credential was revoked during the stream", "revoked"),
+}
 
 # A retry after a reset or a refused connection waits a random 50-100 % of this, doubled per retry
 # (jitter: many sidecars retrying one restarting upstream do not arrive in step). A pooled
@@ -129,6 +155,18 @@ class Exchange:
     response_started: bool = False
     # From the request's head written to the answer's head read (the attempt that answered).
     upstream_seconds: float | None = None
+    # In: who the answer is for (a streamed one is bound to its credential: streams.py), and the
+    # request id its closing event names. Out: why the credential ended the stream, if it did.
+    identity: Identity | None = None
+    request_id: str = ""
+    auth_end: str | None = None
+
+
+def _is_event_stream(headers: Headers) -> bool:
+    for name, value in headers:
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+    return False
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -225,6 +263,7 @@ class Forwarder:
         self._send_timeout = send_timeout_s
         self._body_timeout = client_body_timeout_s
         self.pool: UpstreamPool | None = None  # set by the app's lifespan
+        self.streams: StreamRegistry | None = None  # set by the app: streamed answers' credentials
         self._metrics = metrics
         upstream = upstream or UpstreamSettings()
         self._retries = upstream.retries
@@ -251,6 +290,7 @@ class Forwarder:
         """A reload's new forwarder takes over the running one's upstream state: the pool, the
         breaker and the queue (their settings need a restart to change)."""
         self.pool, self.breaker, self.admission = other.pool, other.breaker, other.admission
+        self.streams = other.streams
 
     def _breaker_changed(self, state: str) -> None:
         if self._metrics is not None:
@@ -528,6 +568,20 @@ class Forwarder:
         self._count_retry(reason)
         await asyncio.sleep(_RETRY_BASE_S * (1 << (n - 1)) * random.uniform(0.5, 1.0))
 
+    async def _end_stream(self, send: Send, exchange: Exchange, clean: bool) -> None:
+        """The credential of this streamed answer ended: an SSE stream on an event boundary gets
+        `event: auth_expired` (or `auth_revoked`) with the JSON error as its data, then its end;
+        anything else is cut (`AuthEnded`)."""
+        why = exchange.auth_end
+        assert why is not None
+        if not clean:
+            raise AuthEnded(why)
+        message, reason = _AUTH_END_MESSAGES[why]
+        data = error_body("unauthorized", message, exchange.request_id, {"reason": reason})
+        event = b"event: " + why.encode() + b"\ndata: " + data + b"\n\n"
+        exchange.bytes_out += len(event)
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
     async def _stream_back(
         self,
         conn: Connection,
@@ -576,13 +630,34 @@ class Forwarder:
         def departed(_: asyncio.Future[Message]) -> None:
             conn.interrupt()
 
+        binding: Stream | None = None
+        grace: asyncio.TimerHandle | None = None
+        sse = False
+        boundary = True  # SSE: what was sent so far ends on an event boundary
+
+        def credential_ended(why: str) -> None:
+            nonlocal grace
+            exchange.auth_end = why
+            if sse and not boundary:
+                grace = asyncio.get_running_loop().call_later(SSE_BOUNDARY_GRACE_S, conn.interrupt)
+            else:
+                conn.interrupt()
+
         try:
             # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
             if stall is not None:
                 stall.sending = stall.now()
             await send({"type": "http.response.start", "status": status, "headers": headers})
             exchange.response_started = True
+            if self.streams is not None and exchange.identity is not None and not conn.finished:
+                sse = _is_event_stream(headers)
+                binding = self.streams.bind(exchange.identity, credential_ended)
             while True:
+                if exchange.auth_end is not None and (boundary or not sse):
+                    # The credential ended (on an SSE event boundary: the closing event can
+                    # follow at once; mid-event, the grace timer or the event's end comes first).
+                    await self._end_stream(send, exchange, sse)
+                    return
                 if stall is not None:
                     stall.sending = None
                 if watcher is None and not conn.finished and (upload is None or upload.done):
@@ -597,6 +672,9 @@ class Forwarder:
                     else:
                         chunk = await conn.read() if not conn.finished else b""
                 except ClientGone:
+                    if exchange.auth_end is not None:
+                        await self._end_stream(send, exchange, sse and boundary)
+                        return
                     exchange.client_gone = True
                     return
                 except ProxyError as exc:
@@ -616,6 +694,8 @@ class Forwarder:
                     if stall is not None:
                         stall.sending = stall.now()
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                    if sse and chunk:
+                        boundary = chunk.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
                 if not more:
                     return
                 if stall is None:
@@ -630,6 +710,11 @@ class Forwarder:
                 f"the client took no response bytes for {stall.send_timeout:g} s"
             ) from None
         finally:
+            if binding is not None:
+                assert self.streams is not None
+                self.streams.release(binding)
+            if grace is not None:
+                grace.cancel()
             if own is not None:
                 own.stop()
             if watcher is not None:

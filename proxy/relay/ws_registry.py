@@ -185,15 +185,15 @@ class SessionRegistry:
         self._sessions.add(s)
         self._wheel_add(s)
         self._all_closed.clear()
-        key_id = _revocable_key(s.identity)
+        key_id = revocable_key(s.identity)
         if key_id is not None:
             self._by_key.setdefault(key_id, set()).add(s)
             if self._revoked_at.get(key_id, float("-inf")) >= started:
                 s.end(KEY_REVOKED)
-        signing_key = _signing_key(s.identity)
-        if signing_key is not None:
-            self._by_signing_key.setdefault(signing_key, set()).add(s)
-            if self._withdrawn_at.get(signing_key, float("-inf")) >= started:
+        signer = signing_key(s.identity)
+        if signer is not None:
+            self._by_signing_key.setdefault(signer, set()).add(s)
+            if self._withdrawn_at.get(signer, float("-inf")) >= started:
                 s.end(SIGNING_KEY_WITHDRAWN)
         if self._drained:
             s.end(DRAINING)
@@ -207,8 +207,8 @@ class SessionRegistry:
             s.idle_timer.cancel()
         self._wheel_remove(s)
         self._sessions.discard(s)
-        _unindex(self._by_key, _revocable_key(s.identity), s)
-        _unindex(self._by_signing_key, _signing_key(s.identity), s)
+        _unindex(self._by_key, revocable_key(s.identity), s)
+        _unindex(self._by_signing_key, signing_key(s.identity), s)
         if not self._sessions:
             self._all_closed.set()
 
@@ -385,13 +385,13 @@ def _identity_key(identity: Identity | None) -> IdentityKey | None:
     return (identity.method, identity.issuer, identity.subject) if identity else None
 
 
-def _revocable_key(identity: Identity | None) -> str | None:
+def revocable_key(identity: Identity | None) -> str | None:
     if identity is not None and identity.method == "api_key":
         return identity.credential_id or identity.subject
     return None
 
 
-def _signing_key(identity: Identity | None) -> SigningKey | None:
+def signing_key(identity: Identity | None) -> SigningKey | None:
     if (
         identity is not None
         and identity.method == "jwt"

@@ -48,8 +48,9 @@ async def http_and_ws(scope: Scope, receive: Any, send: Any) -> None:
 
 
 async def app(scope: Scope, receive: Any, send: Any) -> None:
-    """Endpoints: /echo/*, /upload, /download?size=, /sse?n=&delay=, /slow?delay=, /status/N,
-    /redirect, /cors, /hop, /vary, anything else echoes."""
+    """Endpoints: /echo/*, /upload, /download?size=, /sse?n=&delay=, /sse-split?n=&delay=,
+    /drip?n=&delay=, /slow?delay=, /status/N, /redirect, /cors, /hop, /vary, anything else
+    echoes."""
     if scope["type"] != "http":
         return
     path: str = scope["path"]
@@ -99,6 +100,39 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                 {"type": "http.response.body", "body": f"data: {i}\n\n".encode(), "more_body": True}
             )
             await asyncio.sleep(delay)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/drip":
+        # A body that streams slowly, not SSE: n chunks of 100 bytes, `delay` apart.
+        n = int(query.get("n", ["3"])[0])
+        delay = float(query.get("delay", ["0.3"])[0])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")],
+            }
+        )
+        for _ in range(n):
+            await send({"type": "http.response.body", "body": b"x" * 100, "more_body": True})
+            await asyncio.sleep(delay)
+        await send({"type": "http.response.body", "body": b""})
+        return
+    if path == "/sse-split":
+        # Each event in two writes, `delay` apart: "data: i" then its end, "\n\n".
+        n = int(query.get("n", ["3"])[0])
+        delay = float(query.get("delay", ["0.3"])[0])
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for i in range(n):
+            for part in (f"data: {i}".encode(), b"\n\n"):
+                await send({"type": "http.response.body", "body": part, "more_body": True})
+                await asyncio.sleep(delay)
         await send({"type": "http.response.body", "body": b""})
         return
     if path == "/slow":
