@@ -81,12 +81,14 @@ def _check_config(path: str | None) -> int:
         f"upstream {settings.upstream.url}"
     )
     print(f"  routes ({len(settings.routes)}):")
+    labels = config.route_names(settings.routes)
     for i, r in enumerate(settings.routes):
         methods = ",".join(r.methods) if r.methods else "*"
         auth = "public" if r.public else " | ".join(r.auth)
         scopes = f" scopes={' '.join(r.scopes)}" if r.scopes else ""
         optional = " (optional)" if r.auth_optional else ""
-        print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}")
+        label = f"  [metrics: {labels[i]}]" if labels[i] != r.path else ""
+        print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}{label}")
     providers = settings.auth.jwt.providers
     print(
         f"  jwt providers ({len(providers)}): "

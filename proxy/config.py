@@ -451,11 +451,21 @@ class RouteSettings(_Frozen):
     """One `[[routes]]` entry: first match wins."""
 
     path: str
+    name: str | None = None  # the metrics/log label; default the path (see `route_names`)
     methods: tuple[str, ...] = ()
     auth: tuple[str, ...]
     scopes: tuple[str, ...] = ()
     auth_optional: bool = False
     cors: CorsSettings | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not (
+            0 < len(value) <= 100 and value.isprintable() and value == value.strip()
+        ):
+            raise ValueError("must be 1-100 printable characters without surrounding spaces")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -573,6 +583,7 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _methods_configured(self) -> Settings:
+        route_names(self.routes)  # unique, or a one-line error naming the key
         for i, route in enumerate(self.routes):
             if "jwt" in route.auth and not self.auth.jwt.providers:
                 raise _KeyedError(f"routes[{i}].auth", "uses 'jwt' but no [[auth.jwt.providers]]")
@@ -588,6 +599,42 @@ class Settings(_Frozen):
         if self.server.listen == self.admin.listen:
             raise _KeyedError("admin.listen", "must differ from server.listen")
         return self
+
+
+def route_names(routes: tuple[RouteSettings, ...]) -> tuple[str, ...]:
+    """Each route's stable label (metrics' `route`, the access line's `route`).
+
+    Its `name`, else its path, else — when two routes share a path — the path and its methods
+    (`/api/models POST`), else the path and its rank among its twins (`/api/* (2)`: a shadowed
+    route, which `warnings` reports). Never the route's position in the file: reordering routes
+    must not rename every series. Two routes given one `name` are a `ConfigError`.
+    """
+    counts: dict[str, int] = {}
+    for r in routes:
+        counts[r.path] = counts.get(r.path, 0) + 1
+    names: list[str] = []
+    taken: dict[str, int] = {}
+    for i, r in enumerate(routes):
+        if r.name is not None:
+            name = r.name
+        else:
+            name = r.path
+            if counts[r.path] > 1 and r.methods:
+                name = f"{r.path} {','.join(r.methods)}"
+            twin = 1
+            while name in taken and routes[taken[name]].name is None:
+                twin += 1
+                name = f"{r.path} ({twin})"
+        if name in taken:
+            named = i if r.name is not None else taken[name]
+            other = taken[name] if named == i else i
+            raise _KeyedError(
+                f"routes[{named}].name",
+                f"{name!r} is also routes[{other}]'s label: give each route a unique `name`",
+            )
+        taken[name] = i
+        names.append(name)
+    return tuple(names)
 
 
 class _KeyedError(ValueError):

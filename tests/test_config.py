@@ -470,3 +470,51 @@ def test_an_api_key_header_the_sidecar_handles_itself_is_refused(header: str) ->
     with pytest.raises(ConfigError) as caught:
         config.from_dict({"auth": {"api_keys": {"header": header}}})
     assert str(caught.value).startswith("auth.api_keys.header")
+
+
+def _routes(*routes: dict[str, Any]) -> dict[str, Any]:
+    return {"routes": list(routes)}
+
+
+def test_a_routes_label_is_its_name_else_its_path_never_its_position() -> None:
+    api = {"path": "/api/*", "auth": "public"}
+    ws = {"path": "/ws", "auth": "public", "name": "live-feed"}
+    first = config.from_dict(_routes(api, ws))
+    reordered = config.from_dict(_routes(ws, api))
+    assert config.route_names(first.routes) == ("/api/*", "live-feed")
+    assert config.route_names(reordered.routes) == ("live-feed", "/api/*")
+
+
+def test_routes_sharing_a_path_are_told_apart_by_their_methods() -> None:
+    settings = config.from_dict(
+        _routes(
+            {"path": "/api/models", "methods": ["POST"], "auth": "public"},
+            {"path": "/api/models", "auth": "public"},
+        )
+    )
+    assert config.route_names(settings.routes) == ("/api/models POST", "/api/models")
+    # Twins without methods (the later one is shadowed: a warning, not an error) stay apart too.
+    twins = config.from_dict(
+        _routes({"path": "/x", "auth": "public"}, {"path": "/x", "auth": "public"})
+    )
+    assert config.route_names(twins.routes) == ("/x", "/x (2)")
+
+
+def test_two_routes_with_one_name_are_a_one_line_error_naming_the_key() -> None:
+    message = error_of(
+        _routes(
+            {"path": "/a", "auth": "public", "name": "api"},
+            {"path": "/b", "auth": "public", "name": "api"},
+        )
+    )
+    assert message == (
+        "routes[1].name: 'api' is also routes[0]'s label: give each route a unique `name`"
+    )
+    # A name that is another route's path (its default label) is the same clash.
+    clash = _routes(
+        {"path": "/a", "auth": "public", "name": "/b"}, {"path": "/b", "auth": "public"}
+    )
+    assert error_of(clash).startswith("routes[0].name: '/b' is also routes[1]'s label")
+    assert error_of(_routes({"path": "/a", "auth": "public", "name": " x"})).startswith(
+        "routes[0].name: must be 1-100 printable characters"
+    )
