@@ -107,6 +107,12 @@ def _check_config(path: str | None) -> int:
         f"  cors origins: {', '.join(settings.cors.allow_origins) or 'none'}"
         f" (credentials {'on' if settings.cors.allow_credentials else 'off'})"
     )
+    overrides = config.env_overrides(os.environ)
+    if overrides:
+        # Names only: an override may carry anything, and this summary ends up in CI logs.
+        print(f"  from the environment ({len(overrides)}; values not shown):")
+        for name, key in overrides:
+            print(f"    {key:<32} {name}")
     return 0
 
 

@@ -715,22 +715,54 @@ def _with_head(methods: tuple[str, ...]) -> set[str]:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _env_value(raw: str) -> Any:
-    """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string."""
+def _env_value(name: str, raw: str) -> Any:
+    """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string.
+
+    A value that starts like a list, table or quoted string and does not parse is an error, not
+    a string: `["a", "b"` taken literally would be silently wrong.
+    """
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if raw.lstrip()[:1] in ("[", "{", '"', "'"):
+            detail = str(exc).split(" (at ", 1)[0]
+            raise ConfigError(name, f"not a valid TOML value: {detail}") from None
         return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every `AUTHPROXY__*` variable and the key it sets (`routes[0].auth`), sorted by name.
+
+    A name that is almost an override — one underscore after AUTHPROXY, a lower-case prefix, an
+    empty part — is an error naming it: ignored, it would leave the file's value in force unseen.
+    """
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("AUTHPROXY_") or name == "AUTHPROXY_CONFIG":
+            continue
+        if not name.startswith(ENV_PREFIX):
+            if upper.startswith(ENV_PREFIX):
+                raise ConfigError(name, f"malformed override name: write {upper[:11]} in capitals")
+            if "__" in name:
+                raise ConfigError(
+                    name, f"malformed override name: {ENV_PREFIX} takes two underscores"
+                )
+            continue  # AUTHPROXY_SOMETHING_ELSE: not ours to judge
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "malformed override name")
+        key = ""
+        for part in parts:
+            key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+        out.append((name, key))
+    return out
 
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply `AUTHPROXY__SECTION__KEY=value` overrides (list items by index: `ROUTES__0__AUTH`)."""
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == "AUTHPROXY_CONFIG":
-            continue
+    for name, _ in env_overrides(environ):
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if not all(parts):
-            raise ConfigError(name, "malformed override name")
         node: Any = data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
@@ -741,12 +773,20 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ConfigError(name, f"{'.'.join(parts[:depth])} is not a table")
             if last:
-                node[key] = _env_value(environ[name])
+                node[key] = _env_value(name, environ[name])
             else:
                 if isinstance(node, dict) and key not in node:
                     node[key] = {}
                 node = node[key]
     return data
+
+
+def _blame_override(exc: ConfigError, overrides: list[tuple[str, str]]) -> ConfigError:
+    """`exc` with the variable that set its key named: the file does not hold the bad value."""
+    for name, key in overrides:
+        if exc.key == key or exc.key.startswith((key + ".", key + "[")):
+            return ConfigError(exc.key, f"{exc.message} (set by the environment: {name})")
+    return exc
 
 
 def _merge_route_cors(data: dict[str, Any]) -> None:
@@ -859,7 +899,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     environ = os.environ if environ is None else environ
     path = path or default_path(environ)
     data = apply_env(read_toml(path), environ)
-    settings = from_dict(data)
+    try:
+        settings = from_dict(data)
+    except ConfigError as exc:
+        raise _blame_override(exc, env_overrides(environ)) from None
     # Relative file paths in the config are relative to the config file, not the working directory.
     return _resolve_paths(settings, Path(path).resolve().parent)
 

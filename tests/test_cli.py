@@ -57,6 +57,32 @@ def test_check_config_reads_the_config_path_from_the_environment(tmp_path: Path)
     assert "server.listen" in result.stderr
 
 
+def test_check_config_shows_which_keys_the_environment_set_without_their_values() -> None:
+    env = {
+        **os.environ,
+        "AUTHPROXY__CORS__MAX_AGE_S": "61",
+        "AUTHPROXY__UPSTREAM__URL": "http://127.0.0.1:9999",
+    }
+    result = run("check-config", "--config", str(ROOT / "config.toml"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "from the environment (2; values not shown):" in result.stdout
+    assert re.search(r"cors\.max_age_s +AUTHPROXY__CORS__MAX_AGE_S", result.stdout)
+    assert re.search(r"upstream\.url +AUTHPROXY__UPSTREAM__URL", result.stdout)
+    assert "61" not in result.stdout
+    plain = run("check-config", "--config", str(ROOT / "config.toml"))
+    assert "from the environment" not in plain.stdout
+
+
+def test_check_config_names_a_misspelt_environment_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTHPROXY_CORS__MAX_AGE_S": "61"}
+    result = run("check-config", "--config", str(ROOT / "config.toml"), env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "authproxy: config error: AUTHPROXY_CORS__MAX_AGE_S: malformed override name: "
+        "AUTHPROXY__ takes two underscores"
+    )
+
+
 def test_hash_key_prints_the_record_on_stdout_and_the_new_key_on_stderr_only() -> None:
     result = run("hash-key", "--id", "ci-bot")
     assert result.returncode == 0

@@ -147,6 +147,60 @@ def test_a_bad_override_names_the_variable(tmp_path: Path) -> None:
         config.load(path, environ={"AUTHPROXY__CORS__MAX_AGE_S": "soon"})
 
 
+def test_a_misspelt_override_is_reported_under_its_key_naming_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[cors]\nmax_age_s = 600\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__MAX_AGE": "60"})
+    assert str(info.value) == (
+        "cors.max_age: unknown key (set by the environment: AUTHPROXY__CORS__MAX_AGE)"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_ORIGINS": '["https://a.test", 3]'})
+    assert str(info.value).startswith("cors.allow_origins[1]: ")
+    assert str(info.value).endswith("(set by the environment: AUTHPROXY__CORS__ALLOW_ORIGINS)")
+    # An error in the file itself blames no variable.
+    path.write_text("[cors]\nmax_age_s = 'x'\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_CREDENTIALS": "true"})
+    assert "environment" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("AUTHPROXY_CORS__MAX_AGE_S", "60", "AUTHPROXY__ takes two underscores"),
+        ("authproxy__cors__max_age_s", "60", "write AUTHPROXY__ in capitals"),
+        ("AUTHPROXY__CORS____MAX_AGE_S", "60", "malformed override name"),
+        ("AUTHPROXY__CORS__ALLOW_ORIGINS", '["https://a.test"', "not a valid TOML value"),
+        ("AUTHPROXY__UPSTREAM__URL", '"http://10.0.0.5', "not a valid TOML value"),
+    ],
+)
+def test_a_malformed_override_is_an_error_not_ignored(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={name: value})
+    assert str(info.value).startswith(f"{name}: ") and expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_other_authproxy_variables_are_not_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    environ = {"AUTHPROXY_CONFIG": str(path), "AUTHPROXY_ARTIFACTS_DIR": "/tmp/x"}
+    assert config.env_overrides(environ) == []
+    config.load(path, environ=environ)
+    assert config.env_overrides(
+        {"AUTHPROXY__ROUTES__0__AUTH": "x", "AUTHPROXY__CORS__MAX_AGE_S": "1"}
+    ) == [
+        ("AUTHPROXY__CORS__MAX_AGE_S", "cors.max_age_s"),
+        ("AUTHPROXY__ROUTES__0__AUTH", "routes[0].auth"),
+    ]
+
+
 def test_missing_file_and_bad_toml_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(tmp_path / "nope.toml", environ={})
