@@ -715,6 +715,10 @@ def _with_head(methods: tuple[str, ...]) -> set[str]:
 # --- loading -----------------------------------------------------------------------------------
 
 
+# `[::1]:8000`, `[fd00::1]`: an IPv6 listen address or host, not a TOML list cut short.
+_BRACKETED_HOST = re.compile(r"\[[0-9A-Fa-f:.%\w]*:[0-9A-Fa-f:.%\w]*\](:\d+)?\Z")
+
+
 def _env_value(name: str, raw: str) -> Any:
     """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string.
 
@@ -724,7 +728,7 @@ def _env_value(name: str, raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError as exc:
-        if raw.lstrip()[:1] in ("[", "{", '"', "'"):
+        if raw.lstrip()[:1] in ("[", "{", '"', "'") and not _BRACKETED_HOST.match(raw):
             detail = str(exc).split(" (at ", 1)[0]
             raise ConfigError(name, f"not a valid TOML value: {detail}") from None
         return raw

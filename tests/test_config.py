@@ -187,6 +187,15 @@ def test_a_malformed_override_is_an_error_not_ignored(
     assert "\n" not in str(info.value)
 
 
+def test_an_ipv6_listen_address_from_the_environment_is_not_a_malformed_list(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    settings = config.load(path, environ={"AUTHPROXY__SERVER__LISTEN": "[::1]:8100"})
+    assert settings.server.listen == "[::1]:8100"
+
+
 def test_other_authproxy_variables_are_not_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("")
