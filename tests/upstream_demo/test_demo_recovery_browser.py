@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
@@ -35,6 +36,13 @@ class Stack:
     @property
     def page_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['web']}/"
+
+
+def _ready(admin_port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{admin_port}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
     try:
         deadline = time.monotonic() + 30
-        while b"demo is running" not in log.read_bytes():
+        while b"demo is running" not in log.read_bytes() or not _ready(ports["admin"]):
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
