@@ -788,7 +788,10 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
 def _blame_override(exc: ConfigError, overrides: list[tuple[str, str]]) -> ConfigError:
     """`exc` with the variable that set its key named: the file does not hold the bad value."""
     for name, key in overrides:
-        if exc.key == key or exc.key.startswith((key + ".", key + "[")):
+        inside = exc.key == key or exc.key.startswith((key + ".", key + "["))
+        # A misspelt table (AUTHPROXY__CROS__MAX_AGE_S) is reported at the table: `cros`.
+        above = exc.message == "unknown key" and key.startswith((exc.key + ".", exc.key + "["))
+        if inside or above:
             return ConfigError(exc.key, f"{exc.message} (set by the environment: {name})")
     return exc
 

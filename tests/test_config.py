@@ -156,6 +156,11 @@ def test_a_misspelt_override_is_reported_under_its_key_naming_the_variable(tmp_p
         "cors.max_age: unknown key (set by the environment: AUTHPROXY__CORS__MAX_AGE)"
     )
     with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CROS__MAX_AGE_S": "60"})
+    assert (
+        str(info.value) == "cros: unknown key (set by the environment: AUTHPROXY__CROS__MAX_AGE_S)"
+    )
+    with pytest.raises(ConfigError) as info:
         config.load(path, environ={"AUTHPROXY__CORS__ALLOW_ORIGINS": '["https://a.test", 3]'})
     assert str(info.value).startswith("cors.allow_origins[1]: ")
     assert str(info.value).endswith("(set by the environment: AUTHPROXY__CORS__ALLOW_ORIGINS)")
