@@ -253,3 +253,21 @@ def test_a_narrow_window_keeps_pills_on_one_line_and_event_lines_whole(
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     page.close()
+
+
+def test_a_reload_while_the_idp_is_unreachable_keeps_the_session_and_recovers(
+    browser: Browser, stack: Stack
+) -> None:
+    page = open_page(browser, stack)
+    page.route("**/auth/refresh", lambda route: route.abort("connectionrefused"))
+    page.reload()  # with tokens this short, resuming the session needs a refresh at once
+    expect(page.locator("#error")).to_contain_text(
+        "Token refresh failed (network error)", timeout=15_000
+    )
+    expect(page.locator("#user")).to_have_text("admin@example.com")  # not logged out
+    expect(page.locator("#login-card")).to_be_hidden()
+    page.unroute("**/auth/refresh")
+    expect(page.locator("#ws-state")).to_have_text("open", timeout=20_000)
+    expect(page.locator("#error-box")).to_be_hidden()
+    expect(page.locator("#models-table tr[data-model-id]")).not_to_have_count(0)
+    page.close()

@@ -135,6 +135,10 @@ class ApiClient {
           if (err.status === 401 || err.status === 400 || err.status === 422) {
             this.logout();
             this.onAuthLost(err);
+          } else if (isTransient(err) && this.session.refreshToken) {
+            // Whoever asked (the timer, a 401 retry, a reconnect) gets the error now; the session
+            // does not wait for anyone to ask again: the next try is scheduled, with backoff.
+            this.retryRefreshLater(err);
           }
           throw err;
         }
@@ -173,15 +177,17 @@ class ApiClient {
   refreshNow() {
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
-    return this.refresh().catch((err) => {
-      // A refused refresh token already logged us out; anything else is worth another try.
-      if (!isTransient(err) || !this.session.refreshToken) return;
-      this.refreshFailures += 1;
-      const base = Math.min(REFRESH_MAX_BACKOFF_MS, 1000 * 2 ** (this.refreshFailures - 1));
-      const delay = Math.round(base * (0.75 + Math.random() / 2));
-      this.refreshTimer = setTimeout(() => this.refreshNow(), delay);
-      this.onRefreshTrouble(err, delay);
-    });
+    // refresh() schedules the retry of a transient failure; a refused one has logged us out.
+    return this.refresh().catch(() => {});
+  }
+
+  retryRefreshLater(err) {
+    this.refreshFailures += 1;
+    const base = Math.min(REFRESH_MAX_BACKOFF_MS, 1000 * 2 ** (this.refreshFailures - 1));
+    const delay = Math.round(base * (0.75 + Math.random() / 2));
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = setTimeout(() => this.refreshNow(), delay);
+    this.onRefreshTrouble(err, delay);
   }
 
   async request(method, path, { body, auth = true, retryOn401 = true } = {}) {
@@ -547,10 +553,9 @@ class DemoPage {
         })
         .catch((err) => {
           if (isTransient(err) && this.session.refreshToken) {
-            // The IdP or the network is down for now: keep the session, keep retrying.
+            // The IdP or the network is down for now: keep the session; refresh() has scheduled
+            // its retry and put up the banner.
             this.loggedIn();
-            this.api.refreshNow();
-            this.showError(err, { transient: true });
           } else {
             this.loggedOut(null);
           }
