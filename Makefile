@@ -39,8 +39,20 @@ bench-deps: $(BENCH_STAMP)
 		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# `make run WEB_PORT=5174` (and SIDECAR_PORT, ADMIN_PORT, UPSTREAM_PORT, TOKEN_TTL: the demo's
+# access token lifetime in seconds) moves a port without editing config.toml.
+STACK_ARGS = $(if $(WEB_PORT),--web-port $(WEB_PORT)) $(if $(SIDECAR_PORT),--sidecar-port $(SIDECAR_PORT)) \
+	$(if $(ADMIN_PORT),--admin-port $(ADMIN_PORT)) $(if $(UPSTREAM_PORT),--upstream-port $(UPSTREAM_PORT)) \
+	$(if $(TOKEN_TTL),--token-ttl $(TOKEN_TTL))
+
+# Run from $(shell) on purpose: on a SIGINT sent to make alone (an IDE's stop button, a supervisor)
+# make waits for a recipe's process forever, but dies at once while a $(shell) runs; the stack sees
+# its parent go and stops everything. Its output goes to stderr, so $(shell) returns nothing.
+# (`make -n run` expands recipes: it must not start the demo.)
+DRY_RUN = $(findstring n,$(firstword -$(MAKEFLAGS)))
 run: install
-	$(PY) -m upstream_demo.stack --config config.toml
+	@: $(if $(DRY_RUN),,$(shell exec $(PY) -m upstream_demo.stack --config config.toml $(STACK_ARGS) 1>&2))
+	@exit $(if $(DRY_RUN),0,$(.SHELLSTATUS))
 
 lint: install
 	$(VENV)/bin/ruff check proxy upstream_demo tests bench

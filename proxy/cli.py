@@ -24,9 +24,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config and summarise it")
     check.add_argument("--config")
 
-    hash_key = commands.add_parser("hash-key", help="make an API key (or hash KEY) and its record")
-    hash_key.add_argument("key", nargs="?", help="an existing key to hash (default: a new one)")
+    hash_key = commands.add_parser(
+        "hash-key",
+        help="make an API key (or hash KEY) and its record",
+        description="The record goes to stdout, a new key to stderr: "
+        "`authproxy hash-key --id bot >> keys.toml` leaves a valid keys file and no plaintext key.",
+    )
+    hash_key.add_argument(
+        "key",
+        nargs="?",
+        help="an existing key to hash; '-' reads it from stdin (argv is visible in ps and shell "
+        "history); default: a new one",
+    )
     hash_key.add_argument("--id", default="my-key", help="the key id for the TOML record")
+    hash_key.add_argument(
+        "--scope", action="append", default=[], help="a scope for the record (repeatable)"
+    )
+    hash_key.add_argument(
+        "--keys-file", metavar="PATH", help="append a [[keys]] record to this keys file instead"
+    )
 
     health = commands.add_parser(
         "healthcheck", help="exit 0 when the admin listener's /healthz answers 200 (containers)"
@@ -68,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check-config":
             return _check_config(args.config)
         if args.command == "hash-key":
-            return _hash_key(args.key, args.id)
+            return _hash_key(args.key, args.id, args.scope, args.keys_file)
         if args.command == "healthcheck":
             return _healthcheck(args.config, args.timeout)
         if args.command == "explain":
@@ -120,12 +136,14 @@ def _check_config(path: str | None) -> int:
         f"upstream {settings.upstream.url}"
     )
     print(f"  routes ({len(settings.routes)}):")
+    labels = config.route_names(settings.routes)
     for i, r in enumerate(settings.routes):
         methods = ",".join(r.methods) if r.methods else "*"
         auth = "public" if r.public else " | ".join(r.auth)
         scopes = f" scopes={' '.join(r.scopes)}" if r.scopes else ""
         optional = " (optional)" if r.auth_optional else ""
-        print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}")
+        label = f"  [metrics: {labels[i]}]" if labels[i] != r.path else ""
+        print(f"    [{i}] {methods:<8} {r.path:<24} {auth}{optional}{scopes}{label}")
     providers = settings.auth.jwt.providers
     print(
         f"  jwt providers ({len(providers)}): "
@@ -150,16 +168,54 @@ def _check_config(path: str | None) -> int:
             f"rate limits ({len(settings.rate_limits)}): "
             + (", ".join(rule.name for rule in settings.rate_limits) or "none")
         )
+    overrides = config.env_overrides(os.environ)
+    if overrides:
+        # Names only: an override may carry anything, and this summary ends up in CI logs.
+        print(f"  from the environment ({len(overrides)}; values not shown):")
+        for name, key in overrides:
+            print(f"    {key:<32} {name}")
     return 0
 
 
-def _hash_key(key: str | None, key_id: str) -> int:
-    from .auth.apikeys import key_record, new_key
+def _hash_key(key: str | None, key_id: str, scopes: list[str], keys_file: str | None) -> int:
+    from .auth.apikeys import MIN_KEY_CHARS, key_record, new_key, read_keys_file
 
+    if key == "-":
+        key = sys.stdin.readline().rstrip("\r\n")
+    elif key is not None:
+        print(
+            "authproxy: note: a key on the command line stays in shell history and is visible "
+            "in ps; 'authproxy hash-key -' reads it from stdin",
+            file=sys.stderr,
+        )
+    if key is not None and len(key) < MIN_KEY_CHARS:
+        print(
+            f"authproxy: hash-key: refused: a key shorter than {MIN_KEY_CHARS} characters is "
+            "guessable (omit KEY for a new random one)",
+            file=sys.stderr,
+        )
+        return 2
+    made = key is None
     if key is None:
         key = new_key()
-        print(f"key (give this to the client; it is not stored anywhere): {key}")
-    print(key_record(key_id, key))
+    try:
+        record = key_record(key_id, key, scopes=scopes, table="keys" if keys_file else None)
+    except ValueError as exc:
+        print(f"authproxy: hash-key: {exc}", file=sys.stderr)
+        return 2
+    if keys_file is not None:
+        if os.path.exists(keys_file):
+            taken = {k.id for k in read_keys_file(keys_file)}
+            if key_id in taken:
+                raise ConfigError(f"{keys_file}: keys", f"the id {key_id!r} is already in the file")
+        with open(keys_file, "a", encoding="utf-8") as f:
+            f.write("\n" + record)
+        print(f"authproxy: appended key {key_id!r} to {keys_file}", file=sys.stderr)
+    else:
+        print(record, end="")
+    if made:
+        # stderr: the record on stdout can be redirected into a file without the secret.
+        print(f"key (give this to the client; it is not stored anywhere): {key}", file=sys.stderr)
     return 0
 
 

@@ -609,6 +609,7 @@ class RouteSettings(_Frozen):
     """One `[[routes]]` entry: first match wins."""
 
     path: str
+    name: str | None = None  # the metrics/log label; default the path (see `route_names`)
     methods: tuple[str, ...] = ()
     auth: tuple[str, ...]
     scopes: tuple[str, ...] = ()
@@ -626,6 +627,15 @@ class RouteSettings(_Frozen):
     @classmethod
     def _require_claims(cls, value: ClaimMap) -> ClaimMap:
         return _claim_map(value, "can never match")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not (
+            0 < len(value) <= 100 and value.isprintable() and value == value.strip()
+        ):
+            raise ValueError("must be 1-100 printable characters without surrounding spaces")
+        return value
 
     @field_validator("path")
     @classmethod
@@ -879,6 +889,7 @@ class Settings(_Frozen):
 
     @model_validator(mode="after")
     def _methods_configured(self) -> Settings:
+        route_names(self.routes)  # unique, or a one-line error naming the key
         for i, route in enumerate(self.routes):
             if "jwt" in route.auth and not self.auth.jwt.providers:
                 raise _KeyedError(f"routes[{i}].auth", "uses 'jwt' but no [[auth.jwt.providers]]")
@@ -894,6 +905,42 @@ class Settings(_Frozen):
         if self.server.listen == self.admin.listen:
             raise _KeyedError("admin.listen", "must differ from server.listen")
         return self
+
+
+def route_names(routes: tuple[RouteSettings, ...]) -> tuple[str, ...]:
+    """Each route's stable label (metrics' `route`, the access line's `route`).
+
+    Its `name`, else its path, else — when two routes share a path — the path and its methods
+    (`/api/models POST`), else the path and its rank among its twins (`/api/* (2)`: a shadowed
+    route, which `warnings` reports). Never the route's position in the file: reordering routes
+    must not rename every series. Two routes given one `name` are a `ConfigError`.
+    """
+    counts: dict[str, int] = {}
+    for r in routes:
+        counts[r.path] = counts.get(r.path, 0) + 1
+    names: list[str] = []
+    taken: dict[str, int] = {}
+    for i, r in enumerate(routes):
+        if r.name is not None:
+            name = r.name
+        else:
+            name = r.path
+            if counts[r.path] > 1 and r.methods:
+                name = f"{r.path} {','.join(r.methods)}"
+            twin = 1
+            while name in taken and routes[taken[name]].name is None:
+                twin += 1
+                name = f"{r.path} ({twin})"
+        if name in taken:
+            named = i if r.name is not None else taken[name]
+            other = taken[name] if named == i else i
+            raise _KeyedError(
+                f"routes[{named}].name",
+                f"{name!r} is also routes[{other}]'s label: give each route a unique `name`",
+            )
+        taken[name] = i
+        names.append(name)
+    return tuple(names)
 
 
 class _KeyedError(ValueError):
@@ -974,22 +1021,58 @@ def _with_head(methods: tuple[str, ...]) -> set[str]:
 # --- loading -----------------------------------------------------------------------------------
 
 
-def _env_value(raw: str) -> Any:
-    """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string."""
+# `[::1]:8000`, `[fd00::1]`: an IPv6 listen address or host, not a TOML list cut short.
+_BRACKETED_HOST = re.compile(r"\[[0-9A-Fa-f:.%\w]*:[0-9A-Fa-f:.%\w]*\](:\d+)?\Z")
+
+
+def _env_value(name: str, raw: str) -> Any:
+    """An override's value: a TOML literal if it parses as one (60, true, ["a"]), else a string.
+
+    A value that starts like a list, table or quoted string and does not parse is an error, not
+    a string: `["a", "b"` taken literally would be silently wrong.
+    """
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as exc:
+        if raw.lstrip()[:1] in ("[", "{", '"', "'") and not _BRACKETED_HOST.match(raw):
+            detail = str(exc).split(" (at ", 1)[0]
+            raise ConfigError(name, f"not a valid TOML value: {detail}") from None
         return raw
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Every `AUTHPROXY__*` variable and the key it sets (`routes[0].auth`), sorted by name.
+
+    A name that is almost an override — one underscore after AUTHPROXY, a lower-case prefix, an
+    empty part — is an error naming it: ignored, it would leave the file's value in force unseen.
+    """
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("AUTHPROXY_") or name == "AUTHPROXY_CONFIG":
+            continue
+        if not name.startswith(ENV_PREFIX):
+            if upper.startswith(ENV_PREFIX):
+                raise ConfigError(name, f"malformed override name: write {upper[:11]} in capitals")
+            if "__" in name:
+                raise ConfigError(
+                    name, f"malformed override name: {ENV_PREFIX} takes two underscores"
+                )
+            continue  # AUTHPROXY_SOMETHING_ELSE: not ours to judge
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "malformed override name")
+        key = ""
+        for part in parts:
+            key += f"[{part}]" if part.isdigit() else (f".{part}" if key else part)
+        out.append((name, key))
+    return out
 
 
 def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Apply `AUTHPROXY__SECTION__KEY=value` overrides (list items by index: `ROUTES__0__AUTH`)."""
-    for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name == "AUTHPROXY_CONFIG":
-            continue
+    for name, _ in env_overrides(environ):
         parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
-        if not all(parts):
-            raise ConfigError(name, "malformed override name")
         node: Any = data
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
@@ -1000,12 +1083,23 @@ def apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise ConfigError(name, f"{'.'.join(parts[:depth])} is not a table")
             if last:
-                node[key] = _env_value(environ[name])
+                node[key] = _env_value(name, environ[name])
             else:
                 if isinstance(node, dict) and key not in node:
                     node[key] = {}
                 node = node[key]
     return data
+
+
+def _blame_override(exc: ConfigError, overrides: list[tuple[str, str]]) -> ConfigError:
+    """`exc` with the variable that set its key named: the file does not hold the bad value."""
+    for name, key in overrides:
+        inside = exc.key == key or exc.key.startswith((key + ".", key + "["))
+        # A misspelt table (AUTHPROXY__CROS__MAX_AGE_S) is reported at the table: `cros`.
+        above = exc.message == "unknown key" and key.startswith((exc.key + ".", exc.key + "["))
+        if inside or above:
+            return ConfigError(exc.key, f"{exc.message} (set by the environment: {name})")
+    return exc
 
 
 def _merge_route_cors(data: dict[str, Any]) -> None:
@@ -1118,7 +1212,10 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     environ = os.environ if environ is None else environ
     path = path or default_path(environ)
     data = apply_env(read_toml(path), environ)
-    settings = from_dict(data)
+    try:
+        settings = from_dict(data)
+    except ConfigError as exc:
+        raise _blame_override(exc, env_overrides(environ)) from None
     # Relative file paths in the config are relative to the config file, not the working directory.
     return _resolve_paths(settings, Path(path).resolve().parent)
 

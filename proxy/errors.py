@@ -56,6 +56,8 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     close_code: ClassVar[int] = CLOSE_INTERNAL_ERROR
+    # The access line's `reason` when `details` has none (the body stays as it is).
+    log_reason: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -70,6 +72,8 @@ class ProxyError(Exception):
         self.headers: dict[str, str] = dict(headers or {})
         # Who was refused, when authentication succeeded and authorisation did not (for the log).
         self.identity: Identity | None = None
+        # The method whose credential was refused (the access line's `auth_method`).
+        self.auth_method: str | None = None
 
 
 class BadRequest(ProxyError):
@@ -113,6 +117,8 @@ class Forbidden(ProxyError):
 class InsufficientScope(Forbidden):
     """The caller lacks scopes the route requires (RFC 6750 insufficient_scope)."""
 
+    log_reason = "insufficient_scope"
+
     def __init__(self, missing: list[str], required: list[str], *, bearer: bool = True) -> None:
         message = "missing required scope: " + " ".join(missing)
         headers = {}
@@ -130,6 +136,7 @@ class InsufficientScope(Forbidden):
 class NotFound(ProxyError):
     """No route matches the request."""
 
+    log_reason = "no_route"
     status = 404
     code = "not_found"
     close_code = CLOSE_POLICY_VIOLATION

@@ -8,6 +8,11 @@ judged exactly as the server would. Credentials are shown only as a short SHA-25
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import time
+from typing import Any
 from urllib.parse import urlsplit
 
 from .auth import Attempt, AuthService, consumed_headers, new_key_session
@@ -20,6 +25,7 @@ from .errors import ConfigError
 from .identity import Identity
 from .relay.headers import HeaderPolicy
 from .routing import RouteTable
+from .telemetry.clock import rfc3339
 from .telemetry.metrics import Metrics
 
 
@@ -57,6 +63,63 @@ def _trace_lines(trace: list[Attempt]) -> list[str]:
         found = a.found or "nothing"
         out.append(_line(f"try {a.method}", f"found {found} -> {a.outcome}"))
     return out
+
+
+def _unverified_claims(token: str) -> dict[str, Any] | None:
+    """The token's payload, unverified, for display only; None if it cannot be read."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(raw)
+    except (binascii.Error, ValueError, RecursionError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _ago(seconds: float) -> str:
+    s = abs(round(seconds))
+    span = f"{s} s" if s < 120 else f"{s // 60} min {s % 60} s" if s < 7200 else f"{s / 3600:.1f} h"
+    return f"{span} ago" if seconds >= 0 else f"in {span}"
+
+
+def _time_claim(claims: dict[str, Any], name: str, now: float) -> str | None:
+    value = claims.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None if value is None else f"{name} {value!r} (not a number)"
+    try:
+        return f"{name} {rfc3339(float(value))} ({_ago(now - value)})"
+    except (OverflowError, ValueError, OSError):
+        return f"{name} {value!r} (out of range)"
+
+
+def _token_lines(
+    token: str, provider: str | None, settings_by_name: dict[str, tuple[str, int]]
+) -> list[str]:
+    """What the token says about time and issuer (unverified: its claims are shown, never it),
+    beside the clock and the leeway that judge it, or beside the issuers configured."""
+    claims = _unverified_claims(token)
+    if claims is None:
+        return []
+    now = time.time()
+    iss = claims.get("iss")
+    if provider is None:
+        configured = ", ".join(f"{i!r} ({n})" for n, (i, _) in settings_by_name.items())
+        shown = repr(iss) if isinstance(iss, str) else "none"
+        return [
+            _line("provider", f"none: the token's iss {shown} names no configured provider"),
+            _line("", f"configured issuers: {configured or 'none'}"),
+        ]
+    times = [t for t in (_time_claim(claims, n, now) for n in ("exp", "nbf", "iat")) if t]
+    leeway = settings_by_name[provider][1] if provider in settings_by_name else 0
+    lines = [_line("token", f"iss {iss!r}; " + ("; ".join(times) or "no exp, nbf or iat"))]
+    lines.append(_line("clock", f"now {rfc3339(now)}, leeway {leeway} s (unverified claims)"))
+    exp = claims.get("exp")
+    if isinstance(exp, int | float) and not isinstance(exp, bool) and now >= exp + leeway:
+        since = _ago(now - exp - leeway)
+        lines.append(_line("", f"expired {_ago(now - exp)} (refused since exp + leeway, {since})"))
+    return lines
 
 
 def _key_status(cache: JwksCache) -> str:
@@ -161,16 +224,22 @@ def report(
             if introspectors and opaque(creds.bearer.encode("latin-1")):
                 names = ", ".join(repr(i.name) for i in introspectors)
                 lines.append(_line("provider", f"opaque token: introspected by {names}"))
-            elif provider is None:
-                lines.append(
-                    _line("provider", "none (the token's 'iss' names no configured provider)")
-                )
             else:
-                status = "keys from a file or the environment"
-                for cache in service.jwt.jwks:
-                    if cache.provider.name == provider:
-                        status = _key_status(cache)
-                lines.append(_line("provider", f"{provider!r}: {status}"))
+                configured = {
+                    p.settings.name: (p.settings.issuer, p.settings.leeway_s)
+                    for p in service.jwt.providers
+                }
+                lines.extend(_token_lines(creds.bearer, provider, configured))
+                if provider is None and not any(x.startswith("provider:") for x in lines):
+                    lines.append(
+                        _line("provider", "none (the token's 'iss' names no configured provider)")
+                    )
+                elif provider is not None:
+                    status = "keys from a file or the environment"
+                    for cache in service.jwt.jwks:
+                        if cache.provider.name == provider:
+                            status = _key_status(cache)
+                    lines.append(_line("provider", f"{provider!r}: {status}"))
     lines.extend(_trace_lines(d.attempts or []))
     if limits is not None:
         lines.append(_line("rate limits", limits))

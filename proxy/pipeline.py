@@ -283,7 +283,8 @@ class Pipeline:
                 send, r, InternalError("the sidecar failed on this request"), policy, record
             )
         finally:
-            record.bytes_in, record.bytes_out = exchange.bytes_in, exchange.bytes_out
+            record.bytes_in = exchange.bytes_in
+            record.bytes_out += exchange.bytes_out  # += : an error answer of our own counted
             record.upstream_status = exchange.upstream_status
             record.upstream_seconds = exchange.upstream_seconds
             if upstream_span is not None:
@@ -385,6 +386,7 @@ class Pipeline:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         _refused(record, r, exc)
+        record.bytes_out = len(body)
 
     # --- WebSocket -------------------------------------------------------------------------------
 
@@ -397,7 +399,7 @@ class Pipeline:
         if d.action == "refuse":
             assert d.error is not None
             record = record_of(scope, d)
-            await self._deny(scope, send, r, d.error, d.policy)
+            record.bytes_out = await self._deny(scope, send, r, d.error, d.policy)
             _refused(record, r, d.error)
             self.access.emit(record)
             return
@@ -416,7 +418,7 @@ class Pipeline:
             return
 
         async def deny(exc: ProxyError) -> None:
-            await self._deny(scope, send, r, exc, policy)
+            await self._deny(scope, send, r, exc, policy)  # the tunnel's record counts no body
 
         handshake = Handshake(
             request_id=r.request_id,
@@ -443,8 +445,9 @@ class Pipeline:
 
     async def _deny(
         self, scope: Scope, send: Send, r: Request, exc: ProxyError, policy: CorsPolicy | None
-    ) -> None:
-        """Refuse a WebSocket handshake with a real HTTP status and the JSON error body."""
+    ) -> int:
+        """Refuse a WebSocket handshake with a real HTTP status and the JSON error body; the
+        body's length is returned (the access line's `bytes_out`)."""
         if "websocket.http.response" in scope.get("extensions", {}):
             status, headers, body = render(exc, r.request_id)
             if policy is not None:
@@ -453,14 +456,17 @@ class Pipeline:
                 {"type": "websocket.http.response.start", "status": status, "headers": headers}
             )
             await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": exc.close_code})
+            return len(body)
+        await send({"type": "websocket.close", "code": exc.close_code})
+        return 0
 
 
 def _refused(record: AccessRecord, r: Request, exc: ProxyError) -> None:
     record.status = exc.status
     record.error = exc.code
-    record.reason = exc.details.get("reason")
+    record.reason = exc.details.get("reason") or exc.log_reason
     identity = r.identity or exc.identity
     if identity is not None:
         record.auth_method, record.subject = identity.method, identity.subject
+    elif exc.auth_method is not None:
+        record.auth_method = exc.auth_method  # refused: which credential, never whose

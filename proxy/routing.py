@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import RouteSettings
+from .config import RouteSettings, route_names
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +16,7 @@ class Route:
     prefix: str | None  # "/api/" for "/api/*"; None for an exact pattern
     exact: str | None
     methods: frozenset[str]  # empty: every method
-    name: str  # "routes[1] /api/*": in logs and metric labels
+    name: str  # `name`, default the path: the label in logs and metrics (never the position)
 
     def matches(self, path: str, method: str) -> bool:
         if self.methods and method not in self.methods:
@@ -31,6 +31,7 @@ class RouteTable:
 
     def __init__(self, routes: tuple[RouteSettings, ...]) -> None:
         compiled = []
+        names = route_names(routes)
         for i, r in enumerate(routes):
             # "/api/*" matches "/api/" and everything below it, not "/api" itself; "*" everything.
             prefix = r.path[:-1] if r.path.endswith("*") else None
@@ -46,7 +47,7 @@ class RouteTable:
                     prefix,
                     None if prefix is not None else r.path,
                     frozenset(methods),
-                    f"routes[{i}] {r.path}",
+                    names[i],
                 )
             )
         self.routes: tuple[Route, ...] = tuple(compiled)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -52,20 +53,124 @@ def test_check_config_reads_the_config_path_from_the_environment(tmp_path: Path)
     assert "server.listen" in result.stderr
 
 
-def test_hash_key_prints_a_new_key_and_its_record() -> None:
+def test_check_config_shows_which_keys_the_environment_set_without_their_values() -> None:
+    env = {
+        **os.environ,
+        "AUTHPROXY__CORS__MAX_AGE_S": "61",
+        "AUTHPROXY__UPSTREAM__URL": "http://127.0.0.1:9999",
+    }
+    result = run("check-config", "--config", str(ROOT / "config.toml"), env=env)
+    assert result.returncode == 0, result.stderr
+    assert "from the environment (2; values not shown):" in result.stdout
+    assert re.search(r"cors\.max_age_s +AUTHPROXY__CORS__MAX_AGE_S", result.stdout)
+    assert re.search(r"upstream\.url +AUTHPROXY__UPSTREAM__URL", result.stdout)
+    assert "61" not in result.stdout
+    plain = run("check-config", "--config", str(ROOT / "config.toml"))
+    assert "from the environment" not in plain.stdout
+
+
+def test_check_config_names_a_misspelt_environment_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "AUTHPROXY_CORS__MAX_AGE_S": "61"}
+    result = run("check-config", "--config", str(ROOT / "config.toml"), env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "authproxy: config error: AUTHPROXY_CORS__MAX_AGE_S: malformed override name: "
+        "AUTHPROXY__ takes two underscores"
+    )
+
+
+def test_hash_key_prints_the_record_on_stdout_and_the_new_key_on_stderr_only() -> None:
     result = run("hash-key", "--id", "ci-bot")
     assert result.returncode == 0
-    key = re.search(r"key .*: (\S+)", result.stdout)
+    key = re.search(r"key .*: (\S+)", result.stderr)
     assert key is not None
+    assert key.group(1) not in result.stdout
     digest = hashlib.sha256(key.group(1).encode()).hexdigest()
     assert f'sha256 = "{digest}"' in result.stdout
     assert 'id = "ci-bot"' in result.stdout
 
 
 def test_hash_key_hashes_a_given_key_without_echoing_it_as_new() -> None:
-    result = run("hash-key", "my-existing-key", "--id", "old")
+    result = run("hash-key", "my-existing-key-0", "--id", "old")
     assert result.returncode == 0
-    assert hashlib.sha256(b"my-existing-key").hexdigest() in result.stdout
+    assert hashlib.sha256(b"my-existing-key-0").hexdigest() in result.stdout
+    assert "my-existing-key-0" not in result.stdout + result.stderr
+    assert "ps" in result.stderr  # the warning that argv is visible
+
+
+def test_hash_key_reads_a_given_key_from_stdin() -> None:
+    result = subprocess.run(
+        [*AUTHPROXY, "hash-key", "-", "--id", "piped", "--scope", "models:read"],
+        input="a-key-from-the-vault-1234\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(b"a-key-from-the-vault-1234").hexdigest() in result.stdout
+    assert 'scopes = ["models:read"]' in result.stdout
+    assert "a-key-from-the-vault" not in result.stdout + result.stderr
+
+
+def test_hash_key_refuses_a_short_key() -> None:
+    result = run("hash-key", "hunter2", "--id", "weak")
+    assert result.returncode == 2
+    assert "shorter than 16 characters" in result.stderr
+    assert "sha256" not in result.stdout
+
+
+def _config_with_keys_file(tmp_path: Path, keys: Path) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[auth.api_keys]\nkeys_file = {json.dumps(str(keys))}\n"
+        '[[routes]]\npath = "/api/*"\nauth = ["api_key"]\n'
+    )
+    return config
+
+
+def test_hash_key_appended_to_a_keys_file_leaves_a_file_check_config_accepts(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nid = "first"\nsha256 = "' + "0" * 64 + '"\n')
+    config = _config_with_keys_file(tmp_path, keys)
+    # What the issue's newcomer typed: `authproxy hash-key --id bot >> keys.toml`.
+    with keys.open("a") as out:
+        result = subprocess.run(
+            [*AUTHPROXY, "hash-key", "--id", "bot"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+    assert result.returncode == 0
+    key = re.search(r"key .*: (\S+)", result.stderr)
+    assert key is not None and key.group(1) not in keys.read_text()
+    check = run("check-config", "--config", str(config))
+    assert check.returncode == 0, check.stderr
+    assert "api keys: 0 inline" in check.stdout
+
+    from proxy.auth.apikeys import read_keys_file
+
+    assert [k.id for k in read_keys_file(str(keys))] == ["first", "bot"]
+
+
+def test_hash_key_keys_file_option_appends_a_keys_record_and_refuses_a_taken_id(
+    tmp_path: Path,
+) -> None:
+    keys = tmp_path / "keys.toml"
+    result = run("hash-key", "--id", "bot", "--keys-file", str(keys))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert keys.read_text().lstrip().startswith("[[keys]]")
+    config = _config_with_keys_file(tmp_path, keys)
+    assert run("check-config", "--config", str(config)).returncode == 0
+    again = run("hash-key", "--id", "bot", "--keys-file", str(keys))
+    assert again.returncode == 2
+    assert "'bot' is already in the file" in again.stderr
+    assert keys.read_text().count("[[keys]]") == 1
 
 
 EXPLAIN_CONFIG = """

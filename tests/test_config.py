@@ -151,6 +151,74 @@ def test_a_bad_override_names_the_variable(tmp_path: Path) -> None:
         config.load(path, environ={"AUTHPROXY__CORS__MAX_AGE_S": "soon"})
 
 
+def test_a_misspelt_override_is_reported_under_its_key_naming_the_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[cors]\nmax_age_s = 600\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__MAX_AGE": "60"})
+    assert str(info.value) == (
+        "cors.max_age: unknown key (set by the environment: AUTHPROXY__CORS__MAX_AGE)"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CROS__MAX_AGE_S": "60"})
+    assert (
+        str(info.value) == "cros: unknown key (set by the environment: AUTHPROXY__CROS__MAX_AGE_S)"
+    )
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_ORIGINS": '["https://a.test", 3]'})
+    assert str(info.value).startswith("cors.allow_origins[1]: ")
+    assert str(info.value).endswith("(set by the environment: AUTHPROXY__CORS__ALLOW_ORIGINS)")
+    # An error in the file itself blames no variable.
+    path.write_text("[cors]\nmax_age_s = 'x'\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={"AUTHPROXY__CORS__ALLOW_CREDENTIALS": "true"})
+    assert "environment" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "expected"),
+    [
+        ("AUTHPROXY_CORS__MAX_AGE_S", "60", "AUTHPROXY__ takes two underscores"),
+        ("authproxy__cors__max_age_s", "60", "write AUTHPROXY__ in capitals"),
+        ("AUTHPROXY__CORS____MAX_AGE_S", "60", "malformed override name"),
+        ("AUTHPROXY__CORS__ALLOW_ORIGINS", '["https://a.test"', "not a valid TOML value"),
+        ("AUTHPROXY__UPSTREAM__URL", '"http://10.0.0.5', "not a valid TOML value"),
+    ],
+)
+def test_a_malformed_override_is_an_error_not_ignored(
+    tmp_path: Path, name: str, value: str, expected: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        config.load(path, environ={name: value})
+    assert str(info.value).startswith(f"{name}: ") and expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_an_ipv6_listen_address_from_the_environment_is_not_a_malformed_list(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    settings = config.load(path, environ={"AUTHPROXY__SERVER__LISTEN": "[::1]:8100"})
+    assert settings.server.listen == "[::1]:8100"
+
+
+def test_other_authproxy_variables_are_not_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    environ = {"AUTHPROXY_CONFIG": str(path), "AUTHPROXY_ARTIFACTS_DIR": "/tmp/x"}
+    assert config.env_overrides(environ) == []
+    config.load(path, environ=environ)
+    assert config.env_overrides(
+        {"AUTHPROXY__ROUTES__0__AUTH": "x", "AUTHPROXY__CORS__MAX_AGE_S": "1"}
+    ) == [
+        ("AUTHPROXY__CORS__MAX_AGE_S", "cors.max_age_s"),
+        ("AUTHPROXY__ROUTES__0__AUTH", "routes[0].auth"),
+    ]
+
+
 def test_missing_file_and_bad_toml_are_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         config.load(tmp_path / "nope.toml", environ={})
@@ -474,3 +542,51 @@ def test_an_api_key_header_the_sidecar_handles_itself_is_refused(header: str) ->
     with pytest.raises(ConfigError) as caught:
         config.from_dict({"auth": {"api_keys": {"header": header}}})
     assert str(caught.value).startswith("auth.api_keys.header")
+
+
+def _routes(*routes: dict[str, Any]) -> dict[str, Any]:
+    return {"routes": list(routes)}
+
+
+def test_a_routes_label_is_its_name_else_its_path_never_its_position() -> None:
+    api = {"path": "/api/*", "auth": "public"}
+    ws = {"path": "/ws", "auth": "public", "name": "live-feed"}
+    first = config.from_dict(_routes(api, ws))
+    reordered = config.from_dict(_routes(ws, api))
+    assert config.route_names(first.routes) == ("/api/*", "live-feed")
+    assert config.route_names(reordered.routes) == ("live-feed", "/api/*")
+
+
+def test_routes_sharing_a_path_are_told_apart_by_their_methods() -> None:
+    settings = config.from_dict(
+        _routes(
+            {"path": "/api/models", "methods": ["POST"], "auth": "public"},
+            {"path": "/api/models", "auth": "public"},
+        )
+    )
+    assert config.route_names(settings.routes) == ("/api/models POST", "/api/models")
+    # Twins without methods (the later one is shadowed: a warning, not an error) stay apart too.
+    twins = config.from_dict(
+        _routes({"path": "/x", "auth": "public"}, {"path": "/x", "auth": "public"})
+    )
+    assert config.route_names(twins.routes) == ("/x", "/x (2)")
+
+
+def test_two_routes_with_one_name_are_a_one_line_error_naming_the_key() -> None:
+    message = error_of(
+        _routes(
+            {"path": "/a", "auth": "public", "name": "api"},
+            {"path": "/b", "auth": "public", "name": "api"},
+        )
+    )
+    assert message == (
+        "routes[1].name: 'api' is also routes[0]'s label: give each route a unique `name`"
+    )
+    # A name that is another route's path (its default label) is the same clash.
+    clash = _routes(
+        {"path": "/a", "auth": "public", "name": "/b"}, {"path": "/b", "auth": "public"}
+    )
+    assert error_of(clash).startswith("routes[0].name: '/b' is also routes[1]'s label")
+    assert error_of(_routes({"path": "/a", "auth": "public", "name": " x"})).startswith(
+        "routes[0].name: must be 1-100 printable characters"
+    )

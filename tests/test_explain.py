@@ -117,6 +117,50 @@ async def test_an_expired_token_gives_the_exact_reason(jwks: dict[str, Any]) -> 
     assert tok not in text
 
 
+async def test_an_expired_token_shows_exp_how_long_ago_the_leeway_and_the_clock(
+    jwks: dict[str, Any],
+) -> None:
+    exp = int(time.time()) - 3600
+    tok = token(exp=exp, iat=exp - 300)
+    ok, text = await explain(
+        settings(jwks["url"]), "GET", "/api/models", [("Authorization", f"Bearer {tok}")]
+    )
+    assert not ok
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(exp))
+    token_line = next(line for line in text.splitlines() if line.startswith("token:"))
+    assert (
+        f"exp {stamp}.000Z (60 min 0 s ago)" in token_line
+        or f"exp {stamp}.000Z (60 min 1 s ago)" in token_line
+    )
+    assert f"iss '{ISS}'" in token_line and "iat " in token_line
+    clock = next(line for line in text.splitlines() if line.startswith("clock:"))
+    assert "leeway 30 s" in clock and time.strftime("%Y-%m-%dT", time.gmtime()) in clock
+    assert "expired 60 min" in text and "(refused since exp + leeway, 59 min" in text
+    assert tok not in text and tok.split(".")[1] not in text
+
+
+async def test_a_valid_token_shows_when_it_expires(jwks: dict[str, Any]) -> None:
+    ok, text = await explain(
+        settings(jwks["url"]), "GET", "/api/models", [("Authorization", f"Bearer {token()}")]
+    )
+    assert ok
+    assert "(in 5 min 0 s)" in text or "(in 4 min 59 s)" in text
+    assert "expired" not in text
+
+
+async def test_an_unknown_issuer_shows_the_tokens_iss_beside_the_configured_ones(
+    jwks: dict[str, Any],
+) -> None:
+    tok = token(iss="https://elsewhere.test")
+    ok, text = await explain(
+        settings(jwks["url"]), "GET", "/api/models", [("Authorization", f"Bearer {tok}")]
+    )
+    assert not ok
+    assert "the token's iss 'https://elsewhere.test' names no configured provider" in text
+    assert f"configured issuers: '{ISS}' (demo)" in text
+    assert "REFUSED 401 unauthorized: unknown issuer" in text
+
+
 async def test_methods_tried_in_order_and_scope_refusal(jwks: dict[str, Any]) -> None:
     ok, text = await explain(
         settings(jwks["url"]), "POST", "/api/admin/reset", [("X-API-Key", API_KEY)]

@@ -2,7 +2,10 @@
 
 Both uvicorn servers share one event loop. Neither installs signal handlers of its own (uvicorn's
 would only stop the server that installed them last); this module catches SIGINT/SIGTERM once and
-stops both. A second Ctrl-C forces the exit without waiting for open connections.
+stops both. A second Ctrl-C forces the exit without waiting for open connections; a signal that
+comes within a second of the first is the same stop, not a second one (Ctrl-C under `make run`
+reaches this process twice: from the terminal and from the stack), so it never cuts the lifespan
+shutdown short into a CancelledError traceback.
 """
 
 from __future__ import annotations
@@ -171,9 +174,21 @@ async def _run(server: uvicorn.Server) -> None:
         await server.serve()
 
 
+_SAME_STOP_S = 1.0
+
+
 async def serve(args: argparse.Namespace) -> int:
     servers = build_servers(args)
     loop = asyncio.get_running_loop()
+    first_signal: float | None = None
+
+    def on_signal() -> None:
+        nonlocal first_signal
+        now = loop.time()
+        if first_signal is not None and now - first_signal < _SAME_STOP_S:
+            return
+        first_signal = first_signal if first_signal is not None else now
+        stop()
 
     def stop() -> None:
         for server in servers:
@@ -182,7 +197,7 @@ async def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(sig, on_signal)
     try:
         tasks = [asyncio.create_task(_run(server)) for server in servers]
         while not all(s.started for s in servers) and not any(t.done() for t in tasks):

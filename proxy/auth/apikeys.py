@@ -33,6 +33,10 @@ from .rejected import Rejected
 log = logging.getLogger("authproxy.auth")
 
 MAX_KEY_CHARS = 4096
+MIN_KEY_CHARS = 16  # `hash-key` refuses shorter keys: guessable, and new_key() gives 46
+# A keys file holds `[[keys]]`; the config's own table name is accepted too, so the record
+# `authproxy hash-key` prints by default can be appended to either file.
+_KEYS_FILE_TABLES = ("keys", "auth")
 INVALID_KEY = ("invalid_api_key", "invalid API key")  # what a client hears for every bad key
 _MAX_TIMER_S = 60.0  # re-check expiries at least this often (wall clock may jump)
 
@@ -48,13 +52,13 @@ def hash_key(key: str) -> str:
 
 
 def key_record(
-    key_id: str, key: str, *, table: str = "auth.api_keys.keys", scopes: Iterable[str] = ()
+    key_id: str, key: str, *, table: str | None = None, scopes: Iterable[str] = ()
 ) -> str:
-    """The TOML block to paste into the config (or, with table="keys", into `keys_file`)."""
+    """The TOML block for the config or `keys_file` (both read it; "keys" is the short table)."""
     if not key_id:
         raise ValueError("a key id is required")
     return (
-        f"[[{table}]]\n"
+        f"[[{table or 'auth.api_keys.keys'}]]\n"
         f"id = {json.dumps(key_id)}\n"
         f'sha256 = "{hash_key(key)}"\n'
         f"scopes = {json.dumps(list(scopes))}\n"
@@ -87,12 +91,22 @@ def _file_signature(path: str) -> tuple[int, int, int] | None:
 def read_keys_file(path: str) -> tuple[ApiKeySettings, ...]:
     """Parse and validate a keys file; every problem is a `ConfigError` naming file and key."""
     data = read_toml(path)
-    extra = sorted(set(data) - {"keys"})
+    extra = sorted(set(data) - set(_KEYS_FILE_TABLES))
     if extra:
         raise ConfigError(f"{path}: {extra[0]}", "unknown key (the file holds only [[keys]])")
     items = data.get("keys", [])
     if not isinstance(items, list):
         raise ConfigError(f"{path}: keys", "expected [[keys]] tables")
+    nested = data.get("auth", {})
+    if nested:
+        # [[auth.api_keys.keys]] records, as `hash-key` prints them for the config file.
+        api_keys = nested.get("api_keys") if isinstance(nested, dict) else None
+        more = api_keys.get("keys") if isinstance(api_keys, dict) else None
+        if not isinstance(more, list) or len(nested) != 1 or len(api_keys or ()) != 1:
+            raise ConfigError(
+                f"{path}: auth", "only [[auth.api_keys.keys]] records may stand beside [[keys]]"
+            )
+        items = [*items, *more]
     out = []
     for i, item in enumerate(items):
         try:

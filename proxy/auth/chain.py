@@ -95,10 +95,13 @@ class Chain:
                             }
                         },
                     )
-                raise Unauthorized(
+                refused = Unauthorized(
                     message, details={"reason": reason, "method": name}, bearer=bearer
-                ) from None
+                )
+                refused.auth_method = name
+                raise refused from None
             except ProxyError as exc:
+                exc.auth_method = name
                 self._count(name, str(exc.details.get("reason", exc.code)))
                 if trace is not None:
                     trace.append(Attempt(name, found, f"failed: {exc.message}"))

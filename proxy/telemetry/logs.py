@@ -31,6 +31,33 @@ ACCESS = logging.getLogger("authproxy.access")
 _JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
+# uvicorn's lines are the sidecar's server talking ("Started server process", "Shutting down"):
+# written under our own name, so an alert on a logger called `*.error` is not set off by them.
+SERVER_LOGGER = "authproxy.server"
+# uvicorn's lines whose level says more than they mean: per-WebSocket chatter, and a client's
+# malformed input, which is the client's problem and already answered (400, 1007).
+_HONEST_LEVELS = {
+    "connection open": logging.DEBUG,
+    "connection closed": logging.DEBUG,
+    "Invalid HTTP request received.": logging.INFO,
+    "Unsupported upgrade request.": logging.INFO,
+    "Invalid UTF-8 sequence received from client.": logging.INFO,
+}
+
+
+def _logger_name(record: logging.LogRecord) -> str:
+    name = record.name
+    return SERVER_LOGGER if name == "uvicorn" or name.startswith("uvicorn.") else name
+
+
+def _honest_level(record: logging.LogRecord) -> bool:
+    level = _HONEST_LEVELS.get(str(record.msg))
+    if level is not None and level != record.levelno:
+        record.levelno, record.levelname = level, logging.getLevelName(level)
+        return logging.getLogger(record.name).isEnabledFor(level)
+    return True
+
+
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON object; `extra={"fields": {...}}` adds keys."""
 
@@ -38,7 +65,7 @@ class JsonFormatter(logging.Formatter):
         line: dict[str, Any] = {
             "time": rfc3339(record.created),
             "level": record.levelname.lower(),
-            "logger": record.name,
+            "logger": _logger_name(record),
             "message": record.getMessage(),
         }
         request_id = request_id_var.get()
@@ -250,8 +277,9 @@ def configure(level: str = "info", flush_interval_s: float = 0.1) -> None:
         logger.propagate = False
         logger.setLevel(level.upper())
     uvicorn_error = logging.getLogger("uvicorn.error")
-    if _not_a_handshake_line not in uvicorn_error.filters:
-        uvicorn_error.addFilter(_not_a_handshake_line)
+    for keep in (_not_a_handshake_line, _honest_level):
+        if keep not in uvicorn_error.filters:
+            uvicorn_error.addFilter(keep)
     logging.getLogger("uvicorn.access").disabled = True
 
 

@@ -9,7 +9,14 @@ WebSocket gauge over the live ones.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -21,6 +28,9 @@ class Metrics:
     """Every metric the sidecar exports; one instance per app."""
 
     def __init__(self) -> None:
+        # No `*_created` series: one per labelled child, a timestamp no dashboard reads, and a
+        # doubling of what every scrape carries. (prometheus_client's switch is process-wide.)
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(

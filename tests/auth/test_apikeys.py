@@ -319,6 +319,18 @@ def test_new_key_hash_key_and_the_record_round_trip() -> None:
     assert tomllib.loads(tricky)["keys"][0]["id"] == 'we"ird\nid'
 
 
+def test_a_keys_file_reads_config_style_records_beside_its_own(tmp_path: Path) -> None:
+    from proxy.auth.apikeys import read_keys_file
+
+    path = tmp_path / "keys.toml"
+    path.write_text(key_record("short", KEY_A, table="keys") + key_record("long", KEY_B))
+    assert [k.id for k in read_keys_file(str(path))] == ["short", "long"]
+    path.write_text(key_record("short", KEY_A, table="keys") + "[auth.jwt]\nx = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        read_keys_file(str(path))
+    assert str(caught.value).startswith(f"{path}: auth: only [[auth.api_keys.keys]]")
+
+
 async def test_unknown_disabled_and_expired_keys_look_alike_to_the_client(
     make_service: MakeService, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -110,9 +110,7 @@ def test_an_sse_stream_ends_with_auth_expired_within_a_second_of_expiry(
     try:
         bearer = token(2.0)
         expires = jwt.decode(bearer, options={"verify_signature": False})["exp"]
-        found, ended = events(
-            sidecar, "/sse?n=40&delay=0.1", {"Authorization": f"Bearer {bearer}"}
-        )
+        found, ended = events(sidecar, "/sse?n=40&delay=0.1", {"Authorization": f"Bearer {bearer}"})
         assert 5 <= len(found) < 40  # upstream events flowed until the token expired
         assert all(e["event"] == "message" for e in found[:-1])
         last = found[-1]

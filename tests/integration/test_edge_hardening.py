@@ -130,6 +130,7 @@ def test_with_forward_headers_the_upstream_receives_only_the_listed_headers(
             "x-forwarded-proto",
             "x-forwarded-host",
             "x-request-id",
+            "traceparent",  # the sidecar's own (kept or started: tracing.py)
         }
     finally:
         s.stop()

@@ -17,7 +17,7 @@ import pytest
 from playwright.async_api import Page, async_playwright, expect
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
 from upstream_demo.app import create_app, create_web_app
@@ -26,11 +26,14 @@ ServeApp = Callable[..., AbstractAsyncContextManager[str]]
 
 
 class BearerGate:
-    """A minimal stand-in for the sidecar: `/api/*` needs a bearer token, `/ws` an access_token."""
+    """A minimal stand-in for the sidecar: `/api/*` needs a bearer token, `/ws` a `bearer.<token>`
+    subprotocol, which it echoes back as the sidecar does (browsers fail a handshake that selects
+    none of the offered subprotocols)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         self.seen_tokens: list[str] = []
+        self.ws_queries: list[bytes] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/api/"):
@@ -41,8 +44,20 @@ class BearerGate:
                 await JSONResponse(body, status_code=401)(scope, receive, send)
                 return
             self.seen_tokens.append(auth.removeprefix("Bearer "))
-        if scope["type"] == "websocket" and b"access_token=" not in scope["query_string"]:
-            await send({"type": "websocket.close", "code": 4401})
+        if scope["type"] == "websocket":
+            self.ws_queries.append(scope["query_string"])
+            offered = scope.get("subprotocols") or []
+            bearer = next((p for p in offered if p.startswith("bearer.")), None)
+            if bearer is None:
+                await send({"type": "websocket.close", "code": 4401})
+                return
+
+            async def echo(message: Message) -> None:
+                if message["type"] == "websocket.accept" and not message.get("subprotocol"):
+                    message = {**message, "subprotocol": bearer}
+                await send(message)
+
+            await self.app(scope, receive, echo)
             return
         await self.app(scope, receive, send)
 
@@ -94,6 +109,7 @@ async def run_the_story(page: Page, gate: BearerGate, shot: Path) -> None:
     await expect(rows).to_have_count(3)
     await expect(page.locator("#ws-state")).to_have_text("open")
     assert gate.seen_tokens, "the page called /api without a bearer token"
+    assert gate.ws_queries == [b""], "the token rides in the subprotocol, never in the URL"
     subscribed = page.locator("#events .note", has_text="subscribed to models")
     await expect(subscribed).to_have_count(1)  # events published before this would be missed
 

@@ -118,11 +118,15 @@ def test_make_run_stack_serves_the_whole_story_in_a_browser(stack: Stack) -> Non
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
 
-            # The viewer may read but not start models: the sidecar's 403 reaches the page.
+            # The viewer may read but not start models: the page offers no enabled button, and
+            # the sidecar's 403 (asked for anyway) reaches the page.
             page.click("#logout-button")
             login(page, "viewer")
             expect(page.locator("#models-table tr[data-model-id]")).to_have_count(3)
-            page.locator('tr[data-model-id="phi-3"] button.start').click()
+            start = page.locator('tr[data-model-id="phi-3"] button.start')
+            expect(start).to_be_disabled()
+            expect(start).to_have_attribute("title", "needs the models:write scope")
+            page.evaluate("() => window.authproxyDemo.modelAction('phi-3', 'start')")
             expect(page.locator("#error")).to_contain_text("models:write", timeout=5_000)
         finally:
             browser.close()

@@ -2,10 +2,16 @@
 //
 // ApiClient  - fetch wrapper: bearer token, proactive refresh ~30 s before expiry, one retry after
 //              refreshing on 401, exponential backoff on network errors, the sidecar's JSON errors.
-// LiveSocket - WebSocket client: token in the query string, state (connecting/open/reconnecting/
-//              closed), backoff + jitter, re-subscription, 4401 -> refresh and reconnect at once,
-//              4403 -> log out, queued sends while disconnected, seq gap detection.
-// UI         - login card, models table, create form, live event log.
+//              A refresh that fails at network level or with a 5xx is retried with backoff until
+//              it works (only a refused refresh token, 400/401/422, logs out).
+// LiveSocket - WebSocket client: the token as a `bearer.<token>` subprotocol (never in the URL,
+//              which browsers print in the console on every failed attempt), state (connecting/
+//              open/reconnecting/closed), backoff + jitter, re-subscription, 4401 -> refresh and
+//              reconnect at once, 4403 -> log out, queued sends while disconnected, seq gap
+//              detection. A refresh that cannot be done now means "reconnect later", not "stop".
+//              Browsers hide a refused handshake's HTTP status: a 401/403 arrives as close 1006.
+// UI         - login card, models table, create form (disabled without models:write), live event
+//              log; a banner about a transient failure clears itself once things work again.
 "use strict";
 
 const CONFIG = Object.assign(
@@ -14,6 +20,7 @@ const CONFIG = Object.assign(
 );
 
 const REFRESH_MARGIN_MS = 30_000; // refresh this long before the access token expires
+const REFRESH_MAX_BACKOFF_MS = 30_000; // a failing refresh is retried at most this far apart
 const NETWORK_RETRIES = 3; // retries after the first attempt for network failures
 const WS_MAX_BACKOFF_MS = 30_000;
 const WS_IDLE_TIMEOUT_MS = 45_000; // three missed heartbeats: the socket is dead even if not closed
@@ -32,7 +39,13 @@ class ApiError extends Error {
     this.requestId = requestId;
     this.details = details;
   }
+  /** Worth trying again later: the network, or the server side (502/503/504...), not the request. */
+  get transient() {
+    return this.status === 0 || this.status >= 500;
+  }
 }
+
+const isTransient = (err) => Boolean(err && (err.status === 0 || err.status >= 500));
 
 /** Tokens for this tab, kept in sessionStorage so a reload stays logged in. */
 class Session {
@@ -74,13 +87,19 @@ class Session {
 }
 
 class ApiClient {
-  constructor(baseUrl, session, { onTokens = () => {}, onAuthLost = () => {} } = {}) {
+  constructor(
+    baseUrl,
+    session,
+    { onTokens = () => {}, onAuthLost = () => {}, onRefreshTrouble = () => {} } = {},
+  ) {
     this.baseUrl = baseUrl.replace(/\/+$/, "");
     this.session = session;
     this.onTokens = onTokens;
     this.onAuthLost = onAuthLost;
+    this.onRefreshTrouble = onRefreshTrouble; // (error, retry delay in ms)
     this.refreshing = null; // one refresh in flight at a time, shared by all callers
     this.refreshTimer = null;
+    this.refreshFailures = 0;
   }
 
   async login(username, password) {
@@ -95,6 +114,7 @@ class ApiClient {
   logout() {
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
+    this.refreshFailures = 0;
     this.session.clear();
   }
 
@@ -115,6 +135,10 @@ class ApiClient {
           if (err.status === 401 || err.status === 400 || err.status === 422) {
             this.logout();
             this.onAuthLost(err);
+          } else if (isTransient(err) && this.session.refreshToken) {
+            // Whoever asked (the timer, a 401 retry, a reconnect) gets the error now; the session
+            // does not wait for anyone to ask again: the next try is scheduled, with backoff.
+            this.retryRefreshLater(err);
           }
           throw err;
         }
@@ -134,6 +158,7 @@ class ApiClient {
   }
 
   acceptGrant(grant) {
+    this.refreshFailures = 0;
     this.session.set(grant);
     this.scheduleRefresh();
     this.onTokens(grant);
@@ -145,12 +170,24 @@ class ApiClient {
     const lifetime = this.session.expiresAt - Date.now();
     // 30 s before expiry; for very short-lived tokens, at 3/4 of their life.
     const due = Math.max(1000, Math.min(lifetime - REFRESH_MARGIN_MS, lifetime * 0.75));
-    this.refreshTimer = setTimeout(() => {
-      this.refresh().catch((err) => {
-        // Network trouble: try again shortly; a refused token already logged us out.
-        if (err.status === 0) this.refreshTimer = setTimeout(() => this.scheduleRefresh(), 5000);
-      });
-    }, due);
+    this.refreshTimer = setTimeout(() => this.refreshNow(), due);
+  }
+
+  /** Refresh now; a transient failure (network, 5xx) is retried with backoff, never dropped. */
+  refreshNow() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    // refresh() schedules the retry of a transient failure; a refused one has logged us out.
+    return this.refresh().catch(() => {});
+  }
+
+  retryRefreshLater(err) {
+    this.refreshFailures += 1;
+    const base = Math.min(REFRESH_MAX_BACKOFF_MS, 1000 * 2 ** (this.refreshFailures - 1));
+    const delay = Math.round(base * (0.75 + Math.random() / 2));
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = setTimeout(() => this.refreshNow(), delay);
+    this.onRefreshTrouble(err, delay);
   }
 
   async request(method, path, { body, auth = true, retryOn401 = true } = {}) {
@@ -211,13 +248,14 @@ class ApiClient {
 }
 
 class LiveSocket {
-  constructor(url, api, { onMessage, onState, onNote, onForbidden }) {
+  constructor(url, api, { onMessage, onState, onNote, onForbidden, onOpen = () => {} }) {
     this.url = url;
     this.api = api;
     this.onMessage = onMessage;
     this.onState = onState;
     this.onNote = onNote;
     this.onForbidden = onForbidden;
+    this.onOpen = onOpen;
     this.ws = null;
     this.state = "closed";
     this.topics = new Set();
@@ -228,6 +266,8 @@ class LiveSocket {
     this.reconnectTimer = null;
     this.idleTimer = null;
     this.connToken = null;
+    this.closing = false;
+    this.connecting = false;
   }
 
   setState(state) {
@@ -268,28 +308,52 @@ class LiveSocket {
     }
   }
 
+  /** Skip the backoff wait (the token was just refreshed: the reason to wait is gone). */
+  reconnectNow() {
+    if (this.stopped || this.ws || this.closing || this.connecting) return;
+    if (this.state !== "reconnecting") return;
+    clearTimeout(this.reconnectTimer);
+    this.connect();
+  }
+
   async connect() {
-    if (this.stopped) return;
+    if (this.stopped || this.ws || this.connecting) return; // one socket at a time
+    clearTimeout(this.reconnectTimer);
     this.setState(this.attempt === 0 ? "connecting" : "reconnecting");
     let token;
+    this.connecting = true; // until the socket exists: a refresh finishing now must not start another
     try {
       token = await this.api.freshToken();
-    } catch {
+    } catch (err) {
+      this.connecting = false;
+      if (this.stopped) return;
+      if (isTransient(err) && this.api.session.refreshToken) {
+        // The refresh could not be done now (network, 5xx): the session is still good; try
+        // again later (ApiClient keeps retrying the refresh too).
+        this.retryLater(`token refresh failed (${err.status || "network"})`);
+        return;
+      }
       token = null;
     }
+    this.connecting = false;
     if (this.stopped) return;
     if (!token) {
       this.stop();
       return;
     }
     this.connToken = token;
-    const ws = new WebSocket(`${this.url}?access_token=${encodeURIComponent(token)}`);
+    // The token rides in a subprotocol (`bearer.<token>`): the sidecar authenticates with it and
+    // echoes it back; a URL with ?access_token= would be printed in the console on every failure.
+    const ws = new WebSocket(this.url, [`bearer.${token}`]);
     this.ws = ws;
     this.lastSeq = null; // seq numbering is per connection
+    let opened = false;
     ws.onopen = () => {
       if (this.ws !== ws) return;
+      opened = true;
       this.attempt = 0;
       this.setState("open");
+      this.onOpen();
       this.armIdleTimer();
       // Re-subscribe first: the server has forgotten our topics. Then flush what queued up,
       // minus subscribes the line above already covers.
@@ -321,7 +385,7 @@ class LiveSocket {
       if (this.ws !== ws) return;
       this.ws = null;
       clearTimeout(this.idleTimer);
-      this.handleClose(event.code, event.reason);
+      this.handleClose(event.code, event.reason, opened);
     };
     // onerror is always followed by onclose, which decides what to do.
     ws.onerror = () => {};
@@ -337,7 +401,16 @@ class LiveSocket {
     }, WS_IDLE_TIMEOUT_MS);
   }
 
-  async handleClose(code, reason) {
+  async handleClose(code, reason, opened = true) {
+    this.closing = true; // decides what comes next: a token refresh now must not also reconnect
+    try {
+      await this.decideAfterClose(code, reason, opened);
+    } finally {
+      this.closing = false;
+    }
+  }
+
+  async decideAfterClose(code, reason, opened) {
     if (this.stopped) return;
     const why = reason ? ` ${reason}` : "";
     if (code === 4401) {
@@ -362,11 +435,27 @@ class LiveSocket {
       this.onForbidden();
       return;
     }
+    if (!opened && this.api.session.accessToken === this.connToken) {
+      // A handshake that never opened: browsers hide its HTTP status (a 401 from the sidecar
+      // arrives as 1006, like a network failure), so the token may be what was refused. A fresh
+      // one costs one refresh; a refused refresh token logs out, a transient failure just waits.
+      try {
+        await this.api.refresh();
+      } catch {
+        // handled by refresh(): logged out, or retried later
+      }
+      if (this.stopped) return;
+    }
+    this.retryLater(`closed ${code}${why}${opened ? "" : " before opening"}`);
+  }
+
+  retryLater(what) {
     const delay = Math.min(WS_MAX_BACKOFF_MS, 500 * 2 ** this.attempt);
     const jittered = Math.round(delay / 2 + Math.random() * (delay / 2));
     this.attempt += 1;
-    this.onNote(`closed ${code}${why}; reconnecting in ${(jittered / 1000).toFixed(1)} s`);
+    this.onNote(`${what}; reconnecting in ${(jittered / 1000).toFixed(1)} s`);
     this.setState("reconnecting");
+    clearTimeout(this.reconnectTimer);
     this.reconnectTimer = setTimeout(() => this.connect(), jittered);
   }
 }
@@ -375,6 +464,8 @@ class LiveSocket {
 // UI
 
 const $ = (selector) => document.querySelector(selector);
+const WRITE_SCOPE = "models:write";
+const WHOAMI_PLACEHOLDER = "Identity headers the sidecar sent upstream appear here.";
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -402,17 +493,32 @@ class DemoPage {
   constructor() {
     this.session = new Session();
     this.api = new ApiClient(CONFIG.apiUrl, this.session, {
-      onTokens: () => this.renderUser(),
+      onTokens: () => {
+        this.renderUser();
+        this.recovered();
+        this.socket.reconnectNow();
+      },
       onAuthLost: (err) => this.loggedOut(`Session ended: ${err.message}`),
+      onRefreshTrouble: (err, delay) => {
+        const why = err.status ? `${err.status} ${err.code}` : "network error";
+        const left = Math.round((this.session.expiresAt - Date.now()) / 1000);
+        const state = left > 0 ? `token expires in ${left} s` : "token expired";
+        this.showError(
+          `Token refresh failed (${why}); retrying in ${(delay / 1000).toFixed(0)} s (${state})`,
+          { transient: true },
+        );
+      },
     });
     this.socket = new LiveSocket(CONFIG.wsUrl, this.api, {
       onMessage: (m) => this.onSocketMessage(m),
       onState: (s) => this.renderSocketState(s),
       onNote: (text, level) => this.note(text, level),
       onForbidden: () => this.loggedOut("Access revoked (WebSocket closed with 4403)"),
+      onOpen: () => this.recovered(),
     });
     this.models = new Map();
     this.reloadTimer = null;
+    this.errorTransient = false; // the banner shows a failure that may go away by itself
   }
 
   init() {
@@ -445,7 +551,15 @@ class DemoPage {
           this.api.scheduleRefresh();
           this.loggedIn();
         })
-        .catch((err) => this.loggedOut(err.status === 0 ? err.message : null));
+        .catch((err) => {
+          if (isTransient(err) && this.session.refreshToken) {
+            // The IdP or the network is down for now: keep the session; refresh() has scheduled
+            // its retry and put up the banner.
+            this.loggedIn();
+          } else {
+            this.loggedOut(null);
+          }
+        });
     } else {
       this.loggedOut(null);
     }
@@ -456,7 +570,10 @@ class DemoPage {
     $("#password").value = password;
   }
 
-  showError(err) {
+  /** Show `err` in the banner (null hides it). A transient one (network, 5xx) clears itself
+   * at the next sign of recovery: fresh tokens, an open socket, an API call that works. */
+  showError(err, { transient = isTransient(err) } = {}) {
+    this.errorTransient = Boolean(err) && transient;
     if (!err) {
       $("#error").textContent = "";
       $("#error-box").hidden = true;
@@ -468,6 +585,10 @@ class DemoPage {
     if (err.requestId) text += ` (request ${err.requestId})`;
     $("#error").textContent = text;
     $("#error-box").hidden = false;
+  }
+
+  recovered() {
+    if (this.errorTransient) this.showError(null);
   }
 
   async login() {
@@ -506,10 +627,18 @@ class DemoPage {
     this.api.logout();
     this.models.clear();
     $("#models-body").textContent = "";
+    $("#whoami").textContent = WHOAMI_PLACEHOLDER;
+    $("#events").textContent = "";
     $("#app-view").hidden = true;
     $("#login-card").hidden = false;
     this.renderUser();
     if (message) this.showError(message);
+  }
+
+  /** May this user change models? The sidecar would refuse them 403 anyway: say so up front. */
+  get canWrite() {
+    const user = this.session.user;
+    return Boolean(user && user.scopes.includes(WRITE_SCOPE));
   }
 
   renderUser() {
@@ -517,12 +646,22 @@ class DemoPage {
     $("#user").textContent = user ? user.sub : "";
     $("#user-scopes").textContent = user ? user.scopes.join(" ") : "";
     $("#user-box").hidden = !user;
+    const write = this.canWrite;
+    for (const id of ["#model-name", "#model-framework", "#create-button"]) $(id).disabled = !write;
+    $("#create-hint").hidden = write || !user;
+    if (this.models.size) this.renderModels();
     this.renderExpiry();
   }
 
   renderExpiry() {
+    const node = $("#token-expiry");
+    if (!this.session.user) {
+      node.textContent = "";
+      return;
+    }
     const left = Math.round((this.session.expiresAt - Date.now()) / 1000);
-    $("#token-expiry").textContent = this.session.user ? `token ${Math.max(0, left)} s` : "";
+    node.textContent = left > 0 ? `token ${left} s` : "token expired";
+    node.classList.toggle("expired", left <= 0);
   }
 
   renderSocketState(state) {
@@ -540,6 +679,7 @@ class DemoPage {
       const total = models.total ?? models.length;
       $("#models-count").textContent = `(${total})`;
       this.renderModels();
+      this.recovered();
     } catch (err) {
       this.showError(err);
     }
@@ -563,6 +703,7 @@ class DemoPage {
   modelRow(model) {
     // Offer only the transition that makes sense from the current status.
     const idle = { start: ["stopped", "stopping"], stop: ["running", "starting"] };
+    const write = this.canWrite;
     const action = (label, verb) => {
       const button = el(
         "button",
@@ -574,7 +715,8 @@ class DemoPage {
         },
         label,
       );
-      button.disabled = !idle[verb].includes(model.status);
+      button.disabled = !write || !idle[verb].includes(model.status);
+      if (!write) button.title = `needs the ${WRITE_SCOPE} scope`;
       return button;
     };
     return el(
@@ -639,6 +781,7 @@ class DemoPage {
         null,
         2,
       );
+      this.recovered();
     } catch (err) {
       this.showError(err);
     }
