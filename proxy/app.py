@@ -17,15 +17,17 @@ import aiohttp
 from .admin import AdminApp
 from .auth import AuthService, consumed_headers, new_key_session
 from .auth.claims import failed_claim
+from .auth.rejected import Rejected
 from .auth.scopes import missing_scopes
 from .config import Settings, digest, pin_restart_only
 from .cors import Cors
-from .errors import ConfigError
+from .errors import ConfigError, ProxyError
+from .identity import Identity
 from .pipeline import Pipeline
 from .relay.headers import HeaderPolicy
 from .relay.http import Forwarder
 from .relay.streams import StreamRegistry
-from .relay.tunnel import Tunnel
+from .relay.tunnel import ReauthRefused, Tunnel
 from .relay.upstream import UpstreamPool
 from .relay.ws_outcomes import (
     KEY_REVOKED,
@@ -206,6 +208,7 @@ class App:
             subscribe_revocations=self.auth.subscribe_revocations,
             subscribe_key_withdrawals=self.auth.subscribe_key_withdrawals,
             access=self.access,
+            reauthenticate=self._reauthenticate,
         )
         await self.tunnel.start()
         self._watch_streams(self.auth)
@@ -312,6 +315,33 @@ class App:
             },
         )
         return True
+
+    async def _reauthenticate(self, token: str, path: str) -> Identity:
+        """An in-band WebSocket re-authentication token, judged as the session's route (as the
+        policy in effect has it) would judge it on a new handshake: the identity, or why not."""
+        assert self.auth is not None
+        route = self.routes.match(path, "GET")
+        if route is None or route.settings.public:
+            raise ReauthRefused("no_route")
+        rs = route.settings
+        try:
+            identity = await self.auth.jwt.verify(token)
+        except Rejected as exc:
+            raise ReauthRefused(exc.client[0] if exc.client else exc.reason) from None
+        except ProxyError as exc:
+            raise ReauthRefused(str(exc.details.get("reason", exc.code))) from None
+        if "jwt" not in rs.auth:
+            raise ReauthRefused("method_not_allowed")
+        if missing_scopes(identity, rs):
+            raise ReauthRefused("insufficient_scope")
+        if rs.require_claims and failed_claim(identity, rs.require_claims) is not None:
+            raise ReauthRefused("claim_mismatch")
+        if self.revocations.active:
+            try:
+                self.revocations.check(identity)
+            except ProxyError:
+                raise ReauthRefused("revoked") from None
+        return identity
 
     def _watch_streams(self, auth: AuthService) -> None:
         """Streams end when `auth` revokes an API key or withdraws a signing key (and no longer

@@ -708,6 +708,9 @@ class WebSocketSettings(_Frozen):
     # permessage-deflate toward clients (browsers over real networks gain from it); each message
     # is still limited to max_message_bytes once inflated.
     client_compression: bool = True
+    # In-band re-authentication: the client's {"type": "authproxy.reauth", "token": ...} frames
+    # are the sidecar's (never forwarded) and move the session's expiry (README: WebSockets).
+    reauth: bool = False
 
 
 class StateSettings(_Frozen):

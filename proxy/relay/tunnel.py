@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -34,12 +35,14 @@ from ..config import Settings
 from ..errors import CLOSE_GOING_AWAY, ProxyError
 from ..identity import Identity
 from ..telemetry.access import AccessLog, AccessRecord
+from ..telemetry.clock import rfc3339
 from ..telemetry.metrics import Metrics
 from ..tls import upstream_context
 from ..types import Message, Receive, Scope, Send
 from .ws_outcomes import (
     CLIENT_GONE,
     INTERNAL,
+    REAUTH_SUBJECT_CHANGED,
     SHUTDOWN,
     Outcome,
     accepted_subprotocol,
@@ -86,6 +89,10 @@ class Handshake:
     record: AccessRecord = dataclasses.field(repr=False, compare=False)
 
 
+def _reauth_label(result: str) -> str:
+    return result if result in ("ok", "subject_changed") else "refused"
+
+
 def utf8_len(text: str) -> int:
     """The length of `text` on the wire."""
     # isascii() is O(1) in CPython: most messages are counted without encoding them.
@@ -104,6 +111,22 @@ class _UpstreamConnect(connect):
         return exc
 
 
+class ReauthRefused(Exception):
+    """A re-authentication frame's token is not accepted; `reason` goes back to the client."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+# Judges a re-authentication token as the session's route (its path) would: the new identity, or
+# ReauthRefused.
+Reauthenticate = Callable[[str, str], Awaitable[Identity]]
+REAUTH_TYPE = "authproxy.reauth"
+_REAUTH_MARK = '"authproxy.reauth"'
+_REAUTH_MAX_CHARS = 64 * 1024  # a token and its envelope; a longer frame is the upstream's
+
+
 class Tunnel:
     """Relays WebSocket sessions between clients and the upstream."""
 
@@ -115,8 +138,11 @@ class Tunnel:
         subscribe_revocations: SubscribeRevocations,
         subscribe_key_withdrawals: SubscribeKeyWithdrawals,
         access: AccessLog | None = None,
+        reauthenticate: Reauthenticate | None = None,
     ) -> None:
         self.metrics = metrics
+        # `websocket.reauth`: None (off) costs a text frame one attribute test.
+        self.reauthenticate = reauthenticate if settings.websocket.reauth else None
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
         self._subscribe_revocations = subscribe_revocations
         self._subscribe_key_withdrawals = subscribe_key_withdrawals
@@ -304,7 +330,7 @@ class Tunnel:
         if s.outcome is not None:
             return  # ended before it began (revoked or draining at registration)
         task = asyncio.current_task()
-        up = asyncio.create_task(self._client_to_upstream(s, upstream, receive))
+        up = asyncio.create_task(self._client_to_upstream(s, upstream, receive, send))
         s.relay = task
         try:
             await self._upstream_to_client(s, upstream, send)
@@ -317,7 +343,7 @@ class Tunnel:
             await asyncio.gather(up, return_exceptions=True)
 
     async def _client_to_upstream(
-        self, s: Session, upstream: ClientConnection, receive: Receive
+        self, s: Session, upstream: ClientConnection, receive: Receive, send: Send
     ) -> None:
         loop = asyncio.get_running_loop()
         messages = self.metrics.websocket_messages.labels("in")
@@ -327,6 +353,14 @@ class Tunnel:
                 message: Message = await receive()
                 if message["type"] == "websocket.receive":
                     text = message.get("text")
+                    if (
+                        text is not None
+                        and self.reauthenticate is not None
+                        and _REAUTH_MARK in text[:_REAUTH_MAX_CHARS]
+                        and await self._reauth(s, text, send)
+                    ):
+                        s.last_activity = loop.time()
+                        continue
                     if text is not None:
                         await upstream.send(text)
                         size = utf8_len(text)
@@ -347,6 +381,46 @@ class Tunnel:
         except Exception:
             log.exception("websocket: relaying to the upstream failed")
             s.end(INTERNAL)
+
+    async def _reauth(self, s: Session, text: str, send: Send) -> bool:
+        """A client frame that may be a re-authentication: True when it was (and is consumed:
+        the upstream never sees it), False to forward it as the upstream's own message."""
+        if len(text) > _REAUTH_MAX_CHARS:
+            return False
+        try:
+            frame = json.loads(text)
+        except ValueError:
+            return False
+        if not isinstance(frame, dict) or frame.get("type") != REAUTH_TYPE:
+            return False
+        assert self.reauthenticate is not None
+        token = frame.get("token")
+        result = "ok"
+        try:
+            if not isinstance(token, str) or not token:
+                raise ReauthRefused("malformed")
+            if s.identity is None or s.identity.method == "api_key":
+                raise ReauthRefused("not_a_token_session")
+            identity = await self.reauthenticate(token, s.path)
+            if (identity.subject, identity.issuer) != (s.identity.subject, s.identity.issuer):
+                result = "subject_changed"
+                s.end(REAUTH_SUBJECT_CHANGED)
+                return True
+            if s.outcome is not None:
+                return True  # ended while the token was being checked
+            self.sessions.reauthenticated(s, identity)
+            expires = identity.expires_at
+            reply: dict[str, Any] = {
+                "type": "authproxy.reauth_ok",
+                "expires_at": rfc3339(expires) if expires is not None else None,
+            }
+        except ReauthRefused as exc:
+            result = exc.reason
+            reply = {"type": "authproxy.reauth_failed", "reason": exc.reason}
+        finally:
+            self.metrics.websocket_reauths.labels(_reauth_label(result)).inc()
+        await send({"type": "websocket.send", "text": json.dumps(reply)})
+        return True
 
     async def _upstream_to_client(self, s: Session, upstream: ClientConnection, send: Send) -> None:
         loop = asyncio.get_running_loop()

@@ -121,6 +121,10 @@ POLICY_CHANGED = Outcome.by_proxy(
 PROVIDER_CHANGED = Outcome.by_proxy(
     "provider_changed", CLOSE_TOKEN_EXPIRED, "token provider changed", CLOSE_GOING_AWAY
 )
+# In-band re-authentication with a token of another subject: a session never changes hands.
+REAUTH_SUBJECT_CHANGED = Outcome.by_proxy(
+    "reauth_subject_changed", CLOSE_REVOKED, "reauth with another subject", CLOSE_GOING_AWAY
+)
 IDLE = Outcome.by_proxy("idle_timeout", CLOSE_NORMAL, "idle timeout")
 LIFETIME = Outcome.by_proxy("lifetime_exceeded", CLOSE_GOING_AWAY, "connection lifetime exceeded")
 DRAINING = Outcome.by_proxy("draining", CLOSE_GOING_AWAY, "server shutting down")

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
@@ -68,7 +68,8 @@ class Session:
     outcome: Outcome | None = None
     # The task relaying upstream -> client while the relay runs; ending the session stops it.
     relay: asyncio.Task[Any] | None = None
-    timers: list[asyncio.TimerHandle] = field(default_factory=list)
+    expiry: asyncio.TimerHandle | None = None  # the credential's end (moved by a reauth)
+    lifetime: asyncio.TimerHandle | None = None  # websocket.max_connection_lifetime_s
     idle_timer: asyncio.TimerHandle | None = None
     wheel_slot: int | None = None  # where the keepalive wheel holds it
     ping_task: asyncio.Future[None] | None = None  # only while a ping waits for its pong
@@ -201,8 +202,9 @@ class SessionRegistry:
 
     def unregister(self, s: Session) -> None:
         """Forget a session that is over: its timers, its keepalive, its index entries."""
-        for timer in s.timers:
-            timer.cancel()
+        for timer in (s.expiry, s.lifetime):
+            if timer is not None:
+                timer.cancel()
         if s.idle_timer is not None:
             s.idle_timer.cancel()
         self._wheel_remove(s)
@@ -218,9 +220,9 @@ class SessionRegistry:
         identity = s.identity
         if identity is not None and identity.valid_until is not None:
             delay = identity.valid_until - time.time()
-            s.timers.append(loop.call_later(max(delay, 0.0), s.end, credential_expired(identity)))
+            s.expiry = loop.call_later(max(delay, 0.0), s.end, credential_expired(identity))
         if ws.max_connection_lifetime_s:
-            s.timers.append(loop.call_later(ws.max_connection_lifetime_s, s.end, LIFETIME))
+            s.lifetime = loop.call_later(ws.max_connection_lifetime_s, s.end, LIFETIME)
         if ws.idle_timeout_s:
             s.idle_timer = loop.call_later(ws.idle_timeout_s, self._idle_check, s, loop)
 
@@ -232,6 +234,23 @@ class SessionRegistry:
             s.end(IDLE)
         else:
             s.idle_timer = loop.call_later(remaining, self._idle_check, s, loop)
+
+    def reauthenticated(self, s: Session, identity: Identity) -> None:
+        """In-band re-authentication (`websocket.reauth`) gave the session a fresh credential of
+        the same subject: its expiry moves, it is indexed under the key that signed the new one."""
+        _unindex(self._by_signing_key, signing_key(s.identity), s)
+        s.identity = identity
+        signer = signing_key(identity)
+        if signer is not None:
+            self._by_signing_key.setdefault(signer, set()).add(s)
+        if s.expiry is not None:
+            s.expiry.cancel()
+            s.expiry = None
+        if identity.valid_until is not None:
+            delay = max(identity.valid_until - time.time(), 0.0)
+            s.expiry = asyncio.get_running_loop().call_later(
+                delay, s.end, credential_expired(identity)
+            )
 
     # --- ended from outside -----------------------------------------------------------------------
 

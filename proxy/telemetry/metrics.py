@@ -59,6 +59,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.websocket_reauths = Counter(
+            "authproxy_websocket_reauths",
+            "In-band WebSocket re-authentications, by result: ok, refused, subject_changed.",
+            ["result"],
+            registry=r,
+        )
         self.websocket_messages = Counter(
             "authproxy_websocket_messages",
             "WebSocket messages relayed, by direction (in: client to upstream).",
