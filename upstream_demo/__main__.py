@@ -101,6 +101,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds a rotated-out key stays in the JWKS (default 2 x --token-ttl)",
     )
     parser.add_argument(
+        "--chat-token-delay",
+        type=float,
+        default=0.04,
+        metavar="S",
+        help="seconds between the tokens of a streamed chat completion (default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -111,6 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.issuer = f"http://127.0.0.1:{args.port}"
     if args.token_ttl <= 0:
         parser.error("--token-ttl must be positive")
+    if args.chat_token_delay < 0:
+        parser.error("--chat-token-delay must not be negative")
     if args.key_rotation_s <= 0:
         parser.error("--key-rotation-s must be positive")
     if args.identity_max_skew_s <= 0:
@@ -137,6 +146,7 @@ def build_servers(args: argparse.Namespace) -> list[uvicorn.Server]:
         identity_secret=_identity_secret(args.identity_secret_env),
         identity_signature=args.identity_signature,
         identity_max_skew_s=args.identity_max_skew_s,
+        token_delay_s=args.chat_token_delay,
     )
     servers: list[uvicorn.Server] = [
         EmbeddedServer(

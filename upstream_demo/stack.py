@@ -146,6 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--token-ttl", type=int, help="demo access token lifetime, s (300)")
     parser.add_argument("--event-interval", type=float, default=3.0)
     parser.add_argument(
+        "--chat-token-delay", type=float, help="seconds between streamed chat tokens (0.04)"
+    )
+    parser.add_argument(
         "--parent-pid",
         type=int,
         default=os.getppid(),
@@ -230,6 +233,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--event-interval",
                 str(args.event_interval),
                 *(["--token-ttl", str(args.token_ttl)] if args.token_ttl else []),
+                *(
+                    ["--chat-token-delay", str(args.chat_token_delay)]
+                    if args.chat_token_delay is not None
+                    else []
+                ),
                 "--api-url",
                 f"http://{public}:{port}",
                 "--ws-url",

@@ -168,8 +168,9 @@ class ApiClient {
     clearTimeout(this.refreshTimer);
     if (!this.session.refreshToken) return;
     const lifetime = this.session.expiresAt - Date.now();
-    // 30 s before expiry; for very short-lived tokens, at 3/4 of their life.
-    const due = Math.max(1000, Math.min(lifetime - REFRESH_MARGIN_MS, lifetime * 0.75));
+    // 30 s before expiry; a token that lives less than four times that, at 3/4 of its life.
+    const early = lifetime > 4 * REFRESH_MARGIN_MS ? lifetime - REFRESH_MARGIN_MS : lifetime * 0.75;
+    const due = Math.max(1000, early);
     this.refreshTimer = setTimeout(() => this.refreshNow(), due);
   }
 
@@ -266,8 +267,39 @@ class LiveSocket {
     this.reconnectTimer = null;
     this.idleTimer = null;
     this.connToken = null;
+    this.reauthToken = null; // a fresh token handed to the open socket, until the sidecar answers
     this.closing = false;
     this.connecting = false;
+  }
+
+  /**
+   * Hand the open socket a refreshed token instead of reconnecting (the sidecar's in-band
+   * re-authentication, `websocket.reauth = true`): it answers `authproxy.reauth_ok` and moves the
+   * session's expiry. Without an answer (or with `reauth_failed`) nothing is lost: at the old
+   * token's expiry the sidecar closes with 4401 and the reconnect path takes over.
+   */
+  reauthenticate(token) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== WebSocket.OPEN || !token || token === this.connToken) return;
+    this.reauthToken = token;
+    ws.send(JSON.stringify({ type: "authproxy.reauth", token }));
+  }
+
+  /** The sidecar's answer to `reauthenticate`; true when `message` was one. */
+  onReauthAnswer(message) {
+    if (message.type === "authproxy.reauth_ok") {
+      this.connToken = this.reauthToken || this.connToken;
+      this.reauthToken = null;
+      const until = message.expires_at ? clock(new Date(message.expires_at)) : "no expiry";
+      this.onNote(`fresh token handed to the open feed (valid until ${until}); no reconnect`);
+      return true;
+    }
+    if (message.type === "authproxy.reauth_failed") {
+      this.reauthToken = null;
+      this.onNote(`the feed kept its old token (${message.reason}); it reconnects at expiry`, "warn");
+      return true;
+    }
+    return false;
   }
 
   setState(state) {
@@ -379,6 +411,7 @@ class LiveSocket {
         }
         this.lastSeq = message.seq;
       }
+      if (this.onReauthAnswer(message)) return;
       this.onMessage(message);
     };
     ws.onclose = (event) => {
@@ -460,6 +493,36 @@ class LiveSocket {
   }
 }
 
+/**
+ * Read a Server-Sent Events body, calling `onEvent(type, data)` for each event; resolves with the
+ * last event (what ended the stream) or null.
+ */
+async function readEvents(body, onEvent) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let last = null;
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return last;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) {
+        last = { event, data: data.join("\n") };
+        onEvent(event, last.data);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // UI
 
@@ -496,6 +559,7 @@ class DemoPage {
       onTokens: () => {
         this.renderUser();
         this.recovered();
+        this.socket.reauthenticate(this.session.accessToken);
         this.socket.reconnectNow();
       },
       onAuthLost: (err) => this.loggedOut(`Session ended: ${err.message}`),
@@ -537,6 +601,10 @@ class DemoPage {
     $("#clear-events").addEventListener("click", () => ($("#events").textContent = ""));
     $("#error-dismiss").addEventListener("click", () => this.showError(null));
     $("#whoami-button").addEventListener("click", () => this.whoami());
+    $("#chat-form").addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.chat($("#chat-question").value);
+    });
     $("#create-form").addEventListener("submit", (e) => {
       e.preventDefault();
       this.createModel();
@@ -784,6 +852,61 @@ class DemoPage {
       this.recovered();
     } catch (err) {
       this.showError(err);
+    }
+  }
+
+  // -- a streamed chat completion (Server-Sent Events through the sidecar) ----------------------
+
+  /**
+   * POST /api/chat/completions with `stream: true`, read as it arrives. The sidecar binds the
+   * stream to the token that opened it: when the token expires (or is revoked) mid-stream it
+   * ends the stream with `event: auth_expired` (or `auth_revoked`) and the JSON error. The page
+   * then refreshes its token and asks again, once.
+   */
+  async chat(question, retried = false) {
+    const out = $("#chat-answer");
+    const status = $("#chat-status");
+    const model = [...this.models.keys()][0];
+    if (!model) {
+      status.textContent = "no model to ask";
+      return;
+    }
+    if (!retried) out.textContent = "";
+    $("#chat-button").disabled = true;
+    status.textContent = "streaming…";
+    try {
+      const token = await this.api.freshToken();
+      const response = await fetch(`${CONFIG.apiUrl}/api/chat/completions`, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+        body: JSON.stringify({ model, stream: true, messages: [{ role: "user", content: question }] }),
+        mode: "cors",
+        credentials: "include",
+      });
+      if (!response.ok) throw await ApiClient.errorFrom(response);
+      const ended = await readEvents(response.body, (event, data) => {
+        if (event === "message" && data !== "[DONE]") {
+          const delta = JSON.parse(data).choices[0].delta.content;
+          if (delta) out.textContent += delta;
+        }
+      });
+      if (ended && ended.event.startsWith("auth_")) {
+        const error = JSON.parse(ended.data);
+        this.note(`chat stream ended by the sidecar: ${ended.event} (${error.details.reason})`, "warn");
+        status.textContent = `${ended.event}: ${error.message}`;
+        if (!retried) {
+          await this.api.refresh();
+          out.textContent += " ⟲ ";
+          return this.chat(question, true);
+        }
+        return;
+      }
+      status.textContent = "done";
+    } catch (err) {
+      status.textContent = "failed";
+      this.showError(err);
+    } finally {
+      $("#chat-button").disabled = false;
     }
   }
 
