@@ -101,7 +101,7 @@ class Pipeline:
         self.tunnel = tunnel
         self.metrics = metrics
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
-        self._in_flight_gauge = metrics.in_flight
+        self._in_flight_count = metrics.in_flight
         self._otel = otel
         self._per_client = settings.upstream.max_concurrent_per_client
         self._in_flight: dict[str, int] = {}  # client address -> upstream requests it has open
@@ -129,12 +129,12 @@ class Pipeline:
     # --- HTTP ------------------------------------------------------------------------------------
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        in_flight = self._in_flight_gauge
-        in_flight.inc()
+        in_flight = self._in_flight_count
+        in_flight.enter()
         try:
             await self._http(scope, receive, send)
         finally:
-            in_flight.dec()
+            in_flight.leave()
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         d = await self.decider.decide(facts_of(scope, websocket=False))

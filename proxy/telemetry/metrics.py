@@ -9,6 +9,8 @@ WebSocket gauge over the live ones.
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -22,6 +24,33 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class InFlight:
+    """Requests being answered. In one process a plain int the gauge reads when scraped (no lock
+    per request); under `server.workers` the gauge itself, since prometheus' multiprocess files
+    cannot call back into a process."""
+
+    __slots__ = ("now", "_gauge", "_shared")
+
+    def __init__(self, gauge: Gauge) -> None:
+        self.now = 0
+        self._gauge = gauge
+        self._shared = MULTIPROCESS_ENV in os.environ
+        if not self._shared:
+            gauge.set_function(lambda: self.now)
+
+    def enter(self) -> None:
+        if self._shared:
+            self._gauge.inc()
+        else:
+            self.now += 1
+
+    def leave(self) -> None:
+        if self._shared:
+            self._gauge.dec()
+        else:
+            self.now -= 1
 
 
 class Metrics:
@@ -53,12 +82,13 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
+        self.in_flight_gauge = Gauge(
             "authproxy_requests_in_flight",
             "HTTP requests being answered now.",
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.in_flight = InFlight(self.in_flight_gauge)
         self.websocket_reauths = Counter(
             "authproxy_websocket_reauths",
             "In-band WebSocket re-authentications, by result: ok, refused, subject_changed.",

@@ -49,7 +49,19 @@ def test_upstream_latency_is_measured_apart_from_the_request(sidecar: Sidecar) -
     assert metric(sidecar, "authproxy_upstream_duration_seconds_count", route) == 1
 
 
-def test_requests_in_flight_go_up_and_come_back(sidecar: Sidecar) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_requests_in_flight_go_up_and_come_back(
+    tmp_path: Path, upstream: Process, workers: int
+) -> None:
+    # One process: an int the gauge reads at scrape time; workers: the multiprocess gauge, summed.
+    sidecar = start_sidecar(tmp_path, upstream.port, server=f"workers = {workers}\n")
+    try:
+        _in_flight_round(sidecar)
+    finally:
+        sidecar.stop()
+
+
+def _in_flight_round(sidecar: Sidecar) -> None:
     assert metric(sidecar, "authproxy_requests_in_flight") == 0
     threads = [
         threading.Thread(target=httpx.get, args=(sidecar.url + "/slow?delay=1",)) for _ in range(3)
