@@ -354,4 +354,22 @@ def render(r: Results, meta: dict[str, str]) -> str:
 
 
 def write(path: Path, results: Results, meta: dict[str, str]) -> None:
-    path.write_text(render(results, meta))
+    """The run's report; sections other bench modules wrote (`python -m bench.state`, ...) and
+    this run does not produce are kept after it, each with the command that made it."""
+    text = render(results, meta)
+    ours = {line for line in text.splitlines() if line.startswith("## ")}
+    kept = [s for s in _sections(path) if s.splitlines()[0] not in ours]
+    path.write_text(text.rstrip("\n") + "\n" + "".join("\n" + s for s in kept))
+
+
+def _sections(path: Path) -> list[str]:
+    """The `## ` sections of an existing report, each up to the next."""
+    if not path.exists():
+        return []
+    sections: list[str] = []
+    for line in path.read_text().splitlines(keepends=True):
+        if line.startswith("## "):
+            sections.append(line)
+        elif sections:
+            sections[-1] += line
+    return [s.rstrip("\n") + "\n" for s in sections]
