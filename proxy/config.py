@@ -1299,6 +1299,12 @@ def pin_restart_only(running: Settings, new: Settings) -> tuple[Settings, list[s
                 update[table] = old_part
             continue
         changed = [k for k in keys if getattr(old_part, k) != getattr(new_part, k)]
+        if table == "server" and (running.server.tls_cert_file is None) != (
+            new.server.tls_cert_file is None
+        ):
+            # A new certificate reloads into the listener's TLS context; turning TLS on or off
+            # is another listener.
+            changed += ["tls_cert_file", "tls_key_file"]
         if changed:
             pinned += [f"{table}.{k}" for k in changed]
             update[table] = new_part.model_copy(update={k: getattr(old_part, k) for k in changed})

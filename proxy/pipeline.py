@@ -436,6 +436,7 @@ class Pipeline:
         # A session lives for hours in this frame: keep nothing it will not read again (the
         # credentials hold the token itself, a kilobyte a socket).
         r.credentials = None
+        r.trace = None  # its id is in the record; the header bytes went with the handshake
         del d
         try:
             await self.tunnel.run(scope, receive, send, handshake)

@@ -307,3 +307,16 @@ def test_rate_limits_come_and_go_with_a_reload(tmp_path: Path, upstream: Process
         assert httpx.get(sidecar.url + "/echo/free-again").status_code == 200
     finally:
         sidecar.stop()
+
+
+def test_turning_tls_on_waits_for_a_restart(tmp_path: Path, upstream: Process) -> None:
+    sidecar = start_sidecar(tmp_path, upstream.port, policy())
+    try:
+        server = f'tls_cert_file = "{tmp_path / "c.pem"}"\ntls_key_file = "{tmp_path / "k.pem"}"\n'
+        rewrite(sidecar, upstream, policy(echo_auth='["api_key"]'), server=server)
+        sighup(sidecar)
+        pinned = {x["key"] for x in lines(sidecar) if x.get("event") == "config_reload_pinned"}
+        assert pinned == {"server.tls_cert_file", "server.tls_key_file"}
+        assert httpx.get(sidecar.url + "/echo/plain").status_code == 401  # still plain HTTP
+    finally:
+        sidecar.stop()
