@@ -80,6 +80,9 @@ class CorkedTransport:
         self._pending = None
         self._transport.abort()
 
+    def is_closing(self) -> bool:  # asked on every response: not through __getattr__
+        return self._transport.is_closing()
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + len(self._pending or b"")
 
@@ -102,6 +105,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._in_head = True
         self._head_bytes = 0
+        self._head_started = 0.0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: BadRequest | None = None
 
@@ -125,7 +129,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        self._start_head_timer()
+        self._start_head_timer()  # usually the connection's timer is still armed: no timer op
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # httptools reports trailer fields through the same callback once the head is over; they
@@ -136,7 +140,8 @@ class BoundedHeadProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._head_bytes = 0
-        self._stop_head_timer()
+        # The timer stays armed: it finds no head in progress when it fires, and a keep-alive
+        # request that follows reuses it (one timer a connection, not two timer calls a request).
         url = self.url
         if url[:1] != b"/" and url != b"*":
             problem = absolute_form_problem(url, [v for n, v in self.headers if n == b"host"])
@@ -146,17 +151,25 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def _start_head_timer(self) -> None:
-        self._stop_head_timer()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._head_started = now = self.loop.time()
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(now + self.head_timeout_s, self._head_check)
 
     def _stop_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
 
-    def _head_timed_out(self) -> None:
+    def _head_check(self) -> None:
+        """The connection's head timer: closes a head still arriving `head_timeout_s` after it
+        began; re-armed for the rest of a head that began later; idle without a head."""
         self._head_timer = None
-        if self._in_head and not self.transport.is_closing():
+        if not self._in_head:
+            return
+        deadline = self._head_started + self.head_timeout_s
+        if self.loop.time() < deadline:
+            self._head_timer = self.loop.call_at(deadline, self._head_check)
+        elif not self.transport.is_closing():
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

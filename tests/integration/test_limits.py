@@ -77,6 +77,22 @@ def test_a_slow_request_head_is_closed_after_the_header_timeout(sidecar: Sidecar
         assert time.monotonic() - started < 3.0
 
 
+def test_each_keep_alive_request_gets_its_own_head_deadline(sidecar: Sidecar) -> None:
+    """One head timer per connection: a second request's slow head is measured from its own
+    start (not cut early by the first request's deadline, nor spared by it)."""
+    with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
+        sock.sendall(b"GET /echo/one HTTP/1.1\r\nHost: a\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.7)  # most of the first head's second gone
+        begun = time.monotonic()
+        sock.sendall(b"GET /echo/two HTTP/1.1\r\nHost: a\r\n")  # ... and never ends
+        sock.settimeout(3)
+        assert sock.recv(1) == b""  # closed
+        waited = time.monotonic() - begun
+        assert 0.9 <= waited < 2.0, waited  # header_timeout_s = 1.0 from the second head
+
+
 def test_a_connection_that_sends_nothing_is_closed(sidecar: Sidecar) -> None:
     with socket.create_connection(("127.0.0.1", sidecar.port)) as sock:
         started = time.monotonic()
