@@ -89,6 +89,7 @@ class App:
         self.config_loaded_at = time.time()
         self._reload_lock: asyncio.Lock | None = None
         self._reloads: set[asyncio.Task[bool]] = set()
+        self._retiring: set[asyncio.Future[None]] = set()  # replaced auth services, stopping
         # Streamed answers bound to their credentials (closed at expiry or revocation).
         self.streams = StreamRegistry()
         self.forwarder.streams = self.streams
@@ -174,6 +175,9 @@ class App:
             revocations=self.revocations,
         )
         pipeline.draining = self.draining
+        if self.pipeline is not None:
+            # Requests in flight through the old pipeline still hold their client slots.
+            pipeline.share_client_counts(self.pipeline)
         return pipeline
 
     def begin_drain(self) -> None:
@@ -298,7 +302,9 @@ class App:
         if auth is not old_auth:
             # Requests in flight keep their route, but not a credential the new policy dropped.
             self.streams.rejudge(lambda identity: auth.still_trusts(identity, old_auth) is not None)
-            await old_auth.stop()
+            # Requests admitted under the old policy may still wait on its key fetches: it
+            # stops once they have had the time a fetch may take.
+            self._retire(old_auth)
         self.config_sha256, self.config_loaded_at = digest(new), time.time()
         self.metrics.config_reloads.labels("ok").inc()
         if self.tls is not None:
@@ -390,6 +396,19 @@ class App:
 
         return verdict
 
+    def _retire(self, auth: AuthService) -> None:
+        grace = max((p.jwks_timeout_s for p in self.settings.auth.jwt.providers), default=5.0)
+
+        async def retire() -> None:
+            try:
+                await asyncio.sleep(grace + 1.0)
+            finally:  # cancelled at shutdown: stop it now
+                await auth.stop()
+
+        task = asyncio.ensure_future(retire())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
     def _reread_files(self) -> None:
         """What every SIGHUP re-reads: key files, and the certificate."""
         if self.auth is not None:
@@ -410,6 +429,10 @@ class App:
     async def shutdown(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        retiring = list(self._retiring)
+        for task in retiring:
+            task.cancel()
+        await asyncio.gather(*retiring, return_exceptions=True)
         if self.tunnel is not None:
             await self.tunnel.stop()
         if self.store is not None:

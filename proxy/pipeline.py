@@ -112,6 +112,10 @@ class Pipeline:
         self._session_cap = limiter is not None and limiter.session_cap is not None
         self.revocations = revocations if revocations is not None else Revocations()
 
+    def share_client_counts(self, other: Pipeline) -> None:
+        """A reload's pipeline counts `max_concurrent_per_client` on from the running one's."""
+        self._in_flight = other._in_flight
+
     @property
     def draining(self) -> bool:
         return self.decider.draining

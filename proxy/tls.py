@@ -67,14 +67,13 @@ def upstream_context(upstream: UpstreamSettings) -> ssl.SSLContext | None:
     """The context for an https upstream (and its wss tunnel), or None for http."""
     if not upstream.url.startswith("https://"):
         return None
-    context = ssl.create_default_context()
-    if upstream.ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=upstream.ca_file)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                "upstream.ca_file", f"cannot load {upstream.ca_file!r}: {_why(exc)}"
-            ) from None
+    try:
+        # With ca_file, that bundle alone is trusted (not added to the system's store).
+        context = ssl.create_default_context(cafile=upstream.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            "upstream.ca_file", f"cannot load {upstream.ca_file!r}: {_why(exc)}"
+        ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_alpn_protocols(["http/1.1"])
     if upstream.client_cert_file is not None and upstream.client_key_file is not None:

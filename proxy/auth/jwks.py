@@ -241,6 +241,13 @@ class JwksCache:
                 # identity: the shared upstream session does not decompress bodies.
                 headers={"Accept": accept, "Accept-Encoding": "identity"},
             ) as resp:
+                if resp.history and discovery_url_problem(url) is None:
+                    # A URL that is https (or http to loopback) may not be redirected anywhere
+                    # weaker: keys fetched over plain http from elsewhere could be anyone's.
+                    for hop in (*(r.url for r in resp.history[1:]), resp.url):
+                        problem = discovery_url_problem(str(hop))
+                        if problem is not None:
+                            raise _FetchFailed(f"redirected to a URL that {problem[:200]}")
                 if resp.status != 200:
                     raise _FetchFailed(f"HTTP {resp.status}")
                 if resp.content_length is not None and resp.content_length > MAX_JWKS_BYTES:

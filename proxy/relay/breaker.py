@@ -74,7 +74,9 @@ class CircuitBreaker:
             self.probing = False
         if ok:
             self.failures = 0
-            if self.state != CLOSED and (probe or self.state == OPEN):
+            # Only the probe closes it: an exchange admitted before it opened that ends well
+            # now says nothing about the upstream of the last `open_s`.
+            if probe and self.state != CLOSED:
                 self._set(CLOSED)
             return
         self.failures += 1

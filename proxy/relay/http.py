@@ -160,6 +160,16 @@ class Exchange:
     identity: Identity | None = None
     request_id: str = ""
     auth_end: str | None = None
+    uploading: bool = False  # a streamed request body is still coming from the client
+
+
+def _upstream_failed(exc: Exception, exchange: Exchange) -> bool:
+    """Whether a failed exchange says the upstream is struggling (what the breaker counts): not
+    the sidecar's own busy pool, nor a deadline that passed while the client was still sending."""
+    reason = exc.details.get("reason") if isinstance(exc, ProxyError) else None
+    if reason == "pool_timeout":
+        return False
+    return not (reason == "deadline" and exchange.uploading)
 
 
 def _is_event_stream(headers: Headers) -> bool:
@@ -195,6 +205,7 @@ class _Upload:
         self._exchange = exchange
         self._chunked = chunked
         self._stall = stall
+        exchange.uploading = True
         self.task = asyncio.ensure_future(self._run())
         stall.upload_task = self.task
 
@@ -222,6 +233,7 @@ class _Upload:
                         conn.write(b"0\r\n\r\n")
                     await conn.drain()
                     self.done = True
+                    exchange.uploading = False
                     return
                 await conn.drain()
         except asyncio.CancelledError:
@@ -339,7 +351,7 @@ class Forwarder:
         exchange: Exchange,
         read_timeout: float | None = None,
         timeout: float | None = None,
-        verdict: list[bool] | None = None,
+        verdict: Callable[[bool], None] | None = None,
         guarded: bool = False,
     ) -> None:
         """Forward; raises ProxyError before the response starts, UpstreamAborted after.
@@ -391,7 +403,7 @@ class Forwarder:
             if conn is None:
                 return  # the client left first
             if verdict is not None:
-                verdict.append(conn.status < 500)  # the breaker's verdict, at the answer's head
+                verdict(conn.status < 500)  # the breaker's verdict, at the answer's head
             try:
                 await self._stream_back(
                     conn, scope, send, receive, upload, stall, response_headers, exchange
@@ -429,17 +441,28 @@ class Forwarder:
             except ProxyError as exc:
                 self._shed(exc)
                 raise
-        # The answer's head decides the breaker's verdict (a stream may last for minutes).
-        verdict: list[bool] | None = [] if breaker is not None else None
+        # The answer's head decides the breaker's verdict, at once: a probe that streams for
+        # minutes must not hold the breaker half-open for as long.
+        decided = False
+
+        def at_head(ok: bool) -> None:
+            nonlocal decided
+            assert breaker is not None
+            decided = True
+            breaker.record(ok, probe)
+
+        entered = False
         try:
-            if self.admission is not None:
-                try:
-                    await self.admission.enter()
-                except ProxyError as exc:
-                    self._shed(exc)
-                    raise
             try:
+                # The route's deadline runs from the request: a wait for a slot counts.
                 async with asyncio.timeout(timeout):  # None: no deadline
+                    if self.admission is not None:
+                        try:
+                            await self.admission.enter()
+                        except ProxyError as exc:
+                            self._shed(exc)
+                            raise
+                        entered = True
                     await self.forward(
                         scope,
                         receive,
@@ -451,7 +474,7 @@ class Forwarder:
                         response_headers=response_headers,
                         exchange=exchange,
                         read_timeout=read_timeout,
-                        verdict=verdict,
+                        verdict=at_head if breaker is not None else None,
                         guarded=True,
                     )
             except TimeoutError:
@@ -461,19 +484,17 @@ class Forwarder:
                     raise UpstreamAborted(f"the route's deadline of {timeout:g} s passed") from None
                 raise deadline_exceeded(timeout) from None
             finally:
-                if self.admission is not None:
+                if entered:
+                    assert self.admission is not None
                     self.admission.leave()
-        except (BadGateway, GatewayTimeout, UpstreamAborted):
-            if breaker is not None and not verdict:
+        except (BadGateway, GatewayTimeout, UpstreamAborted) as exc:
+            if breaker is not None and not decided and _upstream_failed(exc, exchange):
+                decided = True
                 breaker.record(False, probe)
-                probe = False
             raise
         finally:
-            if breaker is not None:
-                if verdict:
-                    breaker.record(verdict[0], probe)
-                else:
-                    breaker.abandon(probe)
+            if breaker is not None and not decided:
+                breaker.abandon(probe)
 
     async def _send_request(
         self,

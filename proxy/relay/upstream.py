@@ -49,6 +49,14 @@ def connect_timeout() -> GatewayTimeout:
     )
 
 
+def pool_timeout() -> GatewayTimeout:
+    """Every pooled connection stayed busy for connect_timeout_s: the sidecar's own capacity
+    (`upstream.max_connections`), not a failure of the upstream (the breaker ignores it)."""
+    return GatewayTimeout(
+        "no upstream connection became free in time", details={"reason": "pool_timeout"}
+    )
+
+
 def read_timeout() -> GatewayTimeout:
     return GatewayTimeout("the upstream did not answer in time", details={"reason": "read_timeout"})
 
@@ -473,7 +481,7 @@ class UpstreamPool:
                 continue
             remaining = deadline - self.loop.time()
             if remaining <= 0:
-                raise connect_timeout()
+                raise pool_timeout()
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
             try:
@@ -484,7 +492,7 @@ class UpstreamPool:
                 elif waiter.done() and not waiter.cancelled():
                     self._wake_one()  # woken, then timed out or cancelled: pass the slot on
                 if isinstance(exc, TimeoutError):
-                    raise connect_timeout() from None
+                    raise pool_timeout() from None
                 raise
             if not fresh and self._idle:
                 conn = self._idle.pop()

@@ -23,6 +23,7 @@ UPSTREAM_FAILURES = frozenset(
     {
         "connect_failed",
         "connect_timeout",
+        "pool_timeout",
         "read_timeout",
         "upstream_disconnected",
         "upstream_error",

@@ -332,3 +332,30 @@ def test_relative_tls_paths_are_relative_to_the_config_file(tmp_path: Path, ca: 
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_ca_file_replaces_the_system_store_rather_than_adding_to_it(
+    tmp_path: Path, ca: trustme.CA
+) -> None:
+    """An upstream whose certificate the *system* store trusts (here SSL_CERT_FILE stands in for
+    it) is refused when ca_file names another CA: ca_file is the whole trust."""
+    system_ca, pinned_ca = ca, trustme.CA()
+    upstream = tls_upstream(tmp_path, system_ca)
+    system_ca.cert_pem.write_to_path(str(tmp_path / "system.pem"))
+    pinned_ca.cert_pem.write_to_path(str(tmp_path / "pinned.pem"))
+    env = {"SSL_CERT_FILE": str(tmp_path / "system.pem")}
+    pinned = start_sidecar(
+        tmp_path,
+        upstream.port,
+        upstream=f'ca_file = "{tmp_path / "pinned.pem"}"',
+        upstream_scheme="https",
+        env=env,
+    )
+    system = start_sidecar(tmp_path, upstream.port, upstream_scheme="https", env=env)
+    try:
+        assert httpx.get(system.url + "/echo/x").status_code == 200  # the stand-in works
+        assert httpx.get(pinned.url + "/echo/x").status_code == 502
+    finally:
+        pinned.stop()
+        system.stop()
+        upstream.stop()

@@ -85,6 +85,80 @@ def test_a_probe_whose_client_left_lets_the_next_request_probe() -> None:
     assert b.admit() is True
 
 
+def test_a_success_admitted_before_the_breaker_opened_does_not_close_it() -> None:
+    clock = Clock()
+    b = CircuitBreaker(2, 60.0, clock=clock)
+    early = b.admit()  # a long stream, admitted while all was well
+    b.record(False, b.admit())
+    b.record(False, b.admit())
+    assert b.state == "open"
+    b.record(True, early)  # ... ends well now: says nothing of the last open_s
+    assert b.state == "open"
+
+
+async def test_a_streaming_probe_decides_at_its_head_not_at_its_end() -> None:
+    """The half-open probe is a long stream: its 200 head closes the breaker at once, so other
+    requests are not refused with circuit_open while it streams."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)
+        if n == 1:
+            w.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\n\r\n")
+        elif n == 2:  # the probe: a head, then a body that takes its time
+            w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1\r\na\r\n")
+            await w.drain()
+            await asyncio.sleep(1.0)
+            w.write(b"0\r\n\r\n")
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await w.drain()
+        w.close()
+
+    async with upstream(handler) as up:
+        fw = _forwarder(up.port, circuit_breaker={"failure_threshold": 1, "open_s": 0.2})
+        assert fw.breaker is not None
+        await _call_route(fw)  # the 500: open
+        assert fw.breaker.state == "open"
+        await asyncio.sleep(0.25)
+        probe = asyncio.ensure_future(_call_route(fw))
+        deadline = asyncio.get_running_loop().time() + 2
+        while fw.breaker.state != "closed":
+            assert asyncio.get_running_loop().time() < deadline, fw.breaker.details()
+            await asyncio.sleep(0.02)
+        assert not probe.done()  # closed while the probe still streams
+        other = await _call_route(fw)
+        assert other[0]["status"] == 200
+        await probe
+        assert fw.pool is not None
+        await fw.pool.close()
+
+
+async def test_a_busy_pool_is_not_the_upstream_failing() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await up.read_request(r)
+        await asyncio.sleep(1.0)
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await w.drain()
+
+    async with upstream(handler) as up:
+        fw = _forwarder(
+            up.port,
+            max_connections=1,
+            connect_timeout_s=0.1,
+            circuit_breaker={"failure_threshold": 1, "open_s": 30},
+        )
+        assert fw.breaker is not None
+        holder = asyncio.ensure_future(_call_route(fw))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ProxyError) as waited:
+            await _call_route(fw)
+        assert waited.value.details["reason"] == "pool_timeout"
+        assert fw.breaker.state == "closed"  # the sidecar's own capacity, not the upstream's
+        await holder
+        assert fw.pool is not None
+        await fw.pool.close()
+
+
 # --- the admission gate --------------------------------------------------------------------------
 
 

@@ -330,7 +330,7 @@ async def test_a_full_pool_makes_the_next_request_wait_then_504() -> None:
         await asyncio.sleep(0.1)
         with pytest.raises(ProxyError) as caught:
             await call(fw)
-        assert caught.value.status == 504 and caught.value.details["reason"] == "connect_timeout"
+        assert caught.value.status == 504 and caught.value.details["reason"] == "pool_timeout"
         release.set()
         sent, _ = await first
         assert sent[0]["status"] == 200
