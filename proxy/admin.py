@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Protocol
@@ -136,4 +137,7 @@ def parse_revocation(data: Any) -> Revocation:
         if moment.tzinfo is None:
             raise ValueError("until needs a time zone offset, e.g. 2027-01-01T00:00:00Z")
         end = moment.timestamp()
+        if end <= time.time():
+            # A revocation that is over before it begins would be reported done and do nothing.
+            raise ValueError(f"until is in the past ({until})")
     return Revocation("key" if kind == "key" else "jti", value, end)

@@ -733,8 +733,17 @@ class StateSettings(_Frozen):
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        parts = urlsplit(value)
+        # Never echoed whole: the URL may hold the password.
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            got = f"a {parts.scheme}:// URL" if parts.scheme else "no scheme"
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {got}")
+        if parts.query or parts.fragment:
+            # Both clients (redis-py and the per-request pipe) must read the same database
+            # and credentials: only `scheme://[:password@]host[:port][/db]` is taken.
+            raise ValueError(
+                "a query or fragment is not supported (put the db in the path: redis://host/3)"
+            )
         return value
 
 

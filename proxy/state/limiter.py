@@ -8,6 +8,7 @@ slots are taken; a slot is given back when the request or WebSocket session ends
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -151,9 +152,22 @@ class Limiter:
 _SESSION_RULE = "websocket-identity"
 
 
+def client_key(address: str | None) -> str:
+    """What an address is counted as: itself for IPv4, its /64 for IPv6 (one subscriber holds
+    a whole /64 and could otherwise take a fresh bucket per address)."""
+    if not address:
+        return "-"
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
+
+
 def _key(rule: Rule, identity: Identity | None, address: str | None) -> str:
     if identity is None or rule.by_ip:
-        return f"{rule.name}|ip:{address or '-'}"
+        return f"{rule.name}|ip:{client_key(address)}"
     if identity.method == "api_key":
         return f"{rule.name}|key:{identity.credential_id or identity.subject}"
     return f"{rule.name}|jwt:{identity.issuer or ''} {identity.subject}"

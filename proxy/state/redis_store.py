@@ -148,6 +148,9 @@ class RedisStore:
         self._errors = {op: metrics.state_errors.labels(op) for op in _OPS}
         self._held: dict[str, list[str]] = {}  # slot member -> its slot sets
         self._background: set[asyncio.Future[Any]] = set()
+        # Releases of a burst of ending streams wait for a quarter of the pool: they may never
+        # take every connection (the pool refuses, it does not queue) from the per-request path.
+        self._release_gate = asyncio.Semaphore(max(1, settings.max_connections // 4))
         self._tasks: list[asyncio.Task[None]] = []
         self._on_revocation: Callable[[Revocation], None] | None = None
         self.subscribed = asyncio.Event()  # set while the revocation channel is listened to
@@ -234,9 +237,14 @@ class RedisStore:
                     pipe.zrem(name, slots.member)
                 await pipe.execute()
 
-        # Unreachable: the lease ends the slot after lease_s.
-        with contextlib.suppress(StateUnavailable):
-            await self._run("release", zrem)
+        # Housekeeping, not a verdict on Redis: a failure here never marks the store down (every
+        # limit would fail open or shut for retry_s); the lease ends the slot after lease_s.
+        async with self._release_gate:
+            try:
+                async with asyncio.timeout(self._bound_s):
+                    await zrem()
+            except _FAILURES:
+                self._errors["release"].inc()
 
     async def _renew_forever(self) -> None:
         while True:
@@ -251,8 +259,11 @@ class RedisStore:
             async def renew(names: list[str] = names, args: list[str | int] = args) -> Any:
                 return await self._renew(keys=names, args=args)
 
-            with contextlib.suppress(StateUnavailable):
-                await self._run("renew", renew)
+            try:  # as for releases: a failed renewal is housekeeping, not an outage
+                async with asyncio.timeout(self._bound_s):
+                    await renew()
+            except _FAILURES:
+                self._errors["renew"].inc()
 
     # --- revocations --------------------------------------------------------------------------
 

@@ -129,3 +129,14 @@ def test_header_values_are_the_draft_s_structured_fields() -> None:
     assert state_item(r, 7, 11.2) == '"per-caller";r=7;t=12'
     assert state_item(r, -1, 0.0) == '"per-caller";r=0;t=0'
     assert whole_seconds(3.0) == 3 and whole_seconds(3.0001) == 4
+
+
+def test_ipv6_clients_are_counted_by_their_64() -> None:
+    from proxy.state.limiter import client_key
+
+    assert (
+        client_key("2001:db8:1:2::7") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    )
+    assert client_key("2001:db8:1:3::7") != client_key("2001:db8:1:2::7")
+    assert client_key("192.0.2.7") == "192.0.2.7"
+    assert client_key(None) == "-"

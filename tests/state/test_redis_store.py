@@ -85,6 +85,29 @@ async def test_slots_are_shared_given_back_and_lost_with_a_holder_that_never_ren
         assert isinstance(await a.acquire([rule], ["c|k"]), Slots)
 
 
+async def test_a_burst_of_releases_never_takes_the_store_down(redis_server: RedisServer) -> None:
+    """Two hundred capped streams ending at once (more than the pool's connections) give every
+    slot back and leave the limits working: releases are housekeeping, not an outage."""
+    rule = Rule("c", False, 0, 60, 1000)
+    window = Rule("w", False, 5, 60, 0)
+    async with store(redis_server, max_connections=8) as s:
+        held = [await s.acquire([rule], ["c|burst"]) for _ in range(200)]
+        assert all(isinstance(h, Slots) for h in held)
+        for h in held:
+            assert isinstance(h, Slots)
+            s.release(h)
+        await asyncio.sleep(0)
+        # The window keeps being judged by Redis meanwhile (not by on_error).
+        results = [await s.hit([window], ["w|x"]) for _ in range(6)]
+        assert [r.refused is None for r in results] == [True] * 5 + [False]
+        deadline = asyncio.get_running_loop().time() + 5
+        while s._background:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        left = await s._redis.zcard(s._prefix + "c:c|burst")
+        assert left == 0 and not s._down
+
+
 async def test_a_revocation_published_by_one_store_reaches_the_others_and_late_joiners(
     redis_server: RedisServer,
 ) -> None:

@@ -60,3 +60,11 @@ def test_revocations_travel_as_json_and_garbage_is_refused() -> None:
     for bad in ("{}", "[1]", '{"kind": "x", "value": "a", "until": null}', "not json"):
         with pytest.raises(ValueError):
             Revocation.decode(bad)
+
+
+def test_a_revocation_whose_until_has_passed_is_refused_not_reported_done() -> None:
+    from proxy.admin import parse_revocation
+
+    with pytest.raises(ValueError, match="in the past"):
+        parse_revocation({"jti": "tok-1", "until": "2025-11-30T00:00:00Z"})
+    assert parse_revocation({"jti": "tok-1", "until": "2999-01-01T00:00:00Z"}).value == "tok-1"

@@ -132,3 +132,18 @@ def test_check_config_summarises_the_state_backend_and_rules(tmp_path: Path) -> 
     )
     assert done.returncode == 0, done.stderr
     assert "  state: redis (on_error deny); rate limits (1): per-caller" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis//:S3cretPass@redis:6379/0",
+        "http://:S3cretPass@redis:6379/0",
+        "redis://:S3cretPass@h/0?db=3",
+    ],
+)
+def test_a_bad_redis_url_is_refused_without_echoing_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        from_dict({"state": {"backend": "redis", "redis_url": url}})
+    assert str(refused.value).startswith("state.redis_url: ")
+    assert "S3cretPass" not in str(refused.value)
