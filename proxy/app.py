@@ -91,7 +91,7 @@ class App:
         self._reloads: set[asyncio.Task[bool]] = set()
         self._retiring: set[asyncio.Future[None]] = set()  # replaced auth services, stopping
         # Streamed answers bound to their credentials (closed at expiry or revocation).
-        self.streams = StreamRegistry()
+        self.streams = StreamRegistry(revoked=self._revoked_now)
         self.forwarder.streams = self.streams
         self._stream_subscriptions: list[Callable[[], None]] = []
         self.revocations = Revocations(on_revoked=self._revoked)
@@ -453,6 +453,17 @@ class App:
         if self.store is not None:
             await self.store.publish(revocation)
         self.revocations.apply(revocation)
+
+    def _revoked_now(self, identity: Identity) -> bool:
+        """Whether `authproxy revoke` names this credential (a dictionary lookup; nothing while
+        nothing is revoked)."""
+        if not self.revocations.active:
+            return False
+        try:
+            self.revocations.check(identity)
+        except ProxyError:
+            return True
+        return False
 
     def _revoked(self, revocation: Revocation) -> None:
         """A revocation heard (here or from another sidecar): end its open WebSockets (4403)."""

@@ -41,7 +41,10 @@ class Stream:
 class StreamRegistry:
     """Every bound stream of a process, indexed as revocations and withdrawals name them."""
 
-    def __init__(self) -> None:
+    def __init__(self, revoked: Callable[[Identity], bool] | None = None) -> None:
+        # Whether a credential was revoked (`authproxy revoke`) while its answer was on its way:
+        # the stream is bound only once its head is back, and must not outlive that revocation.
+        self._revoked = revoked
         self._streams: set[Stream] = set()
         self._by_key: dict[str, set[Stream]] = {}
         self._by_signing_key: dict[SigningKey, set[Stream]] = {}
@@ -50,7 +53,7 @@ class StreamRegistry:
         """Watch a streamed response; None when its credential cannot end (nothing to watch)."""
         valid_until = identity.valid_until
         key, signer = revocable_key(identity), signing_key(identity)
-        if valid_until is None and key is None and signer is None:
+        if valid_until is None and key is None and signer is None and identity.token_id is None:
             return None
         s = Stream(identity, on_end)
         self._streams.add(s)
@@ -61,6 +64,8 @@ class StreamRegistry:
             self._by_key.setdefault(key, set()).add(s)
         if signer is not None:
             self._by_signing_key.setdefault(signer, set()).add(s)
+        if self._revoked is not None and self._revoked(identity):
+            s.end(AUTH_REVOKED)
         return s
 
     def release(self, s: Stream) -> None:

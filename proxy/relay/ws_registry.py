@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -106,6 +107,7 @@ class SessionRegistry:
         self._drain_handle: asyncio.TimerHandle | None = None
         self._drained = False
         self._revoked_at: dict[str, float] = {}  # key id -> perf_counter() of its revocation
+        self._token_revoked_at: dict[str, float] = {}  # likewise, JWT ids (`revoke --jti`)
         self._withdrawn_at: dict[SigningKey, float] = {}  # likewise, for JWT signing keys
         interval = ws.ping_interval_s
         slots = max(1, round(interval)) if interval else 0
@@ -191,6 +193,9 @@ class SessionRegistry:
             self._by_key.setdefault(key_id, set()).add(s)
             if self._revoked_at.get(key_id, float("-inf")) >= started:
                 s.end(KEY_REVOKED)
+        token_id = s.identity.token_id if s.identity is not None else None
+        if token_id is not None and self._token_revoked_at.get(token_id, -math.inf) >= started:
+            s.end(TOKEN_REVOKED)
         signer = signing_key(s.identity)
         if signer is not None:
             self._by_signing_key.setdefault(signer, set()).add(s)
@@ -278,6 +283,10 @@ class SessionRegistry:
         """A JWT id was revoked (`authproxy revoke --jti`): end its sessions (4403); how many.
 
         Revocations are rare, so this walks the sessions instead of keeping an index per token."""
+        # Remembered as key ids are: a session still connecting upstream ends when it registers.
+        now = time.perf_counter()
+        self._token_revoked_at = self._recent(self._token_revoked_at, now)
+        self._token_revoked_at[jti] = now
         ended = 0
         for s in list(self._sessions):
             if s.identity is not None and s.identity.token_id == jti:

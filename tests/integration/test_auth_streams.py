@@ -174,6 +174,33 @@ def test_a_revoked_key_ends_its_stream_with_auth_revoked(tmp_path: Path, upstrea
         sidecar.stop()
 
 
+def test_a_revocation_made_while_the_answer_is_on_its_way_ends_the_stream_at_once(
+    tmp_path: Path, upstream: Process
+) -> None:
+    sidecar = start(tmp_path, upstream)
+    try:
+        result: dict[str, Any] = {}
+
+        def listen() -> None:
+            result["events"], result["ended"] = events(
+                sidecar, "/sse?n=40&delay=0.1&wait=1.5", {"X-API-Key": KEY}
+            )
+
+        thread = threading.Thread(target=listen)
+        thread.start()
+        time.sleep(0.5)  # the request is admitted and waits for the upstream's head
+        answer = httpx.post(
+            sidecar.admin_url + "/revocations",
+            json={"key_id": "streamer"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert answer.status_code < 300, answer.text
+        thread.join(10)
+        assert [e["event"] for e in result["events"]] == ["auth_revoked"]  # nothing else
+    finally:
+        sidecar.stop()
+
+
 def test_a_key_removed_by_a_reload_ends_its_stream(tmp_path: Path, upstream: Process) -> None:
     sidecar = start(tmp_path, upstream)
     try:

@@ -4,6 +4,7 @@ each session's deadlines, the drain, the keepalive wheel and the shutdown, with 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -158,6 +159,19 @@ async def test_a_key_revoked_while_its_session_connected_upstream_is_ended_on_re
     fresh = opened(r, api_key("k1"))  # authenticated after: the key is back
     assert fresh.outcome is None
     for s in (late, fresh):
+        r.unregister(s)
+
+
+async def test_a_jti_revoked_while_its_session_connected_upstream_is_ended_on_register() -> None:
+    r = registry()
+    authenticated = time.perf_counter()
+    r.revoke_token("tok-1")  # `authproxy revoke --jti` while the upstream handshake was under way
+    identity = dataclasses.replace(jwt_identity("a", "idp", "fp"), token_id="tok-1")
+    late = opened(r, identity, started=authenticated)
+    assert late.outcome is not None and late.outcome.why == "token_revoked"
+    other = opened(r, dataclasses.replace(identity, token_id="tok-2"), started=authenticated)
+    assert other.outcome is None
+    for s in (late, other):
         r.unregister(s)
 
 

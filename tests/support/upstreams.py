@@ -85,6 +85,7 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
     if path == "/sse":
         n = int(query.get("n", ["3"])[0])
         delay = float(query.get("delay", ["0.3"])[0])
+        await asyncio.sleep(float(query.get("wait", ["0"])[0]))  # before the head
         await send(
             {
                 "type": "http.response.start",
