@@ -490,6 +490,15 @@ class JwtSettings(_Frozen):
                 if getattr(p, attr) in seen:
                     raise ValueError(f"two providers share the {attr} {getattr(p, attr)!r}")
                 seen.add(getattr(p, attr))
+        introspecting = [i for i, p in enumerate(self.providers) if p.introspection_url]
+        if len(introspecting) > 1:
+            # An opaque token names no issuer: it would be sent, live, to every endpoint in turn
+            # (another trust domain's included) until one said active.
+            raise _KeyedError(
+                f"auth.jwt.providers[{introspecting[1]}].introspection_url",
+                "only one provider may introspect opaque tokens (they carry no issuer to choose "
+                f"by); providers[{introspecting[0]}] already does",
+            )
         return self
 
 

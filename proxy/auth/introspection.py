@@ -209,6 +209,21 @@ class Introspector:
             raise Rejected("missing_sub", "introspection answer has no 'sub' or 'client_id'")
         if not header_safe(sub):
             raise Rejected("malformed_claim", "claim 'sub' cannot be sent as a header value")
+        missing = [c for c in s.required_claims if c not in claims]
+        if missing:
+            raise Rejected(
+                "missing_claim", f"introspection answer lacks required claim {missing[0]!r}"
+            )
+        iat = number_claim(claims, "iat")
+        if s.max_lifetime_s is not None and exp is not None and iat is not None:
+            if exp - iat > s.max_lifetime_s:
+                raise Rejected("lifetime_too_long", "token lifetime exceeds max_lifetime_s")
+        if exp is None:
+            # An answer without `exp` vouches for now, not for ever: a session or stream opened
+            # with it ends (and a new request asks again) after introspection_cache_s, which
+            # is also how long the verdict is cached.
+            exp = now + s.introspection_cache_s
+        jti = claims.get("jti")
         return Identity(
             method="introspection",
             subject=sub,
@@ -219,6 +234,7 @@ class Introspector:
             credential_id=self.name,
             claim_headers=self.provider.headers_from(claims),
             claims=claims,
+            token_id=jti if isinstance(jti, str) else None,
         )
 
 

@@ -173,10 +173,21 @@ def _upstream_failed(exc: Exception, exchange: Exchange) -> bool:
 
 
 def _is_event_stream(headers: Headers) -> bool:
+    """An SSE answer the sidecar can add an event to: `text/event-stream`, not encoded (bytes
+    appended to a gzip stream would be garbage to the client; such a stream is cut instead)."""
+    event_stream = False
     for name, value in headers:
         if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
-    return False
+            event_stream = value.split(b";", 1)[0].strip().lower() == b"text/event-stream"
+        elif name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return False
+    return event_stream
+
+
+def _ends_event(tail: bytes) -> bool:
+    """Whether SSE bytes ending in `tail` end on an event boundary (a blank line: two line ends
+    in a row, each CRLF, LF or CR)."""
+    return tail.replace(b"\r\n", b"\n").replace(b"\r", b"\n").endswith(b"\n\n")
 
 
 def _too_large(limit: int) -> PayloadTooLarge:
@@ -655,6 +666,7 @@ class Forwarder:
         grace: asyncio.TimerHandle | None = None
         sse = False
         boundary = True  # SSE: what was sent so far ends on an event boundary
+        recent = b""  # SSE: the last bytes sent (a boundary may straddle two chunks)
 
         def credential_ended(why: str) -> None:
             nonlocal grace
@@ -716,7 +728,8 @@ class Forwarder:
                         stall.sending = stall.now()
                     await send({"type": "http.response.body", "body": chunk, "more_body": more})
                     if sse and chunk:
-                        boundary = chunk.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+                        recent = (recent + chunk)[-4:]
+                        boundary = _ends_event(recent)
                 if not more:
                     return
                 if stall is None:

@@ -89,6 +89,13 @@ class Handshake:
     record: AccessRecord = dataclasses.field(repr=False, compare=False)
 
 
+def _may_be_reauth(text: str) -> bool:
+    """Whether a client text frame must be parsed to know if it is a re-authentication: it names
+    the type literally, or is a JSON object with escapes (`"authproxy\\u002ereauth"` is the same
+    string to a JSON parser). Anything else is the application's, and costs one substring test."""
+    return _REAUTH_MARK in text or ("\\u" in text and text.lstrip()[:1] == "{")
+
+
 def _reauth_label(result: str) -> str:
     return result if result in ("ok", "subject_changed") else "refused"
 
@@ -356,7 +363,7 @@ class Tunnel:
                     if (
                         text is not None
                         and self.reauthenticate is not None
-                        and _REAUTH_MARK in text[:_REAUTH_MAX_CHARS]
+                        and _may_be_reauth(text)
                         and await self._reauth(s, text, send)
                     ):
                         s.last_activity = loop.time()
@@ -385,8 +392,6 @@ class Tunnel:
     async def _reauth(self, s: Session, text: str, send: Send) -> bool:
         """A client frame that may be a re-authentication: True when it was (and is consumed:
         the upstream never sees it), False to forward it as the upstream's own message."""
-        if len(text) > _REAUTH_MAX_CHARS:
-            return False
         try:
             frame = json.loads(text)
         except ValueError:
@@ -397,6 +402,8 @@ class Tunnel:
         token = frame.get("token")
         result = "ok"
         try:
+            if len(text) > _REAUTH_MAX_CHARS:
+                raise ReauthRefused("too_large")  # still the sidecar's: never forwarded
             if not isinstance(token, str) or not token:
                 raise ReauthRefused("malformed")
             if s.identity is None or s.identity.method == "api_key":

@@ -92,6 +92,24 @@ async def test_an_active_token_becomes_an_identity_with_the_jwt_headers(
     assert idp.last_form == {"token": [OPAQUE], "token_type_hint": ["access_token"]}
 
 
+async def test_an_answer_without_exp_vouches_for_introspection_cache_s_not_for_ever(
+    make_service: MakeService, idp: ThreadedIdp
+) -> None:
+    """Without `exp` a session or stream opened with the token still ends (and a new request asks
+    again): after introspection_cache_s. The provider's required_claims hold here too."""
+    idp.tokens[OPAQUE] = active(idp, exp=None, jti="op-7")
+    svc = await started(make_service, idp, introspection_cache_s=20)
+    identity = await auth(svc, OPAQUE)
+    assert identity.expires_at is not None
+    assert 19 <= identity.expires_at - time.time() <= 20
+    assert identity.token_id == "op-7"  # what `authproxy revoke --jti` names
+    idp.tokens[OPAQUE + "x"] = active(idp)  # no tenant claim
+    strict = await started(make_service, idp, required_claims=["tenant"])
+    with pytest.raises(Unauthorized) as refused:
+        await auth(strict, OPAQUE + "x")
+    assert refused.value.details["reason"] == "missing_claim"
+
+
 async def test_a_client_credentials_token_without_sub_is_named_by_its_client_id(
     make_service: MakeService, idp: ThreadedIdp
 ) -> None:

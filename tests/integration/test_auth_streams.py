@@ -144,6 +144,22 @@ def test_an_event_in_flight_is_finished_before_the_closing_event(
         sidecar.stop()
 
 
+def test_an_event_whose_blank_line_comes_in_its_own_write_still_gets_the_closing_event(
+    tmp_path: Path, upstream: Process
+) -> None:
+    sidecar = start(tmp_path, upstream)
+    try:
+        found, _ = events(
+            sidecar,
+            "/sse-split?n=6&delay=0.3&split=line",  # "data: i\n" then "\n": line-flushed
+            {"Authorization": f"Bearer {token(1.45)}"},
+        )
+        assert found[-1]["event"] == "auth_expired"
+        assert [e["data"] for e in found[:-1]] == [str(i) for i in range(len(found) - 1)]
+    finally:
+        sidecar.stop()
+
+
 def test_a_revoked_key_ends_its_stream_with_auth_revoked(tmp_path: Path, upstream: Process) -> None:
     sidecar = start(tmp_path, upstream)
     try:

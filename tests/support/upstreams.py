@@ -130,8 +130,12 @@ async def app(scope: Scope, receive: Any, send: Any) -> None:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
+        by_line = query.get("split", [""])[0] == "line"  # "data: i\n", then "\n"
         for i in range(n):
-            for part in (f"data: {i}".encode(), b"\n\n"):
+            parts = (
+                (f"data: {i}\n".encode(), b"\n") if by_line else (f"data: {i}".encode(), b"\n\n")
+            )
+            for part in parts:
                 await send({"type": "http.response.body", "body": part, "more_body": True})
                 await asyncio.sleep(delay)
         await send({"type": "http.response.body", "body": b""})
