@@ -226,8 +226,6 @@ class Pipeline:
         exchange = Exchange(identity=r.identity, request_id=r.request_id)
         admission: Admission | None = None
         upstream_span = None
-        if span is not None:
-            upstream_span = self._upstream_span(span, d.upstream_headers)
         assert r.route is not None
         route = r.route.settings
         try:
@@ -236,6 +234,8 @@ class Pipeline:
                 if admission is not None:
                     limited = admission.headers
             client = self._take_client_slot(scope, r) if self._per_client else None
+            if span is not None:  # admitted: the exchange with the upstream begins
+                upstream_span = self._upstream_span(span, d.upstream_headers)
             try:
                 await self.forwarder.forward(
                     scope,
