@@ -140,7 +140,7 @@ async def test_reauth_frames_never_reach_the_upstream(sidecar: Sidecar) -> None:
         assert (await reauth(ws, token(120)))["type"] == "authproxy.reauth_ok"
         assert (await reauth(ws, "junk"))["type"] == "authproxy.reauth_failed"
         # Escaped, the type is the same string to a JSON parser: still the sidecar's.
-        escaped = ' {"type": "authproxy\\u002ereauth", "token": "%s"}' % token(120)
+        escaped = ' {"type": "authproxy\\u002ereauth", "token": "' + token(120) + '"}'
         await ws.send(escaped)
         assert json.loads(await ws.recv())["type"] == "authproxy.reauth_ok"
         # A message of the application's own that merely mentions the type is forwarded.
