@@ -19,7 +19,7 @@ from .auth import AuthService, consumed_headers, new_key_session
 from .auth.claims import failed_claim
 from .auth.rejected import Rejected
 from .auth.scopes import missing_scopes
-from .config import Settings, digest, pin_restart_only
+from .config import RouteSettings, Settings, digest, pin_restart_only
 from .cors import Cors
 from .errors import ConfigError, ProxyError
 from .identity import Identity
@@ -48,6 +48,19 @@ from .tls import reload_server_certificate, server_context
 from .types import Receive, Scope, Send
 
 log = logging.getLogger("authproxy.app")
+
+
+def _route_refusal(identity: Identity, route: RouteSettings) -> str | None:
+    """Why a route no longer admits an identity it was not asked about now (a reload judging an
+    open session, a re-authentication): its method, scopes and claim rules; None when it does."""
+    method = "jwt" if identity.method == "introspection" else identity.method  # a bearer token
+    if method not in route.auth:
+        return "method_not_allowed"
+    if missing_scopes(identity, route):
+        return "insufficient_scope"
+    if route.require_claims and failed_claim(identity, route.require_claims) is not None:
+        return "claim_mismatch"
+    return None
 
 
 def _exporter(settings: Settings) -> Exporter | None:
@@ -336,12 +349,9 @@ class App:
             raise ReauthRefused(exc.client[0] if exc.client else exc.reason) from None
         except ProxyError as exc:
             raise ReauthRefused(str(exc.details.get("reason", exc.code))) from None
-        if "jwt" not in rs.auth:
-            raise ReauthRefused("method_not_allowed")
-        if missing_scopes(identity, rs):
-            raise ReauthRefused("insufficient_scope")
-        if rs.require_claims and failed_claim(identity, rs.require_claims) is not None:
-            raise ReauthRefused("claim_mismatch")
+        refusal = _route_refusal(identity, rs)
+        if refusal is not None:
+            raise ReauthRefused(refusal)
         if self.revocations.active:
             try:
                 self.revocations.check(identity)
@@ -376,13 +386,7 @@ class App:
             if identity is None:
                 optional = rs.auth_optional and not rs.scopes and not rs.require_claims
                 return None if optional else POLICY_CHANGED
-            if identity.method not in rs.auth and not (
-                identity.method == "introspection" and "jwt" in rs.auth
-            ):
-                return POLICY_CHANGED
-            if missing_scopes(identity, rs) or (
-                rs.require_claims and failed_claim(identity, rs.require_claims) is not None
-            ):
+            if _route_refusal(identity, rs) is not None:
                 return POLICY_CHANGED
             if auth is not old_auth:
                 why = auth.still_trusts(identity, old_auth)

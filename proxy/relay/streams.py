@@ -12,10 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ..identity import Identity
-from .ws_registry import SigningKey, revocable_key, signing_key
+from .ws_registry import SigningKey, revocable_key, signing_key, unindex
 
 AUTH_EXPIRED = "auth_expired"
 AUTH_REVOKED = "auth_revoked"
@@ -73,8 +72,8 @@ class StreamRegistry:
         if s.timer is not None:
             s.timer.cancel()
         self._streams.discard(s)
-        _unindex(self._by_key, revocable_key(s.identity), s)
-        _unindex(self._by_signing_key, signing_key(s.identity), s)
+        unindex(self._by_key, revocable_key(s.identity), s)
+        unindex(self._by_signing_key, signing_key(s.identity), s)
 
     def revoke_api_key(self, key_id: str) -> None:
         for s in list(self._by_key.get(key_id, ())):
@@ -97,16 +96,3 @@ class StreamRegistry:
         for fingerprint in fingerprints:
             for s in list(self._by_signing_key.get((provider, fingerprint), ())):
                 s.end(AUTH_REVOKED)
-
-    @property
-    def bound(self) -> int:
-        """How many streams are watched now."""
-        return len(self._streams)
-
-
-def _unindex(index: dict[Any, set[Stream]], key: object, s: Stream) -> None:
-    group = index.get(key) if key is not None else None
-    if group is not None:
-        group.discard(s)
-        if not group:
-            del index[key]

@@ -87,6 +87,7 @@ class Session:
 IdentityKey = tuple[str, str | None, str]
 SigningKey = tuple[str, str]  # (JWT provider, key fingerprint)
 _K = TypeVar("_K", str, SigningKey)
+_V = TypeVar("_V")
 
 
 class SessionRegistry:
@@ -214,8 +215,8 @@ class SessionRegistry:
             s.idle_timer.cancel()
         self._wheel_remove(s)
         self._sessions.discard(s)
-        _unindex(self._by_key, revocable_key(s.identity), s)
-        _unindex(self._by_signing_key, signing_key(s.identity), s)
+        unindex(self._by_key, revocable_key(s.identity), s)
+        unindex(self._by_signing_key, signing_key(s.identity), s)
         if not self._sessions:
             self._all_closed.set()
 
@@ -243,7 +244,7 @@ class SessionRegistry:
     def reauthenticated(self, s: Session, identity: Identity) -> None:
         """In-band re-authentication (`websocket.reauth`) gave the session a fresh credential of
         the same subject: its expiry moves, it is indexed under the key that signed the new one."""
-        _unindex(self._by_signing_key, signing_key(s.identity), s)
+        unindex(self._by_signing_key, signing_key(s.identity), s)
         s.identity = identity
         signer = signing_key(identity)
         if signer is not None:
@@ -430,7 +431,8 @@ def signing_key(identity: Identity | None) -> SigningKey | None:
     return None
 
 
-def _unindex(index: dict[_K, set[Session]], key: _K | None, s: Session) -> None:
+def unindex(index: dict[_K, set[_V]], key: _K | None, s: _V) -> None:
+    """Take `s` out of the group `key` names, and the group out once empty."""
     if key is not None:
         group = index.get(key)
         if group is not None:
