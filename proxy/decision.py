@@ -130,8 +130,11 @@ class Request:
             )
         if r.host is None and http_version == "1.1":
             raise _bad_host("no Host header")  # HTTP/1.0 may omit it
-        r.request_id = request_id or new_request_id()
-        r.trace = trace_of(traceparent, tracestate, r.request_id, new_request_id)
+        own_id = None
+        if request_id is None:
+            request_id = own_id = new_request_id()
+        r.request_id = request_id
+        r.trace = trace_of(traceparent, tracestate, own_id, new_request_id)
         return r
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 # version-traceid-parentid-flags, lowercase hex (https://www.w3.org/TR/trace-context/#traceparent-header)
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
-_HEX32 = re.compile(r"[0-9a-f]{32}")
 _ZERO_TRACE = b"0" * 32
 _ZERO_PARENT = b"0" * 16
 MAX_TRACESTATE_BYTES = 512  # the specification's floor for what must be passed on
@@ -37,11 +36,12 @@ class Trace:
 def trace_of(
     traceparent: bytes | None,
     tracestate: bytes | None,
-    request_id: str,
+    own_id: str | None,
     new_id: Callable[[], str],
 ) -> Trace:
     """The trace of a request that arrived with these headers (None: absent; b"": sent twice,
-    which the specification makes invalid)."""
+    which the specification makes invalid). `own_id`: the request id when the sidecar made it
+    (32 random hex digits, a fine trace id), None when the client sent its own."""
     if traceparent:
         m = _TRACEPARENT.match(traceparent)
         # Version ff is invalid; version 00 is exactly 55 characters; a later version may add
@@ -55,7 +55,7 @@ def trace_of(
                 header = b"00-" + trace_id + b"-" + parent + b"-" + flags
                 return Trace(trace_id.decode(), header, _tracestate(tracestate))
     # A new trace; the caller's tracestate goes with its invalid traceparent.
-    trace = request_id if _HEX32.fullmatch(request_id) and request_id != "0" * 32 else new_id()
+    trace = own_id or new_id()
     span = new_id()[:16]
     if span == "0" * 16:
         span = "1" + span[1:]

@@ -16,7 +16,6 @@ import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from urllib.parse import urlsplit
 
 from ..authority import valid_host
 from ..config import Settings
@@ -24,6 +23,7 @@ from ..errors import BadRequest, ConfigError
 from ..identity import Identity
 from ..tracing import Trace
 from ..types import Scope
+from .upstream import url_prefix
 
 HOP_BY_HOP = frozenset(
     {
@@ -325,7 +325,7 @@ class HeaderPolicy:
         self._clock = clock
         # The upstream URL's path, which the relays put before every request path: v2 signs the
         # path the upstream receives (`Origin.prefix` and the tunnel's base URI are the same).
-        self._prefix = urlsplit(settings.upstream.url).path.rstrip("/").encode()
+        self._prefix = url_prefix(settings.upstream.url)
 
     def _never_forwarded(
         self, name: bytes, credentials: set[bytes], settings: Settings
@@ -421,7 +421,7 @@ class HeaderPolicy:
                 host = value
             # CGI/WSGI upstreams read `X_Auth_Subject` as `X-Auth-Subject` (both become
             # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes.
-            key = name.replace(b"_", b"-") if b"_" in name else name
+            key = _dashed(name)
             if key in drop or key in named or key.startswith(_PREFIXES):
                 if trusted:
                     if name == b"x-forwarded-for":

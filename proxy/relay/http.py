@@ -28,7 +28,7 @@ from ..errors import (
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from ..types import Message, Receive, Scope, Send
-from .breaker import STATE_VALUE, CircuitBreaker
+from .breaker import OPEN, STATE_VALUE, CircuitBreaker
 from .compress import Compression, Encoder, rewrite_headers
 from .headers import HeaderPolicy
 from .shedding import Admission
@@ -318,7 +318,7 @@ class Forwarder:
     def _breaker_changed(self, state: str) -> None:
         if self._metrics is not None:
             self._metrics.circuit_state.set(STATE_VALUE[state])
-            if state == "open":
+            if state == OPEN:
                 self._metrics.circuit_opens.inc()
 
     def _shed(self, exc: ProxyError) -> None:

@@ -85,6 +85,11 @@ class ClientGone(Exception):
     """The client disconnected before the exchange finished."""
 
 
+def url_prefix(url: str) -> bytes:
+    """The upstream URL's path, put before every request path (and signed as part of it)."""
+    return urlsplit(url).path.rstrip("/").encode()
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where the pool connects, decided once from `upstream.url`."""
@@ -103,12 +108,11 @@ class Origin:
         host = parts.hostname or ""
         port = parts.port or (443 if https else 80)
         if https and context is None:
-            context = ssl.create_default_context()
-            context.set_alpn_protocols(["http/1.1"])
+            raise ValueError("an https upstream needs its TLS context (tls.upstream_context)")
         shown = f"[{host}]" if ":" in host else host
         if parts.port is not None and parts.port != (443 if https else 80):
             shown += f":{parts.port}"
-        return cls(host, port, context, shown.encode("idna"), parts.path.rstrip("/").encode())
+        return cls(host, port, context, shown.encode("idna"), url_prefix(url))
 
 
 class Connection(asyncio.Protocol):
@@ -178,7 +182,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._spare = None
-        if self._timer is not None and (self._parser is None or self.done):
+        if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if not self.closed:

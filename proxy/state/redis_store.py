@@ -277,7 +277,12 @@ class RedisStore:
         for field, until in raw.items():
             name = field.decode() if isinstance(field, bytes) else field
             kind, _, value = name.partition(":")
-            end = float(until)
+            try:
+                end = float(until)
+            except ValueError:
+                # Not ours (or hand-edited): one bad entry must not stop every revocation after it.
+                log.warning("state: ignoring a deny-list entry that is not a time: %r", name[:80])
+                continue
             if end <= now:
                 stale.append(field)
             elif kind in ("key", "jti") and value:

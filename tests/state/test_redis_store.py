@@ -126,6 +126,25 @@ async def test_a_revocation_published_by_one_store_reaches_the_others_and_late_j
         assert late == [revocation]  # from the deny list, at start
 
 
+async def test_a_garbage_deny_list_entry_does_not_stop_revocations(
+    redis_server: RedisServer,
+) -> None:
+    """A bad `until` in the deny list (hand-edited, another tool's) is skipped: the listener that
+    loads the list must live on, or every later revocation would go unheard."""
+    async with store(redis_server) as a:
+        await a._redis.hset(a._prefix + "revoked", "key:odd", "not-a-time")
+        await a.publish(Revocation("key", "before"))
+    heard: list[Revocation] = []
+    async with store(redis_server, heard.append) as b, store(redis_server) as c:
+        assert heard == [Revocation("key", "before")]  # the good entry loaded, the bad skipped
+        await c.publish(Revocation("key", "after"))
+        deadline = time.monotonic() + 2
+        while len(heard) < 2:
+            assert time.monotonic() < deadline, heard
+            await asyncio.sleep(0.01)
+        assert heard[-1] == Revocation("key", "after") and b.subscribed.is_set()
+
+
 async def test_a_dead_redis_costs_a_bounded_time_once_per_retry_and_is_found_again(
     redis_server: RedisServer,
 ) -> None:
