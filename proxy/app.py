@@ -384,8 +384,7 @@ class App:
                 return None
             identity = s.identity
             if identity is None:
-                optional = rs.auth_optional and not rs.scopes and not rs.require_claims
-                return None if optional else POLICY_CHANGED
+                return None if rs.anonymous_ok else POLICY_CHANGED
             if _route_refusal(identity, rs) is not None:
                 return POLICY_CHANGED
             if auth is not old_auth:

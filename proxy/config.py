@@ -689,6 +689,11 @@ class RouteSettings(_Frozen):
     def public(self) -> bool:
         return self.auth == ("public",)
 
+    @property
+    def anonymous_ok(self) -> bool:
+        """An anonymous request passes: `auth_optional` with nothing a caller must prove."""
+        return self.auth_optional and not self.scopes and not self.require_claims
+
     @model_validator(mode="after")
     def _public_without_scopes(self) -> RouteSettings:
         if self.public and self.scopes:

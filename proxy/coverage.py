@@ -161,7 +161,7 @@ def judge(settings: Settings, doc: dict[str, Any]) -> list[Operation]:
                 note = note or "only a catch-all public route matches"
             elif s.public:
                 verdict = "public"
-            elif s.auth_optional and not s.scopes and not s.require_claims:
+            elif s.anonymous_ok:
                 verdict = "PUBLIC BY ACCIDENT"
                 note = note or "auth_optional: anonymous requests pass"
             else:

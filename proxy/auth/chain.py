@@ -128,7 +128,7 @@ class Chain:
             self._count(name, "ok")
             return identity
         # Anonymous holds no scope and no claim: a route requiring either refuses it.
-        if route.auth_optional and not route.scopes and not route.require_claims:
+        if route.anonymous_ok:
             self._count("none", "anonymous")
             return None
         self._count("none", "missing_credentials")

@@ -173,7 +173,7 @@ def split_query(
     refusal: str | None = None
     for part in query.split(b"&"):
         name, _, value = part.partition(b"=")
-        decoded = _form_decode(name) if b"%" in name or b"+" in name else name
+        decoded = _param_name(name)
         if decoded in names:
             removed.append((decoded, value))
         elif decoded.lower().removesuffix(b"[]") in names:
@@ -193,7 +193,10 @@ def split_query(
     return b"&".join(kept), removed, refusal
 
 
+def _param_name(name: bytes) -> bytes:
+    return _form_decode(name) if b"%" in name or b"+" in name else name
+
+
 def _credential_name(name: bytes, names: frozenset[bytes]) -> bool:
     """A credential parameter's name, or a spelling a framework may fold into one."""
-    decoded = _form_decode(name) if b"%" in name or b"+" in name else name
-    return decoded.lower().removesuffix(b"[]") in names
+    return _param_name(name).lower().removesuffix(b"[]") in names

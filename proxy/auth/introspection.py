@@ -209,7 +209,7 @@ class Introspector:
             raise Rejected("missing_sub", "introspection answer has no 'sub' or 'client_id'")
         if not header_safe(sub):
             raise Rejected("malformed_claim", "claim 'sub' cannot be sent as a header value")
-        missing = [c for c in s.required_claims if c not in claims]
+        missing = [c for c in s.required_claims if claims.get(c) is None]  # as for a JWT
         if missing:
             raise Rejected(
                 "missing_claim", f"introspection answer lacks required claim {missing[0]!r}"

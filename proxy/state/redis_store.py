@@ -255,13 +255,9 @@ class RedisStore:
             names = [name for _, keys in held for name in keys]
             members = [member for member, keys in held for _ in keys]
             args: list[str | int] = [self._lease_ms, *members]
-
-            async def renew(names: list[str] = names, args: list[str | int] = args) -> Any:
-                return await self._renew(keys=names, args=args)
-
             try:  # as for releases: a failed renewal is housekeeping, not an outage
                 async with asyncio.timeout(self._bound_s):
-                    await renew()
+                    await self._renew(keys=names, args=args)
             except _FAILURES:
                 self._errors["renew"].inc()
 

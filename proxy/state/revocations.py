@@ -119,5 +119,5 @@ class Revocations:
         raise Unauthorized(
             "this credential has been revoked",
             details={"reason": "revoked", "method": identity.method},
-            bearer=identity.method == "jwt",
+            bearer=identity.method != "api_key",  # JWTs and opaque bearer tokens alike
         )

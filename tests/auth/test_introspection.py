@@ -108,6 +108,10 @@ async def test_an_answer_without_exp_vouches_for_introspection_cache_s_not_for_e
     with pytest.raises(Unauthorized) as refused:
         await auth(strict, OPAQUE + "x")
     assert refused.value.details["reason"] == "missing_claim"
+    idp.tokens[OPAQUE + "y"] = {**active(idp), "tenant": None}  # present but null: as for a JWT
+    with pytest.raises(Unauthorized) as null:
+        await auth(strict, OPAQUE + "y")
+    assert null.value.details["reason"] == "missing_claim"
 
 
 async def test_a_client_credentials_token_without_sub_is_named_by_its_client_id(
