@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from .state import Revocation
 from .state.store import StateUnavailable
@@ -96,8 +96,9 @@ class AdminApp:
                 break
         try:
             revocation = parse_revocation(json.loads(body))
-        except (ValueError, TypeError) as exc:
-            return 400, {"error": "bad_request", "message": str(exc)}
+        except (ValueError, TypeError, RecursionError) as exc:  # RecursionError: nesting
+            why = "too deeply nested" if isinstance(exc, RecursionError) else str(exc)
+            return 400, {"error": "bad_request", "message": why}
         try:
             await self._revoke(revocation)
         except StateUnavailable:
@@ -124,7 +125,7 @@ def parse_revocation(data: Any) -> Revocation:
     """`{"key_id": ...}` or `{"jti": ..., "until": "<RFC 3339>"}`; `ValueError` otherwise."""
     if not isinstance(data, dict) or len({"key_id", "jti"} & data.keys()) != 1:
         raise ValueError('expected {"key_id": ID} or {"jti": JTI}')
-    kind = "key" if "key_id" in data else "jti"
+    kind: Literal["key", "jti"] = "key" if "key_id" in data else "jti"
     value = data["key_id" if kind == "key" else "jti"]
     if not isinstance(value, str) or not value or len(value) > 256:
         raise ValueError("the id must be a non-empty string of at most 256 characters")
@@ -140,4 +141,4 @@ def parse_revocation(data: Any) -> Revocation:
         if end <= time.time():
             # A revocation that is over before it begins would be reported done and do nothing.
             raise ValueError(f"until is in the past ({until})")
-    return Revocation("key" if kind == "key" else "jti", value, end)
+    return Revocation(kind, value, end)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import signal
 import time
 from collections.abc import Callable
@@ -86,8 +85,8 @@ class App:
     """The sidecar: the public ASGI app (with lifespan) and its admin app."""
 
     def __init__(self, settings: Settings, source: Callable[[], Settings] | None = None) -> None:
-        """`source` gives the settings a reload (SIGHUP) applies: the config file read again, or
-        what a supervisor validated; without one, SIGHUP re-reads key files and certificate."""
+        """`source` gives the settings a reload (SIGHUP) applies: the config file read again;
+        without one, SIGHUP re-reads key files and certificate."""
         self.settings = settings
         self._source = source
         self.metrics = Metrics()
@@ -247,8 +246,8 @@ class App:
         """Read the settings again and put all of them in effect, or, when anything in them
         cannot be built, none (one log line naming the key; the running policy stays). Requests
         in flight finish under the policy that admitted them; open WebSockets stay open unless
-        the new policy no longer admits them. Key files and the certificate are re-read either
-        way. True when the new settings are in effect."""
+        the new policy no longer admits them. Key files and the certificate are re-read with
+        them (also when the file is unchanged). True when the new settings are in effect."""
         if self._reload_lock is None:
             self._reload_lock = asyncio.Lock()
         async with self._reload_lock:  # SIGHUPs in a burst apply one after the other
@@ -263,7 +262,7 @@ class App:
             new = self._source()
         except ConfigError as exc:
             return self._reload_failed(str(exc))
-        except (OSError, EOFError, pickle.UnpicklingError) as exc:
+        except OSError as exc:
             return self._reload_failed(f"cannot read the settings: {exc}")
         new, pinned = pin_restart_only(self.settings, new)
         for key in pinned:
@@ -295,6 +294,7 @@ class App:
             assert self.store is not None
             limiter = Limiter(new, self.metrics, self.store)
             if self.tls is not None and not reload_server_certificate(self.tls, new.server):
+                self.metrics.tls_reloads.labels("error").inc()
                 raise ConfigError("server.tls_cert_file", "the certificate could not be loaded")
         except ConfigError as exc:
             if auth is not old_auth:
@@ -352,11 +352,8 @@ class App:
         refusal = _route_refusal(identity, rs)
         if refusal is not None:
             raise ReauthRefused(refusal)
-        if self.revocations.active:
-            try:
-                self.revocations.check(identity)
-            except ProxyError:
-                raise ReauthRefused("revoked") from None
+        if self._revoked_now(identity):
+            raise ReauthRefused("revoked")
         return identity
 
     def _watch_streams(self, auth: AuthService) -> None:

@@ -99,14 +99,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _admin_address(settings: config.Settings) -> tuple[str, int]:
+    """Where this machine reaches the admin listener (a wildcard address is its loopback)."""
+    host, port = config.split_listen(settings.admin.listen)
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host), port
+
+
 def _healthcheck(path: str | None, timeout: float) -> int:
     """A container's HEALTHCHECK: asks /healthz on the admin listener the config names, so the
     check follows `admin.listen` (and its environment override) wherever it is moved."""
     import http.client
 
     settings = config.load(path)
-    host, port = config.split_listen(settings.admin.listen)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    host, port = _admin_address(settings)
     try:
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
         connection.request("GET", "/healthz")
@@ -294,9 +299,7 @@ def _revoke_through_admin(settings: config.Settings, request: dict[str, str], wh
         raise ConfigError(
             "admin.token_env", "the memory backend revokes through the admin listener: set it"
         )
-    host, port = config.split_listen(settings.admin.listen)
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
+    host, port = _admin_address(settings)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/revocations"
     req = urllib.request.Request(
         url,

@@ -138,6 +138,9 @@ class Request:
         return r
 
 
+_HTTP_SCHEME = {"ws": "http", "wss": "https"}  # an Origin names the page's scheme
+
+
 def _bad_host(what: str) -> BadRequest:
     return BadRequest(f"the request has {what}", details={"reason": "invalid_host"})
 
@@ -293,7 +296,7 @@ class Decider:
 
     @staticmethod
     def _same_origin(facts: Facts, r: Request) -> bool:
-        scheme = {"ws": "http", "wss": "https"}.get(facts.scheme, facts.scheme)
+        scheme = _HTTP_SCHEME.get(facts.scheme, facts.scheme)
         return r.host is not None and r.origin == f"{scheme}://{r.host}"
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from .auth import Attempt, AuthService, consumed_headers, new_key_session
 from .auth.jwks import JwksCache
 from .auth.jwt import opaque
-from .config import Settings, split_listen
+from .config import Settings
 from .cors import Cors
 from .decision import Decider, Decision, Facts
 from .errors import ConfigError
@@ -138,8 +138,8 @@ def facts_for(
     path_text, query = _split_target(target)
     raw = [(k.strip().lower().encode("latin-1"), v.strip().encode("latin-1")) for k, v in headers]
     if not any(k == b"host" for k, _ in raw):
-        host, port = split_listen(settings.server.listen)
-        raw.append((b"host", f"{host}:{port}".encode("latin-1")))
+        # `listen` is host:port already, an IPv6 host in brackets as a Host header writes it.
+        raw.append((b"host", settings.server.listen.encode("latin-1")))
     websocket = any(k == b"upgrade" and v.lower() == b"websocket" for k, v in raw)
     return Facts(
         method=method.upper(),

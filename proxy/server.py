@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -279,12 +280,7 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
 def _worker_source(role: WorkerRole) -> Callable[[], Settings]:
     """What a worker's reload reads: the file the supervisor was started with, each worker for
     itself (an invalid one is refused by each, with its line and metric)."""
-    path = role.config_path
-
-    def load() -> Settings:
-        return load_config(path)
-
-    return load
+    return functools.partial(load_config, role.config_path)
 
 
 def _startup_failure(app: App, settings: Settings) -> int:

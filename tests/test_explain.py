@@ -224,3 +224,17 @@ async def test_claim_rules_are_shown_with_what_each_token_makes_of_them(
     assert "-> claim 'tenant' does not match what this route requires" in text
     assert "REFUSED 403 forbidden: claim 'tenant' does not match" in text
     assert "globex" not in text
+
+
+async def test_an_ipv6_listen_address_gives_a_valid_host() -> None:
+    """The Host explain supplies is `server.listen` as written ([::1]:8000), which the server's
+    own Host check accepts; `::1:8000` would be a 400 no real client gets."""
+    s = from_dict(
+        {
+            "server": {"listen": "[::1]:8000"},
+            "admin": {"listen": "[::1]:8001"},
+            "routes": [{"path": "/*", "auth": "public"}],
+        }
+    )
+    ok, text = await explain(s, "GET", "/x", [])
+    assert ok and "ACCEPTED" in text and "invalid_host" not in text

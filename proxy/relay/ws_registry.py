@@ -223,10 +223,7 @@ class SessionRegistry:
     def _schedule(self, s: Session, loop: asyncio.AbstractEventLoop) -> None:
         """Timers instead of polling: one per deadline the session has."""
         ws = self._ws
-        identity = s.identity
-        if identity is not None and identity.valid_until is not None:
-            delay = identity.valid_until - time.time()
-            s.expiry = loop.call_later(max(delay, 0.0), s.end, credential_expired(identity))
+        _arm_expiry(s, loop)
         if ws.max_connection_lifetime_s:
             s.lifetime = loop.call_later(ws.max_connection_lifetime_s, s.end, LIFETIME)
         if ws.idle_timeout_s:
@@ -252,11 +249,7 @@ class SessionRegistry:
         if s.expiry is not None:
             s.expiry.cancel()
             s.expiry = None
-        if identity.valid_until is not None:
-            delay = max(identity.valid_until - time.time(), 0.0)
-            s.expiry = asyncio.get_running_loop().call_later(
-                delay, s.end, credential_expired(identity)
-            )
+        _arm_expiry(s, asyncio.get_running_loop())
 
     # --- ended from outside -----------------------------------------------------------------------
 
@@ -429,6 +422,14 @@ def signing_key(identity: Identity | None) -> SigningKey | None:
     ):
         return (identity.credential_id, identity.signing_key)
     return None
+
+
+def _arm_expiry(s: Session, loop: asyncio.AbstractEventLoop) -> None:
+    """The session ends (4401, or 4403 for an API key) when its credential does, if it does."""
+    identity = s.identity
+    if identity is not None and identity.valid_until is not None:
+        delay = max(identity.valid_until - time.time(), 0.0)
+        s.expiry = loop.call_later(delay, s.end, credential_expired(identity))
 
 
 def unindex(index: dict[_K, set[_V]], key: _K | None, s: _V) -> None:

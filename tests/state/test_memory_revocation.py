@@ -59,6 +59,8 @@ async def test_a_key_revoked_through_the_admin_listener_closes_its_websockets_wi
         auth = {"Authorization": f"Bearer {ADMIN}"}
         bad = httpx.post(sidecar.admin_url + "/revocations", headers=auth, json={"jti": ""})
         assert bad.status_code == 400
+        deep = httpx.post(sidecar.admin_url + "/revocations", headers=auth, content=b"[" * 4000)
+        assert deep.status_code == 400 and deep.json()["error"] == "bad_request"
         assert httpx.get(sidecar.admin_url + "/revocations", headers=auth).status_code == 405
     finally:
         sidecar.stop()
