@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,14 +16,7 @@ import jwt
 import pytest
 
 from proxy.auth.apikeys import hash_key
-from tests.support.servers import (
-    Process,
-    Sidecar,
-    free_port,
-    sidecar_config,
-    spawn,
-    start_upstream,
-)
+from tests.support.servers import Process, Sidecar, start_sidecar, start_upstream
 
 SECRET = "streams-secret-streams-secret-streams!"
 ADMIN_TOKEN = "admin-token-admin-token-0123"
@@ -65,17 +57,8 @@ def upstream(tmp_path: Path) -> Iterator[Process]:
 
 
 def start(tmp_path: Path, upstream: Process) -> Sidecar:
-    port, admin = free_port(), free_port()
-    config = tmp_path / f"streams-{port}.toml"
-    text = sidecar_config(upstream.port, port, admin, BODY)
-    config.write_text(text.replace("[admin]\n", '[admin]\ntoken_env = "STREAMS_ADMIN"\n', 1))
-    process = spawn(
-        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-        tmp_path / f"streams-{port}.log",
-        port,
-        env={**ENV, "AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0"},
-    )
-    return Sidecar(process, port, admin, config)
+    env = {**ENV, "AUTHPROXY__ADMIN__TOKEN_ENV": "STREAMS_ADMIN"}  # POST /revocations
+    return start_sidecar(tmp_path, upstream.port, BODY, env=env)
 
 
 def events(

@@ -15,8 +15,8 @@ from typing import Any
 import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
 
+from tests.relay.test_websocket_tunnel import close_of, ws_log_lines
 from tests.support.servers import Process, Sidecar, start_sidecar, start_upstream
 
 SECRET = "reauth-secret-reauth-secret-reauth-secret"
@@ -78,14 +78,9 @@ async def reauth(ws: ClientConnection, bearer: str) -> dict[str, Any]:
 
 
 async def closed(ws: ClientConnection, timeout: float = 10) -> tuple[int, str, float]:
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None
-        return exc.rcvd.code, exc.rcvd.reason, time.time()
-    raise AssertionError("unreachable")
+    """The close code and reason (close_of), and when they came."""
+    code, reason = await close_of(ws, timeout)
+    return code, reason, time.time()
 
 
 async def test_a_session_reauthenticated_before_expiry_outlives_its_first_token(
@@ -153,15 +148,10 @@ async def test_reauth_frames_never_reach_the_upstream(sidecar: Sidecar) -> None:
         assert received[-1] == "last"
     # Client -> upstream: the look-alike, !report and "last" only; the two reauth frames stayed.
     deadline = time.monotonic() + 5
-    while not (line := session_lines(sidecar)):
+    while not (line := ws_log_lines(sidecar)):
         assert time.monotonic() < deadline
         await asyncio.sleep(0.05)
     assert line[-1]["messages_in"] == 3
-
-
-def session_lines(sidecar: Sidecar) -> list[dict[str, Any]]:
-    lines = [json.loads(x) for x in sidecar.output().splitlines() if x.startswith("{")]
-    return [x for x in lines if x.get("message") == "websocket"]
 
 
 async def test_with_reauth_off_the_frame_is_the_upstreams(

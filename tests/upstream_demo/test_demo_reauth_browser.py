@@ -5,19 +5,14 @@ sidecar's `auth_expired` event, which the page shows and answers by refreshing a
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.servers import ROOT, free_port
-from tests.upstream_demo.test_demo_recovery_browser import TOKEN_TTL_S, Stack, _ready
+from tests.support.demo_stack import Stack, demo_stack
+from tests.upstream_demo.test_demo_recovery_browser import TOKEN_TTL_S
 
 pytestmark = pytest.mark.browser
 
@@ -35,37 +30,18 @@ COUNT_SOCKETS = """
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    ports = {name: free_port() for name in ("web", "sidecar", "admin", "upstream")}
     log = tmp_path_factory.mktemp("reauth") / "stack.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "upstream_demo.stack",
-                "--config",
-                "config.toml",
-                *("--web-port", str(ports["web"]), "--sidecar-port", str(ports["sidecar"])),
-                *("--admin-port", str(ports["admin"]), "--upstream-port", str(ports["upstream"])),
-                *("--token-ttl", str(TOKEN_TTL_S), "--event-interval", "1"),
-                *("--chat-token-delay", "0.5"),  # a chat answer takes ~12 s: longer than a token
-            ],
-            cwd=ROOT,
-            # The demo config's 30 s leeway would let a token outlive this test: 1 s here.
-            env={**os.environ, "AUTHPROXY__AUTH__JWT__PROVIDERS__0__LEEWAY_S": "1"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while b"demo is running" not in log.read_bytes() or not _ready(ports["admin"]):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield Stack(proc, log, ports)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+    args = ("--token-ttl", str(TOKEN_TTL_S), "--event-interval", "1")
+    # A chat answer takes ~12 s (longer than a token); the demo config's 30 s leeway would let
+    # a token outlive these tests: 1 s here.
+    with demo_stack(
+        log,
+        *args,
+        "--chat-token-delay",
+        "0.5",
+        env={"AUTHPROXY__AUTH__JWT__PROVIDERS__0__LEEWAY_S": "1"},
+    ) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")

@@ -10,72 +10,27 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.servers import ROOT, free_port
+from tests.support.demo_stack import Stack, demo_stack
 
 TOKEN_TTL_S = 8  # the page refreshes at 3/4 of the lifetime: 6 s after login
 
 pytestmark = pytest.mark.browser
 
 
-class Stack:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, ports: dict[str, int]) -> None:
-        self.proc, self.log, self.ports = proc, log, ports
-
-    @property
-    def page_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['web']}/"
-
-
-def _ready(admin_port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{admin_port}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """What `make run TOKEN_TTL=8` runs, on free ports."""
-    ports = {name: free_port() for name in ("web", "sidecar", "admin", "upstream")}
     log = tmp_path_factory.mktemp("recovery") / "stack.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "upstream_demo.stack",
-                "--config",
-                "config.toml",
-                *("--web-port", str(ports["web"]), "--sidecar-port", str(ports["sidecar"])),
-                *("--admin-port", str(ports["admin"]), "--upstream-port", str(ports["upstream"])),
-                *("--token-ttl", str(TOKEN_TTL_S), "--event-interval", "1"),
-            ],
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while b"demo is running" not in log.read_bytes() or not _ready(ports["admin"]):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield Stack(proc, log, ports)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(20)
+    with demo_stack(log, "--token-ttl", str(TOKEN_TTL_S), "--event-interval", "1") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
