@@ -125,6 +125,12 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         if self._in_head and self._head_bytes > self.max_head_bytes:
             self._refuse()
 
+    def handle_websocket_upgrade(self) -> None:
+        # The connection is the WebSocket protocol's from here: the head timer would keep this
+        # protocol (and its parser) alive for up to header_timeout_s per socket.
+        self._stop_head_timer()
+        super().handle_websocket_upgrade()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
