@@ -24,7 +24,7 @@ from .config import Settings, split_listen
 from .config import load as load_config
 from .config import warnings as config_warnings
 from .errors import ConfigError
-from .limits import bounded_head_protocol
+from .http11 import http_protocol
 from .telemetry import logs
 from .types import ASGIApp
 from .workers import WorkerRole, reuseport_socket, serve_readiness
@@ -169,9 +169,7 @@ def _common_options(settings: Settings) -> dict[str, Any]:
     # relay/headers.py against server.trusted_proxies instead.
     return dict(
         loop="none",
-        http=bounded_head_protocol(
-            settings.server.max_header_bytes, settings.server.header_timeout_s
-        ),
+        http=http_protocol(settings.server.max_header_bytes, settings.server.header_timeout_s),
         proxy_headers=False,
         server_header=False,
         date_header=False,

@@ -109,14 +109,3 @@ def test_websockets_connect_still_dials_and_requests_what_ws_uri_names() -> None
     assert "self.factory(self.ws_uri)" in source or "create_connection(" in source
     uri_uses = source.count("self.ws_uri")
     assert uri_uses >= 3, "websockets no longer reads ws_uri where we expect"
-
-
-def test_uvicorn_still_upgrades_through_handle_websocket_upgrade() -> None:
-    """limits.BoundedHeadProtocol stops its head timer there: if uvicorn renamed the hook, the
-    timer would hold each upgraded connection's HTTP protocol for header_timeout_s."""
-    import inspect
-
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
-    source = inspect.getsource(HttpToolsProtocol.data_received)
-    assert "self.handle_websocket_upgrade()" in source

@@ -1,0 +1,439 @@
+"""The listeners' HTTP/1.1 protocol (`proxy/http11.py`) driven byte by byte, without sockets, and
+the contract it holds with uvicorn (which creates it and the WebSocket protocol it hands
+upgrades to)."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+
+from proxy.http11 import HttpProtocol, http_protocol
+
+# --- the contract: how uvicorn creates the protocol, and what it reads of it ---------------------
+
+
+def test_uvicorn_creates_the_http_protocol_with_the_arguments_we_take() -> None:
+    source = inspect.getsource(uvicorn.Server.startup)
+    assert "config.http_protocol_class(" in source
+    for keyword in ("config=config", "server_state=self.server_state", "app_state=", "_loop="):
+        assert keyword in source
+    assert list(inspect.signature(HttpProtocol).parameters) == [
+        "config",
+        "server_state",
+        "app_state",
+        "_loop",
+    ]
+
+
+def test_uvicorn_shuts_connections_down_through_the_server_state() -> None:
+    shutdown = inspect.getsource(uvicorn.Server._wait_tasks_to_complete) + inspect.getsource(
+        uvicorn.Server.shutdown
+    )
+    assert "connection.shutdown()" in shutdown and "self.server_state.connections" in shutdown
+    assert "self.server_state.tasks" in shutdown
+    state = ServerState()
+    assert isinstance(state.connections, set) and isinstance(state.tasks, set)
+    assert state.total_requests == 0
+
+
+def test_uvicorns_websocket_protocol_takes_what_an_upgrade_hands_it() -> None:
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    params = inspect.signature(WebSocketsSansIOProtocol).parameters
+    assert {"config", "server_state", "app_state"} <= set(params)
+    assert inspect.isfunction(WebSocketsSansIOProtocol.data_received)
+
+
+# --- the protocol driven without sockets ---------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.writes: list[bytes] = []
+        self.closed = False
+        self.paused = False
+        self.protocol: Any = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+
+async def _no_content(scope: Any, receive: Any, send: Any) -> None:
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def connect(
+    app: Any = _no_content, *, keep_alive_s: float = 5.0, head_timeout_s: float = 10.0
+) -> tuple[HttpProtocol, FakeTransport]:
+    cls = http_protocol(64 * 1024, head_timeout_s)
+    config = uvicorn.Config(
+        app, http=cls, lifespan="off", log_config=None, ws="none", timeout_keep_alive=keep_alive_s
+    )
+    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def settle(n: int = 20) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+async def serve(data: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """Feed `data` to a fresh protocol; the scopes the app saw and the bytes written back."""
+    scopes: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await _no_content(scope, receive, send)
+
+    protocol, transport = connect(app)
+    protocol.data_received(data)
+    await settle()
+    protocol.connection_lost(None)
+    return scopes, bytes(transport.written)
+
+
+def status_of(written: bytes) -> int:
+    return int(written.split(b" ", 2)[1])
+
+
+async def test_trailer_fields_never_join_the_request_headers() -> None:
+    scopes, written = await serve(
+        b"POST /x HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-API-Key: secret\r\nHost: evil.test\r\n\r\n"
+    )
+    assert status_of(written) == 204
+    assert scopes[0]["headers"] == [(b"host", b"app.test"), (b"transfer-encoding", b"chunked")]
+
+
+async def test_the_next_pipelined_request_still_gets_its_own_headers() -> None:
+    scopes, _ = await serve(
+        b"POST /a HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\nX-Trailer: 1\r\n\r\n"
+        b"GET /b HTTP/1.1\r\nHost: app.test\r\nX-Second: 2\r\n\r\n"
+    )
+    assert [s["path"] for s in scopes] == ["/a", "/b"]
+    assert (b"x-second", b"2") in scopes[1]["headers"]
+    assert all(name != b"x-trailer" for s in scopes for name, _ in s["headers"])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"http://evil.test/x",
+        b"http://user@app.test/x",
+        b"ftp://app.test/x",
+        b"http://app.test?x=1",
+        b"CONNECT app.test:443",
+    ],
+)
+async def test_an_absolute_form_target_must_name_the_host(target: bytes) -> None:
+    method, _, target = target.rpartition(b" ")
+    request = (method or b"GET") + b" " + target + b" HTTP/1.1\r\nHost: app.test\r\n\r\n"
+    scopes, written = await serve(request)
+    assert scopes == []
+    assert status_of(written) == 400
+    body = json.loads(written.partition(b"\r\n\r\n")[2])
+    assert body["error"] == "bad_request" and body["details"]["reason"] == "invalid_host"
+
+
+async def test_an_absolute_form_target_naming_the_host_is_served_by_its_path() -> None:
+    scopes, written = await serve(
+        b"GET HTTPS://App.Test:8443/x/y?q=1 HTTP/1.1\r\nHost: app.test:8443\r\n\r\n"
+    )
+    assert status_of(written) == 204
+    assert (scopes[0]["raw_path"], scopes[0]["query_string"]) == (b"/x/y", b"q=1")
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def answering(
+    body: bytes, headers: list[tuple[bytes, bytes]] | None = None, *, read: bool = True
+) -> Any:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        while read and (await receive()).get("more_body"):
+            pass
+        h = [(b"content-length", str(len(body)).encode())] if headers is None else headers
+        await send({"type": "http.response.start", "status": 200, "headers": h})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+GET = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"
+
+
+async def test_a_small_answer_is_one_write_of_head_and_body() -> None:
+    protocol, transport = connect(answering(b"hello"))
+    protocol.data_received(GET)
+    await settle()
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
+    assert not transport.closed  # keep-alive
+
+
+async def test_a_head_whose_body_does_not_follow_goes_out_on_the_next_iteration() -> None:
+    later = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await later.wait()  # an event stream with nothing to say yet
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": False})
+
+    protocol, transport = connect(app)
+    protocol.data_received(GET)
+    await settle()
+    assert bytes(transport.written) == b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    later.set()
+    await settle()
+    assert bytes(transport.written).endswith(b"9\r\ndata: 1\n\n\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        (b"x-evil", b"a\r\nset-cookie: session=attacker"),
+        (b"x-evil", b"a\nb"),
+        (b"x-evil", b"a\x00b"),
+        (b"x-evil\r\nset-cookie", b"x"),
+    ],
+)
+async def test_a_line_break_or_control_byte_in_a_response_header_never_reaches_the_client(
+    header: tuple[bytes, bytes],
+) -> None:
+    protocol, transport = connect(answering(b"", [header, (b"content-length", b"0")]))
+    protocol.data_received(GET)
+    await settle()
+    assert b"set-cookie" not in bytes(transport.written) and b"x-evil" not in transport.written
+    assert transport.closed
+
+
+async def test_a_head_request_gets_the_head_alone() -> None:
+    protocol, transport = connect(answering(b"hello"))
+    protocol.data_received(b"HEAD /x HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    await settle()
+    assert bytes(transport.written) == b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n"
+
+
+async def test_an_http_1_0_client_gets_its_answer_then_the_close() -> None:
+    protocol, transport = connect(answering(b"hi"))
+    protocol.data_received(b"GET /x HTTP/1.0\r\n\r\n")
+    await settle()
+    assert b"connection: close\r\n" in transport.written and transport.written.endswith(b"hi")
+    assert transport.closed
+
+
+async def test_an_answer_shorter_than_its_length_cuts_the_connection() -> None:
+    protocol, transport = connect(answering(b"hi", [(b"content-length", b"5")]))
+    protocol.data_received(GET)
+    await settle()
+    assert transport.closed
+
+
+async def test_a_failing_app_gets_the_json_500_before_it_answered() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise ValueError("boom")
+
+    protocol, transport = connect(app)
+    protocol.data_received(GET)
+    await settle()
+    head, _, body = bytes(transport.written).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 500 ") and json.loads(body)["error"] == "internal_error"
+    assert transport.closed
+
+
+# --- request bodies ------------------------------------------------------------------------------
+
+
+async def test_expect_100_continue_is_answered_when_the_app_reads_the_body() -> None:
+    got: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0)
+        assert transport.written == b""  # nothing promised before the body is asked for
+        message = await receive()
+        got.append(message["body"])
+        await answering(b"", read=False)(scope, receive, send)
+
+    protocol, transport = connect(app)
+    protocol.data_received(
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    await settle(3)
+    protocol.data_received(b"abc")
+    await settle()
+    assert transport.written.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK")
+    assert got == [b"abc"]
+
+
+async def test_a_large_body_pauses_reading_until_the_app_takes_it() -> None:
+    taken: list[int] = []
+    go = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await go.wait()
+        more = True
+        while more:
+            message = await receive()
+            taken.append(len(message["body"]))
+            more = message["more_body"]
+        await answering(b"", read=False)(scope, receive, send)
+
+    protocol, transport = connect(app)
+    size = 200 * 1024
+    protocol.data_received(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+    protocol.data_received(b"x" * (100 * 1024))
+    await settle()
+    assert transport.paused
+    go.set()
+    await settle()
+    assert not transport.paused
+    protocol.data_received(b"x" * (100 * 1024))
+    await settle()
+    assert sum(taken) == size and transport.written.startswith(b"HTTP/1.1 200 OK")
+
+
+async def test_receive_tells_the_app_the_client_left() -> None:
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(await receive())
+        seen.append(await receive())  # waits: nothing more comes but the departure
+
+    protocol, _ = connect(app)
+    protocol.data_received(GET)
+    await settle()
+    assert len(seen) == 1 and seen[0]["more_body"] is False
+    protocol.connection_lost(None)
+    await settle()
+    assert seen[1] == {"type": "http.disconnect"}
+
+
+# --- the connection's timer ----------------------------------------------------------------------
+
+
+async def test_an_idle_keep_alive_connection_closes_after_timeout_keep_alive() -> None:
+    protocol, transport = connect(answering(b"ok"), keep_alive_s=0.05)
+    protocol.data_received(GET)
+    await settle()
+    assert not transport.closed
+    await asyncio.sleep(0.15)
+    assert transport.closed
+
+
+async def test_a_busy_connection_is_not_closed_by_the_keep_alive_of_an_earlier_answer() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/slow":
+            await release.wait()
+        await answering(b"ok")(scope, receive, send)
+
+    protocol, transport = connect(app, keep_alive_s=0.05)
+    protocol.data_received(GET)
+    await settle()
+    protocol.data_received(b"GET /slow HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    await asyncio.sleep(0.15)  # the first answer's keep-alive would have passed
+    assert not transport.closed
+    release.set()
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 2
+
+
+async def test_a_head_that_does_not_arrive_in_time_closes_the_connection() -> None:
+    protocol, transport = connect(head_timeout_s=0.05)
+    protocol.data_received(b"GET /x HTTP/1.1\r\nHost: app.test\r\n")  # never ends
+    await asyncio.sleep(0.15)
+    assert transport.closed and transport.written == b""
+
+
+async def test_a_connection_that_never_sends_a_byte_is_closed_at_the_head_timeout() -> None:
+    _, transport = connect(head_timeout_s=0.05)
+    await asyncio.sleep(0.15)
+    assert transport.closed
+
+
+async def test_shutdown_closes_an_idle_connection_and_lets_a_busy_one_finish() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await answering(b"ok")(scope, receive, send)
+
+    idle, idle_transport = connect()
+    idle.shutdown()
+    assert idle_transport.closed
+    busy, busy_transport = connect(app)
+    busy.data_received(GET)
+    await settle()
+    busy.shutdown()
+    assert not busy_transport.closed
+    release.set()
+    await settle()
+    assert busy_transport.written.endswith(b"ok") and busy_transport.closed
+
+
+async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns_protocol() -> None:
+    from proxy.wsprotocol import LeanWebSocketProtocol
+
+    scopes: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        scopes.append(scope)
+        await receive()
+        await send({"type": "websocket.accept"})
+        await done.wait()
+
+    cls = http_protocol(64 * 1024, 0.05)
+    config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None)
+    config.ws = LeanWebSocketProtocol
+    state = ServerState()
+    protocol = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(
+        b"GET /ws?x=1 HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    assert isinstance(transport.protocol, LeanWebSocketProtocol)
+    assert protocol not in state.connections and protocol._timer is None  # nothing holds it
+    await asyncio.sleep(0.1)  # past the head timeout: the upgraded socket stays open
+    assert not transport.closed
+    assert scopes[0]["type"] == "websocket" and scopes[0]["query_string"] == b"x=1"
+    assert transport.written.startswith(b"HTTP/1.1 101 ")
+    done.set()
+    await settle()
