@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import math
 import os
@@ -185,10 +186,25 @@ def log_config_warnings(settings: Settings) -> None:
         log.warning("config warning: %s", line, extra={"fields": {"event": "config_warning"}})
 
 
+# Python's cyclic collector runs a young-generation pass every 700 allocations by default: a few
+# times per proxied request, which allocates ~100 short-lived objects that reference counting
+# frees anyway. The sidecar makes few cycles; a pass per GC_YOUNG_THRESHOLD allocations is ~5 %
+# less CPU a request (bench). The objects built at start (modules, config, the app) are moved out
+# of the collector's sight first: older generations stay small to scan.
+GC_YOUNG_THRESHOLD = 10_000
+
+
+def tune_gc() -> None:
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
 def serve(settings: Settings, source: Callable[[], Settings] | None = None) -> int:
     """Serve until SIGTERM/SIGINT; in-flight requests finish, new ones are refused."""
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     app = App(settings, source)
+    tune_gc()
     public_config, admin_config = uvicorn_configs(app, settings)
     public = draining_server(public_config, app, settings)
     admin = QuietServer(admin_config)
@@ -231,6 +247,7 @@ def serve_worker(settings: Settings, role: WorkerRole) -> int:
     SIGINT and SIGHUP reach it from the supervisor and mean what they mean to a single process."""
     logs.configure(settings.logging.level, settings.logging.flush_interval_s)
     app = App(settings, _worker_source(role))
+    tune_gc()
     public_config, _ = uvicorn_configs(app, settings)
     public = draining_server(public_config, app, settings)
     log = logging.getLogger("authproxy")

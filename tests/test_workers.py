@@ -112,3 +112,20 @@ async def test_a_worker_answers_its_readiness_socket_with_its_checks(tmp_path: P
         await server.wait_closed()
     os.unlink(path)
     assert await workers.ask_readiness(path) is None
+
+
+def test_a_serving_process_collects_young_objects_less_often_and_freezes_what_it_started_with() -> (
+    None
+):
+    import gc
+
+    from proxy.server import GC_YOUNG_THRESHOLD, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
