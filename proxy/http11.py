@@ -514,7 +514,7 @@ class HttpProtocol(asyncio.Protocol):
         self.resume_reading()
         if self.queued:
             self._start(self.queued.pop())
-        elif cycle is self.cycle:
+        elif cycle is self.cycle and not self.in_head:  # (a next head may be arriving)
             self.idle_since = now = self.loop.time()
             self._deadline(now + self.keep_alive_s)
 

@@ -437,3 +437,19 @@ async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns
     assert transport.written.startswith(b"HTTP/1.1 101 ")
     done.set()
     await settle()
+
+
+async def test_a_head_arriving_when_the_answer_before_it_ends_keeps_its_own_deadline() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await answering(b"ok")(scope, receive, send)
+
+    protocol, transport = connect(app, keep_alive_s=0.05, head_timeout_s=10.0)
+    protocol.data_received(GET)
+    await settle()
+    protocol.data_received(b"GET /next HTTP/1.1\r\nHost: app")  # the next head, half sent
+    release.set()
+    await asyncio.sleep(0.15)  # past the keep-alive, well inside the head's own deadline
+    assert not transport.closed
