@@ -593,6 +593,10 @@ class HttpProtocol(asyncio.Protocol):
         protocol.connection_made(self.transport)
         protocol.data_received(b"".join(head))
         self.transport.set_protocol(protocol)
+        # The parser and this protocol refer to each other: let both go now, not at the
+        # collector's next pass (an idle WebSocket should cost its own state only).
+        self.parser = None  # type: ignore[assignment]
+        self.headers = []
 
     def _answer(self, error: BadRequest) -> None:
         """The JSON error, then the connection closes: the parser cannot go on after it."""

@@ -431,6 +431,7 @@ async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns
     )
     assert isinstance(transport.protocol, LeanWebSocketProtocol)
     assert protocol not in state.connections and protocol._timer is None  # nothing holds it
+    assert protocol.parser is None  # nor a reference cycle with its parser
     await asyncio.sleep(0.1)  # past the head timeout: the upgraded socket stays open
     assert not transport.closed
     assert scopes[0]["type"] == "websocket" and scopes[0]["query_string"] == b"x=1"
