@@ -38,6 +38,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from .authority import absolute_form_problem
 from .errors import BadRequest, InternalError, render
 from .ids import new_request_id
+from .types import BODY_FOLLOWS
 
 log = logging.getLogger("uvicorn.error")  # written as authproxy.server (telemetry/logs.py)
 
@@ -196,6 +197,8 @@ class Cycle:
             self.started = True
             self.expect_continue = False
             self._start(message["status"], message.get("headers", ()))
+            if not message.get(BODY_FOLLOWS):
+                conn.loop.call_soon(self._flush_head)
             return
         if self.complete:
             raise RuntimeError(f"{message['type']!r} sent after the response completed")
@@ -270,7 +273,6 @@ class Cycle:
         ):
             raise RuntimeError("Invalid HTTP header name or value.")
         self.head = head
-        self.conn.loop.call_soon(self._flush_head)
 
     def _flush_head(self) -> None:
         head = self.head

@@ -454,3 +454,19 @@ async def test_a_head_arriving_when_the_answer_before_it_ends_keeps_its_own_dead
     release.set()
     await asyncio.sleep(0.15)  # past the keep-alive, well inside the head's own deadline
     assert not transport.closed
+
+
+async def test_a_head_promised_its_body_waits_for_it_without_a_callback() -> None:
+    from proxy.types import BODY_FOLLOWS
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        start = {"type": "http.response.start", "status": 200, "headers": []}
+        await send({**start, BODY_FOLLOWS: True, "headers": [(b"content-length", b"2")]})
+        for _ in range(3):  # the promise is kept late here, to show nothing else wrote the head
+            await asyncio.sleep(0)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport = connect(app)
+    protocol.data_received(GET)
+    await settle()
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]

@@ -27,7 +27,7 @@ from ..errors import (
 )
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
-from ..types import Message, Receive, Scope, Send
+from ..types import BODY_FOLLOWS, Message, Receive, Scope, Send
 from .breaker import OPEN, STATE_VALUE, CircuitBreaker
 from .compress import Compression, Encoder, rewrite_headers
 from .headers import HeaderPolicy
@@ -680,7 +680,10 @@ class Forwarder:
             # Headers go out at once: a Server-Sent Events stream may not send a byte for a while.
             if stall is not None:
                 stall.sending = stall.now()
-            await send({"type": "http.response.start", "status": status, "headers": headers})
+            start: Message = {"type": "http.response.start", "status": status, "headers": headers}
+            if early and conn.finished:
+                start[BODY_FOLLOWS] = True  # the whole body goes next: one write for both
+            await send(start)
             exchange.response_started = True
             if self.streams is not None and exchange.identity is not None and not conn.finished:
                 sse = _is_event_stream(headers)
