@@ -19,7 +19,7 @@ from .authority import valid_host
 from .cors import Cors, CorsPolicy
 from .errors import BadRequest, NotFound, ProxyError, ServiceUnavailable
 from .identity import Identity
-from .ids import new_request_id
+from .ids import new_request_id, new_span_id
 from .paths import judge_path
 from .relay.headers import HeaderPolicy
 from .routing import Route, RouteTable
@@ -134,7 +134,7 @@ class Request:
         if request_id is None:
             request_id = own_id = new_request_id()
         r.request_id = request_id
-        r.trace = trace_of(traceparent, tracestate, own_id, new_request_id)
+        r.trace = trace_of(traceparent, tracestate, own_id, new_request_id, new_span_id)
         return r
 
 
