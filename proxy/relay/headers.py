@@ -148,6 +148,8 @@ WEBSOCKET_HANDSHAKE = frozenset(
         b"sec-websocket-accept",
     }
 )
+_MAX_VERDICTS = 512  # header names remembered (then judged each time)
+_MAX_IDENTITIES = 4096  # identities whose header block is remembered (then all forgotten)
 SIGNATURE_HEADER = b"x-auth-signature"
 # v2 only: when the signature was made (Unix seconds) and which identity headers it covers.
 TIMESTAMP_HEADER = b"x-auth-timestamp"
@@ -323,6 +325,12 @@ class HeaderPolicy:
             # (config refuses two claim headers an upstream would read as one: v2 signs each once)
             self._v2 = settings.identity.signature == "v2"
         self._clock = clock
+        # Per header name as received: dropped (True) or passed on, Connection aside; per
+        # identity object: its header block (`_identity_headers`). Bounded: a client chooses
+        # header names, and a busy sidecar sees many identities.
+        self._verdicts: dict[bytes, bool] = {}
+        self._verdicts_ws: dict[bytes, bool] = {}
+        self._identities: dict[int, tuple[Identity, tuple[tuple[bytes, bytes], ...]]] = {}
         # The upstream URL's path, which the relays put before every request path: v2 signs the
         # path the upstream receives (`Origin.prefix` and the tunnel's base URI are the same).
         self._prefix = url_prefix(settings.upstream.url)
@@ -371,7 +379,9 @@ class HeaderPolicy:
         path, query without credentials): a v2 signature covers them.
         """
         target = (method, raw_path, query)
-        out = self._upstream(headers, self._drop, peer, scheme, request_id, identity, target, trace)
+        out = self._upstream(
+            headers, self._drop, self._verdicts, peer, scheme, request_id, identity, target, trace
+        )
         for _, value in out:
             if not value.isascii():
                 _utf8(value)
@@ -394,7 +404,15 @@ class HeaderPolicy:
         `raw_path` and `query` as for `upstream_request`; a handshake's method is GET."""
         target = ("GET", raw_path, query)
         out = self._upstream(
-            headers, self._drop_ws, peer, scheme, request_id, identity, target, trace
+            headers,
+            self._drop_ws,
+            self._verdicts_ws,
+            peer,
+            scheme,
+            request_id,
+            identity,
+            target,
+            trace,
         )
         return [(_latin1(name), _latin1(value)) for name, value in out]
 
@@ -402,6 +420,7 @@ class HeaderPolicy:
         self,
         headers: list[tuple[bytes, bytes]],
         drop: frozenset[bytes],
+        verdicts: dict[bytes, bool],
         peer: str | None,
         scheme: str,
         request_id: str,
@@ -420,9 +439,15 @@ class HeaderPolicy:
             if name == b"host":
                 host = value
             # CGI/WSGI upstreams read `X_Auth_Subject` as `X-Auth-Subject` (both become
-            # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes.
-            key = _dashed(name)
-            if key in drop or key in named or key.startswith(_PREFIXES):
+            # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes. The verdict
+            # (dropped or not, whatever Connection names) is remembered by name.
+            dropped = verdicts.get(name)
+            if dropped is None:
+                key = _dashed(name)
+                dropped = key in drop or key.startswith(_PREFIXES)
+                if len(verdicts) < _MAX_VERDICTS:
+                    verdicts[name] = dropped
+            if dropped or (named and _dashed(name) in named):
                 if trusted:
                     if name == b"x-forwarded-for":
                         xff = value if xff is None else xff + b", " + value
@@ -451,17 +476,9 @@ class HeaderPolicy:
             out.append((b"traceparent", trace.traceparent))
             if trace.tracestate is not None:
                 out.append((b"tracestate", trace.tracestate))
-        ours: list[tuple[bytes, bytes]] = []
+        ours: tuple[tuple[bytes, bytes], ...] = ()
         if identity is not None:
-            ours.append((b"x-auth-subject", _wire(identity.subject)))
-            ours.append((b"x-auth-method", identity.method.encode("latin-1")))
-            ours.append((b"x-auth-scopes", _wire(" ".join(sorted(identity.scopes)))))
-            if identity.issuer:
-                ours.append((b"x-auth-issuer", _wire(identity.issuer)))
-            ours.extend(
-                (name.lower().encode("latin-1"), _wire(value))
-                for name, value in identity.claim_headers
-            )
+            ours = self._identity_headers(identity)
             out.extend(ours)
         if self._secret is not None:
             if self._v2:
@@ -471,10 +488,33 @@ class HeaderPolicy:
                 out.append((SIGNATURE_HEADER, signature.encode("latin-1")))
         return out
 
+    def _identity_headers(self, identity: Identity) -> tuple[tuple[bytes, bytes], ...]:
+        """The identity's headers (X-Auth-*, claim headers) as wire bytes, made once per identity
+        object: a cached token's or an API key's identity is the same object request after
+        request (the entry holds it, so its id is not reused while it is there)."""
+        entry = self._identities.get(id(identity))
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        ours = [
+            (b"x-auth-subject", _wire(identity.subject)),
+            (b"x-auth-method", identity.method.encode("latin-1")),
+            (b"x-auth-scopes", _wire(" ".join(sorted(identity.scopes)))),
+        ]
+        if identity.issuer:
+            ours.append((b"x-auth-issuer", _wire(identity.issuer)))
+        ours.extend(
+            (name.lower().encode("latin-1"), _wire(value)) for name, value in identity.claim_headers
+        )
+        headers = tuple(ours)
+        if len(self._identities) >= _MAX_IDENTITIES:
+            self._identities.clear()
+        self._identities[id(identity)] = (identity, headers)
+        return headers
+
     def _sign_v2(
         self,
         request_id: str,
-        ours: list[tuple[bytes, bytes]],
+        ours: Sequence[tuple[bytes, bytes]],
         target: tuple[str | None, bytes | None, bytes | None],
     ) -> list[tuple[bytes, bytes]]:
         """X-Auth-Timestamp, X-Auth-Signed-Headers (when there is an identity) and the v2
