@@ -112,7 +112,11 @@ class Extractor:
                     e.strip(" \t") for e in value.decode("latin-1").split(",") if e.strip(" \t")
                 )
 
-        clean, removed, query_refusal = split_query(query_string, self._param_names)
+        query_refusal = None
+        removed: Sequence[tuple[bytes, bytes]] = ()
+        clean = b""
+        if query_string:
+            clean, removed, query_refusal = split_query(query_string, self._param_names)
         for param, raw in removed:
             i = self._params[param]
             p = presented[i]
