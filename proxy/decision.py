@@ -56,6 +56,8 @@ class Request:
     acr_method: str | None = None
     acr_headers: str | None = None
     acr_private_network: bool = False
+    # The values of its `Connection` headers (the names they list are not forwarded); () if none.
+    connection: tuple[bytes, ...] = ()
     path: str = ""
     raw_path: bytes = b""
     route: Route | None = None
@@ -123,6 +125,8 @@ class Request:
                 r.acr_headers = value.decode("latin-1")
             elif which == _ACR_PRIVATE_NETWORK:
                 r.acr_private_network = value.strip().lower() == b"true"
+            elif which == _CONNECTION:
+                r.connection += (value,)
             elif which == _TRACEPARENT:
                 traceparent = value if traceparent is None else b""  # two: invalid
             else:  # tracestate
@@ -151,9 +155,10 @@ class Request:
     _ACR_METHOD,
     _ACR_HEADERS,
     _ACR_PRIVATE_NETWORK,
+    _CONNECTION,
     _TRACEPARENT,
     _TRACESTATE,
-) = range(9)
+) = range(10)
 _READ = {
     b"origin": _ORIGIN,
     b"host": _HOST,
@@ -162,6 +167,7 @@ _READ = {
     b"access-control-request-method": _ACR_METHOD,
     b"access-control-request-headers": _ACR_HEADERS,
     b"access-control-request-private-network": _ACR_PRIVATE_NETWORK,
+    b"connection": _CONNECTION,
     b"traceparent": _TRACEPARENT,
     b"tracestate": _TRACESTATE,
 }
@@ -285,6 +291,7 @@ class Decider:
                     raw_path=r.raw_path,
                     query=query,
                     trace=r.trace,
+                    connection=r.connection,
                 )
                 return Decision(
                     "tunnel",
@@ -304,6 +311,7 @@ class Decider:
                 raw_path=r.raw_path,
                 query=query,
                 trace=r.trace,
+                connection=r.connection,
             )
             return Decision(
                 "forward", r, policy, upstream_headers=upstream, trace=trace, attempts=attempts

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from ..authority import valid_host
 from ..config import Settings
@@ -148,6 +149,7 @@ WEBSOCKET_HANDSHAKE = frozenset(
         b"sec-websocket-accept",
     }
 )
+_NONE_NAMED: frozenset[bytes] = frozenset()
 _MAX_VERDICTS = 512  # header names remembered (then judged each time)
 _MAX_IDENTITIES = 4096  # identities whose header block is remembered (then all forgotten)
 SIGNATURE_HEADER = b"x-auth-signature"
@@ -198,12 +200,14 @@ def _wire(value: str) -> bytes:
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names listed in any `Connection` header, lower-cased."""
+    return connection_tokens(value for name, value in headers if name.lower() == b"connection")
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """Header names listed in these `Connection` header values, lower-cased."""
     named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(
-                t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip()
-            )
+    for value in values:
+        named.update(t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip())
     return named
 
 
@@ -370,17 +374,29 @@ class HeaderPolicy:
         raw_path: bytes | None = None,
         query: bytes | None = None,
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """The headers sent upstream on the REST hop, as the bytes that go on the wire.
 
         Client bytes pass unchanged when they are UTF-8 (anything else is refused rather than
         guessed at); the sidecar's own values (identity) are UTF-8. `method`, `raw_path` and
         `query` are the request line the forwarder sends (path without the upstream URL's own
-        path, query without credentials): a v2 signature covers them.
+        path, query without credentials): a v2 signature covers them. `connection`: the values
+        of the request's `Connection` headers when already read (`Request.connection`), else
+        None and they are looked for in `headers`.
         """
         target = (method, raw_path, query)
         out = self._upstream(
-            headers, self._drop, self._verdicts, peer, scheme, request_id, identity, target, trace
+            headers,
+            self._drop,
+            self._verdicts,
+            peer,
+            scheme,
+            request_id,
+            identity,
+            target,
+            trace,
+            connection,
         )
         for _, value in out:
             if not value.isascii():
@@ -398,10 +414,12 @@ class HeaderPolicy:
         raw_path: bytes | None = None,
         query: bytes | None = None,
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[str, str]]:
         """The headers of the upstream WebSocket handshake, as strings `websockets` encodes as
         latin-1 back to the same bytes (so identity values still reach the upstream as UTF-8).
-        `raw_path` and `query` as for `upstream_request`; a handshake's method is GET."""
+        `raw_path`, `query` and `connection` as for `upstream_request`; a handshake's method is
+        GET."""
         target = ("GET", raw_path, query)
         out = self._upstream(
             headers,
@@ -413,6 +431,7 @@ class HeaderPolicy:
             identity,
             target,
             trace,
+            connection,
         )
         return [(_latin1(name), _latin1(value)) for name, value in out]
 
@@ -427,8 +446,13 @@ class HeaderPolicy:
         identity: Identity | None,
         target: tuple[str | None, bytes | None, bytes | None],
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        named = connection_named(headers)
+        named: AbstractSet[bytes]
+        if connection is None:
+            named = connection_named(headers)
+        else:
+            named = connection_tokens(connection) if connection else _NONE_NAMED
         trusted = self.trusted(peer)
         out: list[tuple[bytes, bytes]] = []
         host = xff = xfp = xfh = None

@@ -627,3 +627,29 @@ def test_an_identitys_header_block_is_made_once_and_matches_its_values() -> None
     assert upstream(p, [(b"host", b"app.test")], identity=bob)["x-auth-subject"] == ["bob"]
     twin = dataclasses.replace(ALICE)  # an equal identity, another object: made again, the same
     assert p._identity_headers(twin) == block
+
+
+def test_connection_values_read_with_the_head_name_what_a_scan_would() -> None:
+    from proxy.decision import Request
+
+    head = [
+        (b"host", b"app.test"),
+        (b"connection", b"keep-alive, X-Hop"),
+        (b"x-hop", b"1"),
+        (b"connection", b"x_two"),
+        (b"x-two", b"2"),
+        (b"x-kept", b"3"),
+    ]
+    r = Request.read({"headers": head, "http_version": "1.1"}, "GET", 65536)
+    assert r.connection == (b"keep-alive, X-Hop", b"x_two")
+    p = policy()
+    scanned = p.upstream_request(
+        head, peer="10.1.2.3", scheme="http", request_id="r", identity=None
+    )
+    given = p.upstream_request(
+        head, peer="10.1.2.3", scheme="http", request_id="r", identity=None, connection=r.connection
+    )
+    assert given == scanned
+    assert {name for name, _ in given}.isdisjoint({b"x-hop", b"x-two", b"connection"})
+    plain = Request.read({"headers": head[:1], "http_version": "1.1"}, "GET", 65536)
+    assert plain.connection == ()
