@@ -478,11 +478,15 @@ class App:
             self.streams.revoke_token(revocation.value)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "lifespan":
             await self._lifespan(receive, send)
             return
         assert self.pipeline is not None, "the lifespan has not started"
-        await self.pipeline(scope, receive, send)
+        if kind == "http":
+            await self.pipeline.http(scope, receive, send)  # one coroutine less a request
+        else:
+            await self.pipeline(scope, receive, send)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

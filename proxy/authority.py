@@ -25,9 +25,25 @@ _MAX_NAME = 253 + 1  # a DNS name, and its final dot
 _MAX_HOST = _MAX_NAME + len(":65535")
 
 
+# Host values judged valid, remembered: a sidecar sees the same few Host values request after
+# request (~0.05 µs a lookup against ~0.5 µs a judgement). Bounded (a client chooses the value):
+# past it, values are judged each time.
+_KNOWN_VALID: set[bytes] = set()
+_MAX_KNOWN = 256
+
+
 def valid_host(value: bytes) -> bool:
     """Is `value` a Host header value we pass on (see the module docstring)?"""
-    # One regular expression per request, ~0.35 us (named groups and int(port): ~0.6 us).
+    if value in _KNOWN_VALID:
+        return True
+    valid = _valid_host(value)
+    if valid and len(_KNOWN_VALID) < _MAX_KNOWN:
+        _KNOWN_VALID.add(value)
+    return valid
+
+
+def _valid_host(value: bytes) -> bool:
+    # One regular expression, ~0.35 us (named groups and int(port): ~0.6 us).
     if len(value) > _MAX_HOST:
         return False
     if value[:1] != b"[":

@@ -19,7 +19,7 @@ from .authority import valid_host
 from .cors import Cors, CorsPolicy
 from .errors import BadRequest, NotFound, ProxyError, ServiceUnavailable
 from .identity import Identity
-from .ids import new_request_id
+from .ids import new_request_id, new_span_id
 from .paths import judge_path
 from .relay.headers import HeaderPolicy
 from .routing import Route, RouteTable
@@ -56,6 +56,8 @@ class Request:
     acr_method: str | None = None
     acr_headers: str | None = None
     acr_private_network: bool = False
+    # The values of its `Connection` headers (the names they list are not forwarded); () if none.
+    connection: tuple[bytes, ...] = ()
     path: str = ""
     raw_path: bytes = b""
     route: Route | None = None
@@ -86,7 +88,11 @@ class Request:
         size = 0
         for name, value in headers:
             size += len(name) + len(value) + 4
-            if name == b"origin":
+            # Most headers are none of these: one dictionary lookup, not a chain of comparisons.
+            which = _READ.get(name)
+            if which is None:
+                continue
+            if which == _ORIGIN:
                 # One Origin, as browsers send it: with two, the CORS check and the upstream
                 # could each believe a different one.
                 if r.origin is not None:
@@ -95,17 +101,17 @@ class Request:
                         details={"reason": "duplicate_origin"},
                     )
                 r.origin = value.decode("latin-1")
-            elif name == b"host":
+            elif which == _HOST:
                 # RFC 9112 3.2: one valid Host or 400, checked before it can become
                 # X-Forwarded-Host or (server.preserve_host) the upstream's Host.
                 if r.host is not None or not valid_host(value):
                     raise _bad_host("more than one Host header" if r.host else "an invalid Host")
                 r.host = value.decode("latin-1")
-            elif name == b"x-request-id":
+            elif which == _REQUEST_ID:
                 candidate = value.decode("latin-1")
                 if _SANE_REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
-            elif name == b"content-length":
+            elif which == _CONTENT_LENGTH:
                 # httptools refuses a bad or doubled Content-Length before we see it; this holds
                 # for what reaches the decision otherwise (explain's hand-written headers).
                 if not value.isdigit() or (
@@ -113,15 +119,17 @@ class Request:
                 ):
                     raise BadRequest("invalid Content-Length")
                 r.content_length = int(value)
-            elif name == b"access-control-request-method":
+            elif which == _ACR_METHOD:
                 r.acr_method = value.decode("latin-1")
-            elif name == b"access-control-request-headers":
+            elif which == _ACR_HEADERS:
                 r.acr_headers = value.decode("latin-1")
-            elif name == b"access-control-request-private-network":
+            elif which == _ACR_PRIVATE_NETWORK:
                 r.acr_private_network = value.strip().lower() == b"true"
-            elif name == b"traceparent":
+            elif which == _CONNECTION:
+                r.connection += (value,)
+            elif which == _TRACEPARENT:
                 traceparent = value if traceparent is None else b""  # two: invalid
-            elif name == b"tracestate":
+            else:  # tracestate
                 tracestate = value if tracestate is None else tracestate + b"," + value
         if size > max_header_bytes:
             raise BadRequest(
@@ -134,10 +142,35 @@ class Request:
         if request_id is None:
             request_id = own_id = new_request_id()
         r.request_id = request_id
-        r.trace = trace_of(traceparent, tracestate, own_id, new_request_id)
+        r.trace = trace_of(traceparent, tracestate, own_id, new_request_id, new_span_id)
         return r
 
 
+# The headers `Request.read` looks at, by name.
+(
+    _ORIGIN,
+    _HOST,
+    _REQUEST_ID,
+    _CONTENT_LENGTH,
+    _ACR_METHOD,
+    _ACR_HEADERS,
+    _ACR_PRIVATE_NETWORK,
+    _CONNECTION,
+    _TRACEPARENT,
+    _TRACESTATE,
+) = range(10)
+_READ = {
+    b"origin": _ORIGIN,
+    b"host": _HOST,
+    b"x-request-id": _REQUEST_ID,
+    b"content-length": _CONTENT_LENGTH,
+    b"access-control-request-method": _ACR_METHOD,
+    b"access-control-request-headers": _ACR_HEADERS,
+    b"access-control-request-private-network": _ACR_PRIVATE_NETWORK,
+    b"connection": _CONNECTION,
+    b"traceparent": _TRACEPARENT,
+    b"tracestate": _TRACESTATE,
+}
 _HTTP_SCHEME = {"ws": "http", "wss": "https"}  # an Origin names the page's scheme
 
 
@@ -258,6 +291,7 @@ class Decider:
                     raw_path=r.raw_path,
                     query=query,
                     trace=r.trace,
+                    connection=r.connection,
                 )
                 return Decision(
                     "tunnel",
@@ -277,6 +311,7 @@ class Decider:
                 raw_path=r.raw_path,
                 query=query,
                 trace=r.trace,
+                connection=r.connection,
             )
             return Decision(
                 "forward", r, policy, upstream_headers=upstream, trace=trace, attempts=attempts

@@ -1,7 +1,8 @@
 """Request ids: 32 hex digits, unique in practice, without a system call per request.
 
-A Mersenne Twister seeded from the OS once per process (and again in a forked child) is ~0.3 µs
-an id against ~0.7 µs for `os.urandom` under load; ids are correlation handles, not secrets, and
+A Mersenne Twister seeded from the OS once per process (and again in a forked child) is ~0.2 µs
+an id (`randbytes(16).hex()`; ~0.3 µs formatting `getrandbits(128)`) against ~0.7 µs for
+`os.urandom` under load; ids are correlation handles, not secrets, and
 unlike a counter they say nothing about how busy the sidecar is.
 """
 
@@ -22,7 +23,16 @@ class RequestIds:
         self._random.seed(os.urandom(32))
 
     def new(self) -> str:
-        return f"{self._random.getrandbits(128):032x}"
+        """32 hex digits."""
+        return self._random.randbytes(16).hex()
+
+    def span(self) -> str:
+        """16 hex digits, never all zero (a W3C span id)."""
+        span = self._random.randbytes(8).hex()
+        return span if span != _ZERO_SPAN else "1" + span[1:]
 
 
-new_request_id = RequestIds().new
+_ZERO_SPAN = "0" * 16
+_IDS = RequestIds()
+new_request_id = _IDS.new
+new_span_id = _IDS.span

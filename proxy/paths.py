@@ -54,6 +54,9 @@ def _check_segments(path: str) -> None:
         raise BadRequest(
             "';' is not allowed in the path (path parameters)", details={"reason": "semicolon"}
         )
+    if "/." not in path and "//" not in path:
+        # No segment starts with a dot and none but the last is empty: nothing to look at.
+        return
     segments = path.split("/")
     # segments[0] is the empty string before the leading "/"; the last may be empty (trailing "/").
     for i, segment in enumerate(segments[1:], start=1):

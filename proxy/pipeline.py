@@ -136,33 +136,30 @@ class Pipeline:
         in_flight = self._in_flight_count
         in_flight.enter()
         try:
-            await self._http(scope, receive, send)
+            d = await self.decider.decide(facts_of(scope, websocket=False))
+            r = d.request
+            record = record_of(scope, d)
+            span = self._request_span(r, record) if self._otel is not None else None
+            try:
+                if d.action == "preflight":
+                    assert d.preflight_headers is not None
+                    headers = d.preflight_headers
+                    headers.append((b"x-request-id", r.request_id.encode()))
+                    await send({"type": "http.response.start", "status": 204, "headers": headers})
+                    await send({"type": "http.response.body", "body": b""})
+                    record.status = 204
+                    record.extra["preflight"] = True
+                elif d.action == "refuse":
+                    assert d.error is not None
+                    await self._reply_error(send, r, d.error, d.policy, record)
+                else:
+                    await self._forward(scope, receive, send, d, record, span)
+            finally:
+                self.access.emit(record)
+                if span is not None:
+                    self._end_request_span(span, record)
         finally:
             in_flight.leave()
-
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        d = await self.decider.decide(facts_of(scope, websocket=False))
-        r = d.request
-        record = record_of(scope, d)
-        span = self._request_span(r, record) if self._otel is not None else None
-        try:
-            if d.action == "preflight":
-                assert d.preflight_headers is not None
-                headers = d.preflight_headers
-                headers.append((b"x-request-id", r.request_id.encode()))
-                await send({"type": "http.response.start", "status": 204, "headers": headers})
-                await send({"type": "http.response.body", "body": b""})
-                record.status = 204
-                record.extra["preflight"] = True
-            elif d.action == "refuse":
-                assert d.error is not None
-                await self._reply_error(send, r, d.error, d.policy, record)
-            else:
-                await self._forward(scope, receive, send, d, record, span)
-        finally:
-            self.access.emit(record)
-            if span is not None:
-                self._end_request_span(span, record)
 
     def _request_span(self, r: Request, record: AccessRecord) -> Any:
         """The request's server span (and its auth stage's, already over), when spans are

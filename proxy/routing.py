@@ -53,7 +53,10 @@ class RouteTable:
         self.routes: tuple[Route, ...] = tuple(compiled)
 
     def match(self, path: str, method: str) -> Route | None:
+        # `Route.matches`, inlined: a method call per route tried cost more than the test.
         for route in self.routes:
-            if route.matches(path, method):
+            if route.methods and method not in route.methods:
+                continue
+            if path.startswith(route.prefix) if route.prefix is not None else path == route.exact:
                 return route
         return None

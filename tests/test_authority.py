@@ -105,3 +105,16 @@ def test_request_read_refuses_two_hosts_a_bad_host_and_a_missing_one() -> None:
         assert caught.value.details["reason"] == "invalid_host"
     assert Request.read(scope(http_version="1.0"), "GET", 65536).host is None
     assert Request.read(scope((b"host", b"[::1]:80")), "GET", 65536).host == "[::1]:80"
+
+
+def test_remembered_host_verdicts_are_only_valid_ones_and_bounded() -> None:
+    from proxy import authority
+
+    assert authority.valid_host(b"remembered.test:8080")
+    assert b"remembered.test:8080" in authority._KNOWN_VALID
+    assert authority.valid_host(b"remembered.test:8080")  # from memory: still valid
+    assert not authority.valid_host(b"bad,host") and b"bad,host" not in authority._KNOWN_VALID
+    for i in range(authority._MAX_KNOWN + 10):
+        assert authority.valid_host(b"h%d.test" % i)
+    assert len(authority._KNOWN_VALID) == authority._MAX_KNOWN
+    assert not authority.valid_host(b"h1.test,evil")

@@ -77,3 +77,26 @@ def test_any_path_is_either_refused_or_canonical_and_stable(tail: bytes) -> None
     # Judging what we send gives the same verdict: the upstream cannot see another path.
     assert judge_path(sent) == (judged, sent)
     assert ".." not in judged.split("/") and "\\" not in judged
+
+
+def _segments_refused(path: str) -> bool:
+    """The segment rule, segment by segment (what paths._check_segments' shortcut must agree
+    with): a dot-only segment anywhere, an empty one anywhere but last."""
+    segments = path.split("/")
+    return any(
+        (s and not s.strip(".")) or (s == "" and i != len(segments) - 1)
+        for i, s in enumerate(segments[1:], start=1)
+    )
+
+
+@given(st.text(st.sampled_from(list("/.a;")), max_size=12))
+def test_the_segment_shortcut_agrees_with_the_segment_by_segment_rule(tail: str) -> None:
+    from proxy.paths import _check_segments
+
+    path = "/" + tail
+    try:
+        _check_segments(path)
+    except BadRequest:
+        assert ";" in path or _segments_refused(path)
+    else:
+        assert ";" not in path and not _segments_refused(path)

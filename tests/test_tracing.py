@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.ids import new_request_id
+from proxy.ids import RequestIds, new_request_id, new_span_id
 from proxy.tracing import MAX_TRACESTATE_BYTES, trace_of
 
 VALID = b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
@@ -68,9 +68,24 @@ def test_a_tracestate_beyond_what_must_be_carried_is_dropped() -> None:
 def test_whatever_arrives_the_upstream_gets_a_well_formed_context(
     traceparent: bytes, tracestate: bytes | None
 ) -> None:
-    t = trace_of(traceparent, tracestate, new_request_id(), new_request_id)
+    t = trace_of(traceparent, tracestate, new_request_id(), new_request_id, new_span_id)
     assert STRICT.fullmatch(t.traceparent)
     assert t.traceparent[3:35] != b"0" * 32 and t.traceparent[36:52] != b"0" * 16
     assert t.trace_id.encode() == t.traceparent[3:35]
     if t.tracestate is not None:
         assert len(t.tracestate) <= MAX_TRACESTATE_BYTES and b"\n" not in t.tracestate
+
+
+def test_ids_are_lower_case_hex_of_their_length_and_a_span_id_is_never_zero() -> None:
+    for _ in range(200):
+        assert re.fullmatch("[0-9a-f]{32}", new_request_id())
+        assert re.fullmatch("[0-9a-f]{16}", new_span_id())
+    ids = RequestIds()
+    ids._random.randbytes = lambda n: bytes(n)  # type: ignore[method-assign]
+    assert ids.new() == "0" * 32
+    assert ids.span() == "1" + "0" * 15
+
+
+def test_a_started_trace_takes_its_span_id_from_new_span() -> None:
+    t = trace_of(None, None, OURS, new_request_id, lambda: "00f067aa0ba902b7")
+    assert t.traceparent == b"00-" + OURS.encode() + b"-00f067aa0ba902b7-00"

@@ -108,12 +108,13 @@ class Chain:
                 raise
             if trace is not None:
                 trace.append(Attempt(name, found, f"accepted: {_who(identity)}"))
-            try:
-                require_scopes(identity, route, bearer=bearer)
-            except ProxyError as exc:
-                self._count(name, "insufficient_scope")
-                exc.identity = identity
-                raise
+            if route.scopes:
+                try:
+                    require_scopes(identity, route, bearer=bearer)
+                except ProxyError as exc:
+                    self._count(name, "insufficient_scope")
+                    exc.identity = identity
+                    raise
             if route.require_claims:
                 try:
                     require_claims(identity, route.require_claims)

@@ -97,11 +97,16 @@ class BearerLocator:
         cookie: str | None = None
         for name, value in presented.headers:
             if name == b"authorization":
-                m = grammar.authorization(value.decode("latin-1").strip(" \t"))
-                if m is None or m.group(1).lower() != "bearer":
-                    note = "Authorization header is not a Bearer token"
-                    continue
-                token = (m.group(2) or "").strip(" \t")
+                if value.startswith(b"Bearer "):
+                    # As the grammar reads it (the scheme, blanks, the rest), without the
+                    # regular expression: the form nearly every client sends.
+                    token = value[7:].decode("latin-1").strip(" \t")
+                else:
+                    m = grammar.authorization(value.decode("latin-1").strip(" \t"))
+                    if m is None or m.group(1).lower() != "bearer":
+                        note = "Authorization header is not a Bearer token"
+                        continue
+                    token = (m.group(2) or "").strip(" \t")
                 if not token:
                     problem = "empty bearer token"
                 elif not grammar.token68(token):

@@ -16,6 +16,7 @@ import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 
 from ..authority import valid_host
 from ..config import Settings
@@ -148,6 +149,9 @@ WEBSOCKET_HANDSHAKE = frozenset(
         b"sec-websocket-accept",
     }
 )
+_NONE_NAMED: frozenset[bytes] = frozenset()
+_MAX_VERDICTS = 512  # header names remembered (then judged each time)
+_MAX_IDENTITIES = 4096  # identities whose header block is remembered (then all forgotten)
 SIGNATURE_HEADER = b"x-auth-signature"
 # v2 only: when the signature was made (Unix seconds) and which identity headers it covers.
 TIMESTAMP_HEADER = b"x-auth-timestamp"
@@ -196,12 +200,14 @@ def _wire(value: str) -> bytes:
 
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names listed in any `Connection` header, lower-cased."""
+    return connection_tokens(value for name, value in headers if name.lower() == b"connection")
+
+
+def connection_tokens(values: Iterable[bytes]) -> set[bytes]:
+    """Header names listed in these `Connection` header values, lower-cased."""
     named: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(
-                t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip()
-            )
+    for value in values:
+        named.update(t.strip().lower().replace(b"_", b"-") for t in value.split(b",") if t.strip())
     return named
 
 
@@ -323,6 +329,12 @@ class HeaderPolicy:
             # (config refuses two claim headers an upstream would read as one: v2 signs each once)
             self._v2 = settings.identity.signature == "v2"
         self._clock = clock
+        # Per header name as received: dropped (True) or passed on, Connection aside; per
+        # identity object: its header block (`_identity_headers`). Bounded: a client chooses
+        # header names, and a busy sidecar sees many identities.
+        self._verdicts: dict[bytes, bool] = {}
+        self._verdicts_ws: dict[bytes, bool] = {}
+        self._identities: dict[int, tuple[Identity, tuple[tuple[bytes, bytes], ...]]] = {}
         # The upstream URL's path, which the relays put before every request path: v2 signs the
         # path the upstream receives (`Origin.prefix` and the tunnel's base URI are the same).
         self._prefix = url_prefix(settings.upstream.url)
@@ -362,16 +374,30 @@ class HeaderPolicy:
         raw_path: bytes | None = None,
         query: bytes | None = None,
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[bytes, bytes]]:
         """The headers sent upstream on the REST hop, as the bytes that go on the wire.
 
         Client bytes pass unchanged when they are UTF-8 (anything else is refused rather than
         guessed at); the sidecar's own values (identity) are UTF-8. `method`, `raw_path` and
         `query` are the request line the forwarder sends (path without the upstream URL's own
-        path, query without credentials): a v2 signature covers them.
+        path, query without credentials): a v2 signature covers them. `connection`: the values
+        of the request's `Connection` headers when already read (`Request.connection`), else
+        None and they are looked for in `headers`.
         """
         target = (method, raw_path, query)
-        out = self._upstream(headers, self._drop, peer, scheme, request_id, identity, target, trace)
+        out = self._upstream(
+            headers,
+            self._drop,
+            self._verdicts,
+            peer,
+            scheme,
+            request_id,
+            identity,
+            target,
+            trace,
+            connection,
+        )
         for _, value in out:
             if not value.isascii():
                 _utf8(value)
@@ -388,13 +414,24 @@ class HeaderPolicy:
         raw_path: bytes | None = None,
         query: bytes | None = None,
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[str, str]]:
         """The headers of the upstream WebSocket handshake, as strings `websockets` encodes as
         latin-1 back to the same bytes (so identity values still reach the upstream as UTF-8).
-        `raw_path` and `query` as for `upstream_request`; a handshake's method is GET."""
+        `raw_path`, `query` and `connection` as for `upstream_request`; a handshake's method is
+        GET."""
         target = ("GET", raw_path, query)
         out = self._upstream(
-            headers, self._drop_ws, peer, scheme, request_id, identity, target, trace
+            headers,
+            self._drop_ws,
+            self._verdicts_ws,
+            peer,
+            scheme,
+            request_id,
+            identity,
+            target,
+            trace,
+            connection,
         )
         return [(_latin1(name), _latin1(value)) for name, value in out]
 
@@ -402,14 +439,20 @@ class HeaderPolicy:
         self,
         headers: list[tuple[bytes, bytes]],
         drop: frozenset[bytes],
+        verdicts: dict[bytes, bool],
         peer: str | None,
         scheme: str,
         request_id: str,
         identity: Identity | None,
         target: tuple[str | None, bytes | None, bytes | None],
         trace: Trace | None = None,
+        connection: Sequence[bytes] | None = None,
     ) -> list[tuple[bytes, bytes]]:
-        named = connection_named(headers)
+        named: AbstractSet[bytes]
+        if connection is None:
+            named = connection_named(headers)
+        else:
+            named = connection_tokens(connection) if connection else _NONE_NAMED
         trusted = self.trusted(peer)
         out: list[tuple[bytes, bytes]] = []
         host = xff = xfp = xfh = None
@@ -420,9 +463,15 @@ class HeaderPolicy:
             if name == b"host":
                 host = value
             # CGI/WSGI upstreams read `X_Auth_Subject` as `X-Auth-Subject` (both become
-            # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes.
-            key = _dashed(name)
-            if key in drop or key in named or key.startswith(_PREFIXES):
+            # HTTP_X_AUTH_SUBJECT): judge a name with its underscores as dashes. The verdict
+            # (dropped or not, whatever Connection names) is remembered by name.
+            dropped = verdicts.get(name)
+            if dropped is None:
+                key = _dashed(name)
+                dropped = key in drop or key.startswith(_PREFIXES)
+                if len(verdicts) < _MAX_VERDICTS:
+                    verdicts[name] = dropped
+            if dropped or (named and _dashed(name) in named):
                 if trusted:
                     if name == b"x-forwarded-for":
                         xff = value if xff is None else xff + b", " + value
@@ -451,17 +500,9 @@ class HeaderPolicy:
             out.append((b"traceparent", trace.traceparent))
             if trace.tracestate is not None:
                 out.append((b"tracestate", trace.tracestate))
-        ours: list[tuple[bytes, bytes]] = []
+        ours: tuple[tuple[bytes, bytes], ...] = ()
         if identity is not None:
-            ours.append((b"x-auth-subject", _wire(identity.subject)))
-            ours.append((b"x-auth-method", identity.method.encode("latin-1")))
-            ours.append((b"x-auth-scopes", _wire(" ".join(sorted(identity.scopes)))))
-            if identity.issuer:
-                ours.append((b"x-auth-issuer", _wire(identity.issuer)))
-            ours.extend(
-                (name.lower().encode("latin-1"), _wire(value))
-                for name, value in identity.claim_headers
-            )
+            ours = self._identity_headers(identity)
             out.extend(ours)
         if self._secret is not None:
             if self._v2:
@@ -471,10 +512,33 @@ class HeaderPolicy:
                 out.append((SIGNATURE_HEADER, signature.encode("latin-1")))
         return out
 
+    def _identity_headers(self, identity: Identity) -> tuple[tuple[bytes, bytes], ...]:
+        """The identity's headers (X-Auth-*, claim headers) as wire bytes, made once per identity
+        object: a cached token's or an API key's identity is the same object request after
+        request (the entry holds it, so its id is not reused while it is there)."""
+        entry = self._identities.get(id(identity))
+        if entry is not None and entry[0] is identity:
+            return entry[1]
+        ours = [
+            (b"x-auth-subject", _wire(identity.subject)),
+            (b"x-auth-method", identity.method.encode("latin-1")),
+            (b"x-auth-scopes", _wire(" ".join(sorted(identity.scopes)))),
+        ]
+        if identity.issuer:
+            ours.append((b"x-auth-issuer", _wire(identity.issuer)))
+        ours.extend(
+            (name.lower().encode("latin-1"), _wire(value)) for name, value in identity.claim_headers
+        )
+        headers = tuple(ours)
+        if len(self._identities) >= _MAX_IDENTITIES:
+            self._identities.clear()
+        self._identities[id(identity)] = (identity, headers)
+        return headers
+
     def _sign_v2(
         self,
         request_id: str,
-        ours: list[tuple[bytes, bytes]],
+        ours: Sequence[tuple[bytes, bytes]],
         target: tuple[str | None, bytes | None, bytes | None],
     ) -> list[tuple[bytes, bytes]]:
         """X-Auth-Timestamp, X-Auth-Signed-Headers (when there is an identity) and the v2

@@ -96,7 +96,12 @@ class AccessLog:
             counter.inc()
         if not self.log_lines:
             return
-        fields: dict[str, Any] = {
+        # The whole line in one dict, in its order: `logs.access_line` stamps the time.
+        line: dict[str, Any] = {
+            "time": "",
+            "level": "info",
+            "logger": logs.ACCESS_LOGGER,
+            "message": "websocket" if record.websocket and "end" in record.extra else "request",
             "request_id": record.request_id,
             "method": record.method,
             "path": record.path,
@@ -114,12 +119,10 @@ class AccessLog:
             "trace_id": record.trace_id,
         }
         if record.upstream_seconds is not None:
-            fields["upstream_ms"] = round(record.upstream_seconds * 1000, 3)
+            line["upstream_ms"] = round(record.upstream_seconds * 1000, 3)
         if record.error is not None:
-            fields["error"] = record.error
-            fields["reason"] = record.reason
+            line["error"] = record.error
+            line["reason"] = record.reason
         if record.extra:
-            fields.update(record.extra)
-        logs.access(
-            "websocket" if record.websocket and "end" in record.extra else "request", fields
-        )
+            line.update(record.extra)
+        logs.access_line(line)

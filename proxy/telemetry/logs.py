@@ -10,6 +10,7 @@ import asyncio
 import atexit
 import collections
 import contextvars
+import itertools
 import json
 import logging
 import re
@@ -26,7 +27,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "authproxy_request_id", default=None
 )
 
-ACCESS = logging.getLogger("authproxy.access")
+ACCESS_LOGGER = "authproxy.access"
+ACCESS = logging.getLogger(ACCESS_LOGGER)
 # One encoder, built once: json.dumps with options builds a new one per call.
 _JSON = json.JSONEncoder(separators=(",", ":"), default=str)
 
@@ -293,7 +295,15 @@ def flush() -> None:
 
 
 def access(message: str, fields: dict[str, Any]) -> None:
-    """Write one access-log line.
+    """Write one access-log line: `message` and `fields` after the time, level and logger."""
+    access_line(
+        {"time": "", "level": "info", "logger": ACCESS_LOGGER, "message": message, **fields}
+    )
+
+
+def access_line(line: dict[str, Any]) -> None:
+    """Write one access-log line, given whole: `time` (stamped here), `level`, `logger` and
+    `message` first, as `access` builds it.
 
     Straight to the configured handler: per request, the logging module's record machinery
     (record, caller lookup, locks) cost more CPU than everything else in the line. orjson:
@@ -303,15 +313,10 @@ def access(message: str, fields: dict[str, Any]) -> None:
         return
     handler = _handler_of(ACCESS)
     if not isinstance(handler, JsonLinesHandler):
-        ACCESS.info(message, extra={"fields": fields})
+        fields = dict(itertools.islice(line.items(), 4, None))
+        ACCESS.info(line["message"], extra={"fields": fields})
         return
-    line: dict[str, Any] = {
-        "time": rfc3339_now(),
-        "level": "info",
-        "logger": ACCESS.name,
-        "message": message,
-    }
-    line.update(fields)
+    line["time"] = rfc3339_now()
     try:
         text = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE).decode()
     except orjson.JSONEncodeError:  # e.g. a lone surrogate: the standard encoder escapes it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy.auth.extractor import Credentials, Extractor
 from proxy.auth.registry import locators
@@ -166,3 +168,16 @@ def test_semicolons_without_a_credential_name_change_nothing() -> None:
         c = get([], query)
         assert c.query_refusal is None
     assert get([], b"a=1;b=2&c").clean_query == b"a=1;b=2&c"
+
+
+@given(st.text(st.sampled_from(list(" \t\n=a.é")), max_size=10))
+def test_the_usual_bearer_form_reads_as_any_other_spelling_of_the_scheme(rest: str) -> None:
+    # "Bearer " is read without the Authorization grammar's regular expression; "bearer " with
+    # it: both must find the same credential or the same problem.
+    usual = get([(b"authorization", b"Bearer " + rest.encode("latin-1"))])
+    other = get([(b"authorization", b"bearer " + rest.encode("latin-1"))])
+    assert (usual.bearer, usual.bearer_source, usual.problem) == (
+        other.bearer,
+        other.bearer_source,
+        other.problem,
+    )

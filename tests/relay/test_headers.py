@@ -594,3 +594,62 @@ def test_a_trusted_proxys_forwarded_host_is_checked_like_a_host() -> None:
         assert h["x-forwarded-host"] == ["app.test"], bad
     h = upstream(p, [(b"host", b"app.test"), (b"x-forwarded-host", b"public.example:8443")])
     assert h["x-forwarded-host"] == ["public.example:8443"]
+
+
+def test_verdicts_remembered_by_name_still_honour_each_requests_connection_header() -> None:
+    p = policy()
+    plain = [(b"host", b"app.test"), (b"x-trace-me", b"1"), (b"x-auth-subject", b"mallory")]
+    assert "x-trace-me" in upstream(p, plain) and "x-trace-me" in upstream(p, plain)
+    named = [*plain, (b"connection", b"x-trace-me, x_other"), (b"x-other", b"2")]
+    h = upstream(p, named)
+    assert "x-trace-me" not in h and "x-other" not in h
+    assert "x-auth-subject" not in h
+    assert "x-trace-me" in upstream(p, plain)  # the next request names nothing
+
+
+def test_header_name_verdicts_are_bounded() -> None:
+    from proxy.relay import headers as module
+
+    p = policy()
+    many = [(b"x-n%d" % i, b"1") for i in range(module._MAX_VERDICTS + 50)]
+    h = upstream(p, [(b"host", b"app.test"), *many])
+    assert len(p._verdicts) == module._MAX_VERDICTS
+    assert all(f"x-n{i}" in h for i in range(module._MAX_VERDICTS + 50))
+
+
+def test_an_identitys_header_block_is_made_once_and_matches_its_values() -> None:
+    p = policy()
+    first = upstream(p, [(b"host", b"app.test")], identity=ALICE)
+    assert first["x-auth-subject"] == ["alice"] and first["x-auth-scopes"] == ["a b"]
+    block = p._identity_headers(ALICE)
+    assert p._identity_headers(ALICE) is block
+    bob = dataclasses.replace(ALICE, subject="bob")  # equal but for the subject: its own block
+    assert upstream(p, [(b"host", b"app.test")], identity=bob)["x-auth-subject"] == ["bob"]
+    twin = dataclasses.replace(ALICE)  # an equal identity, another object: made again, the same
+    assert p._identity_headers(twin) == block
+
+
+def test_connection_values_read_with_the_head_name_what_a_scan_would() -> None:
+    from proxy.decision import Request
+
+    head = [
+        (b"host", b"app.test"),
+        (b"connection", b"keep-alive, X-Hop"),
+        (b"x-hop", b"1"),
+        (b"connection", b"x_two"),
+        (b"x-two", b"2"),
+        (b"x-kept", b"3"),
+    ]
+    r = Request.read({"headers": head, "http_version": "1.1"}, "GET", 65536)
+    assert r.connection == (b"keep-alive, X-Hop", b"x_two")
+    p = policy()
+    scanned = p.upstream_request(
+        head, peer="10.1.2.3", scheme="http", request_id="r", identity=None
+    )
+    given = p.upstream_request(
+        head, peer="10.1.2.3", scheme="http", request_id="r", identity=None, connection=r.connection
+    )
+    assert given == scanned
+    assert {name for name, _ in given}.isdisjoint({b"x-hop", b"x-two", b"connection"})
+    plain = Request.read({"headers": head[:1], "http_version": "1.1"}, "GET", 65536)
+    assert plain.connection == ()
