@@ -198,6 +198,11 @@ def _wire(value: str) -> bytes:
     return data
 
 
+# What never goes from the upstream's answer to the client: hop-by-hop headers, and the upstream's
+# own request id (the client gets the sidecar's).
+_NOT_DOWNSTREAM = HOP_BY_HOP | {b"x-request-id"}
+
+
 def connection_named(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names listed in any `Connection` header, lower-cased."""
     return connection_tokens(value for name, value in headers if name.lower() == b"connection")
@@ -569,10 +574,16 @@ class HeaderPolicy:
     @staticmethod
     def downstream_response(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """The upstream's response headers without hop-by-hop ones, names lower-cased."""
-        pairs = [(name.lower(), value) for name, value in headers]
-        named = connection_named(pairs)
-        return [
-            (name, value)
-            for name, value in pairs
-            if name not in HOP_BY_HOP and name not in named and name != b"x-request-id"
-        ]
+        out: list[tuple[bytes, bytes]] = []
+        named: set[bytes] | None = None
+        for name, value in headers:
+            name = name.lower()
+            if name in _NOT_DOWNSTREAM:
+                if name == b"connection":
+                    tokens = connection_tokens((value,))
+                    named = tokens if named is None else named | tokens
+                continue
+            out.append((name, value))
+        if named:  # headers the upstream's Connection header names are this hop's too
+            out = [(name, value) for name, value in out if name not in named]
+        return out

@@ -626,8 +626,26 @@ class Forwarder:
         exchange: Exchange,
     ) -> None:
         status = conn.status
-        own: _Stall | None = None  # the stall timer this answer needed, if the request had none
         exchange.upstream_status = status
+        if conn.done and stall is None and upload is None and self.compression is None:
+            # The whole answer is in hand (the common small one): its head and body go in one
+            # write, and nothing of a stream (stall timer, departure watch, credential) applies.
+            body = conn.take()
+            exchange.status = status
+            headers = response_headers(self._headers.downstream_response(conn.headers))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": headers,
+                    BODY_FOLLOWS: True,
+                }
+            )
+            exchange.response_started = True
+            exchange.bytes_out += len(body)
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        own: _Stall | None = None  # the stall timer this answer needed, if the request had none
         early = b""
         length = conn.expected_length
         if not conn.finished and length is not None and length <= _WHOLE_BELOW:

@@ -8,14 +8,18 @@ import hmac
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import config
 from proxy.auth import consumed_headers
 from proxy.errors import ConfigError
 from proxy.identity import Identity
 from proxy.relay.headers import (
+    HOP_BY_HOP,
     HeaderPolicy,
     canonical_v2,
+    connection_named,
     identity_signature,
     identity_signature_v2,
     without_cookie,
@@ -381,6 +385,26 @@ def test_response_hop_by_hop_and_connection_named_headers_are_dropped() -> None:
         ]
     )
     assert out == [(b"x-total-count", b"3")]
+
+
+_NAMES = st.sampled_from(
+    [b"connection", b"Connection", b"keep-alive", b"x-a", b"X-A", b"x-b", b"x-request-id", b"vary"]
+)
+_VALUES = st.sampled_from([b"x-a", b"X-B, keep-alive", b"", b"1", b" x_a ,x-b"])
+
+
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=8))
+def test_the_response_header_filter_is_the_rule_written_plainly(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    lowered = [(name.lower(), value) for name, value in headers]
+    named = connection_named(lowered)
+    expected = [
+        (name, value)
+        for name, value in lowered
+        if name not in HOP_BY_HOP and name not in named and name != b"x-request-id"
+    ]
+    assert HeaderPolicy.downstream_response(headers) == expected
 
 
 # --- what other proxies and gateways set: never from a client -------------------------------------
