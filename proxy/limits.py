@@ -83,6 +83,12 @@ class CorkedTransport:
     def is_closing(self) -> bool:  # asked on every response: not through __getattr__
         return self._transport.is_closing()
 
+    def uncork(self) -> asyncio.Transport:
+        """What is pending, written; the transport itself, for a protocol that needs no corking
+        (an upgraded WebSocket: a frame is one write already)."""
+        self.flush()
+        return self._transport
+
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + len(self._pending or b"")
 

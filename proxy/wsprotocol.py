@@ -1,23 +1,106 @@
-"""uvicorn's sans-I/O WebSocket protocol, lighter for a connection that stays open for hours.
+"""uvicorn's sans-I/O WebSocket protocol, lighter for a connection that stays open for hours and
+cheaper per message.
 
 uvicorn keeps the handshake's request and response (every header, parsed) on the protocol for the
 connection's whole life; they are never read again once the handshake is answered. With thousands
 of idle model-event feeds open that is kilobytes a socket, so they are let go after the answer.
-A contract test (tests/test_uvicorn_hooks.py) fails if uvicorn renames what this relies on.
+
+For the tunnel (relay/tunnel.py), three things beside ASGI, found through `send.__self__`:
+
+- `relay` takes each whole client message as it is parsed, in `data_received`: no ASGI message,
+  no queue, no task switch, no pause and resume of reading per message (a message it declines,
+  say a re-authentication, goes through `receive` as uvicorn would send it);
+- `write_message` frames a whole message and writes it at once, from a callback (the upstream
+  connection's `data_received`): the other direction, as cheaply;
+- `paired`, a transport whose reading follows this connection's writing: paused while the
+  client's write buffer is over its high-water mark, resumed once it drained. That is the
+  backpressure of direct writes (a slow client stops the upstream read).
+
+Frames to the client go straight to the socket: the HTTP protocol's write corking (limits.py)
+joins a response's head and body, and a WebSocket frame is one write already.
+
+A contract test (tests/test_library_hooks.py) fails if uvicorn renames what this relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
-    """Drops the parsed handshake once the connection is accepted."""
+    """Drops the parsed handshake once the connection is accepted; writes relayed messages
+    directly."""
+
+    # The upstream transport whose reading follows our writing (None: no session relays here).
+    paired: asyncio.Transport | None = None
+    # Takes a whole client message at once (text: valid UTF-8), True when it did; False leaves it
+    # to ASGI `receive`, queued with reading paused until it is taken, as uvicorn does. None: all
+    # go to `receive` (no session relays here, or it is busy with an earlier message).
+    relay: Callable[[bytes, bool], bool] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        uncork = getattr(transport, "uncork", None)
+        super().connection_made(uncork() if uncork is not None else transport)
 
     async def send(self, message: Any) -> None:
         await super().send(message)
         if self.handshake_complete and getattr(self, "response", None) is not None:
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+
+    def send_receive_event_to_app(self) -> None:
+        relay = self.relay
+        if relay is not None and not self.close_sent and self.queue.empty():
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            text = self.curr_msg_data_type == "text"
+            if (not text or data.isascii() or _utf8(data)) and relay(data, text):
+                self.frames = []
+                return
+        super().send_receive_event_to_app()  # queued for `receive` (or refused: bad UTF-8)
+
+    def write_message(self, data: bytes, text: bool) -> bool:
+        """Send one whole message now (text: `data` is valid UTF-8). False when the connection
+        takes no more messages: closing, closed, or the client's close frame already in."""
+        if self.close_sent or self.disconnected:
+            return False
+        conn = self.conn
+        try:
+            if text:
+                conn.send_text(data)
+            else:
+                conn.send_binary(data)
+        except InvalidState:
+            return False
+        self.transport.write(b"".join(conn.data_to_send()))
+        return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.paired is not None:
+            self.paired.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.paired is not None:
+            self.paired.resume_reading()
+
+    def unpair(self) -> None:
+        """The session is over: the upstream's reading no longer follows us (and is not left
+        paused: its closing handshake needs it)."""
+        paired, self.paired = self.paired, None
+        if paired is not None and not self.writable.is_set():
+            paired.resume_reading()
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -1,0 +1,147 @@
+"""The tunnel's direct relay under uvicorn (messages framed and written from each connection's
+`data_received`, not through ASGI and a task): what an ASGI upstream cannot send, from a
+websockets upstream in this process (a greeting before the client speaks, fragmented messages,
+invalid UTF-8), through a real sidecar to a real client; and how the tunnel finds a direct
+client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.server import ServerState
+from websockets.asyncio.server import ServerConnection, serve
+
+from proxy.relay.tunnel import direct_client
+from proxy.wsprotocol import LeanWebSocketProtocol
+from tests.relay.test_websocket_tunnel import bearer, close_of, open_ws, ws_log_lines
+from tests.support.servers import Sidecar, start_sidecar
+
+SECRET = "tunnel-test-secret-of-at-least-32-bytes!"
+CONFIG = """
+[[auth.jwt.providers]]
+name = "test"
+issuer = "https://issuer.test"
+audiences = ["webplus"]
+secret_env = "TUNNEL_TEST_SECRET"
+algorithms = ["HS256"]
+leeway_s = 0
+
+[[routes]]
+path = "/ws/*"
+auth = ["jwt"]
+"""
+
+Handler = Callable[[ServerConnection], Any]
+
+
+class Upstream:
+    """A websockets server whose behaviour each test sets (`handler`); what it received."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.received: list[str | bytes] = []
+
+    async def __call__(self, ws: ServerConnection) -> None:
+        assert self.handler is not None
+        await self.handler(ws)
+
+
+@pytest.fixture
+async def relay(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, Upstream]]:
+    upstream = Upstream()
+    async with serve(upstream, "127.0.0.1", 0, compression=None) as server:
+        port = server.sockets[0].getsockname()[1]
+        sidecar = await asyncio.to_thread(
+            start_sidecar, tmp_path, port, CONFIG, env={"TUNNEL_TEST_SECRET": SECRET}
+        )
+        try:
+            yield sidecar, upstream
+        finally:
+            await asyncio.to_thread(sidecar.stop)
+
+
+async def test_an_upstream_that_speaks_first_is_heard_before_anything_else(
+    relay: tuple[Sidecar, Upstream],
+) -> None:
+    # Its greeting may arrive while the sidecar is still accepting the client: queued, then
+    # relayed first when the direct relay starts.
+    sidecar, upstream = relay
+
+    async def greet(ws: ServerConnection) -> None:
+        await ws.send("welcome")
+        await ws.send(b"\x00binary welcome")
+        async for message in ws:
+            await ws.send(message)
+
+    upstream.handler = greet
+    async with open_ws(sidecar, headers=bearer()) as ws:
+        assert await asyncio.wait_for(ws.recv(), 5) == "welcome"
+        assert await asyncio.wait_for(ws.recv(), 5) == b"\x00binary welcome"
+        await ws.send("ping")
+        assert await ws.recv() == "ping"
+
+
+async def test_fragmented_messages_cross_whole_both_ways(
+    relay: tuple[Sidecar, Upstream],
+) -> None:
+    sidecar, upstream = relay
+
+    async def fragments(ws: ServerConnection) -> None:
+        upstream.received.append(await ws.recv())
+        upstream.received.append(await ws.recv())
+        await ws.send(["frag", "mented ", "tëxt"])
+        await ws.send([b"\x01", b"\x02\x03", b"\x04"])
+        await ws.send("after")
+        await ws.wait_closed()
+
+    upstream.handler = fragments
+    async with open_ws(sidecar, headers=bearer()) as ws:
+        await ws.send(["client ", "fragments ", "é"])
+        await ws.send([b"\xff", b"\xfe"])
+        assert await asyncio.wait_for(ws.recv(), 5) == "fragmented tëxt"
+        assert await ws.recv() == b"\x01\x02\x03\x04"
+        assert await ws.recv() == "after"
+    assert upstream.received == ["client fragments é", b"\xff\xfe"]
+
+
+async def test_invalid_utf8_from_the_upstream_closes_the_client_with_1007(
+    relay: tuple[Sidecar, Upstream],
+) -> None:
+    sidecar, upstream = relay
+
+    async def invalid(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send("fine é")
+        await ws.send(b"caf\xc3", text=True)  # a text frame that is not UTF-8
+        await ws.wait_closed()
+
+    upstream.handler = invalid
+    async with open_ws(sidecar, headers=bearer()) as ws:
+        await ws.send("go")
+        assert await ws.recv() == "fine é"
+        code, _ = await close_of(ws)
+    assert code == 1007
+    await asyncio.sleep(0.2)
+    record = ws_log_lines(sidecar)[-1]
+    assert record["end"] == "upstream_failed" and record["upstream_close_code"] == 1007
+    assert record["messages_out"] == 1
+
+
+async def test_the_tunnel_relays_directly_only_through_the_lean_protocol() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    config = uvicorn.Config(app, ws=LeanWebSocketProtocol, lifespan="off")
+    config.load()
+    protocol = LeanWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+    assert direct_client(protocol.send) is protocol
+
+    async def plain_send(message: Any) -> None:
+        pass
+
+    assert direct_client(plain_send) is None
