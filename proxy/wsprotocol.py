@@ -30,18 +30,35 @@ from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import InvalidState
+from websockets.http11 import Request
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """Drops the parsed handshake once the connection is accepted; writes relayed messages
     directly."""
 
-    # The upstream transport whose reading follows our writing (None: no session relays here).
-    paired: asyncio.Transport | None = None
-    # Takes a whole client message at once (text: valid UTF-8), True when it did; False leaves it
-    # to ASGI `receive`, queued with reading paused until it is taken, as uvicorn does. None: all
-    # go to `receive` (no session relays here, or it is busy with an earlier message).
-    relay: Callable[[bytes, bool], bool] | None = None
+    # Slots: new names in uvicorn's instance dict would grow it by a kilobyte.
+    __slots__ = ("paired", "relay")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The upstream transport whose reading follows our writing (None: no session relays).
+        self.paired: asyncio.Transport | None = None
+        # Takes a whole client message at once (text: valid UTF-8), True when it did; False
+        # leaves it to ASGI `receive`, queued with reading paused until it is taken, as uvicorn
+        # does. None: all go to `receive` (no session relays, or it is busy with an earlier one).
+        self.relay: Callable[[bytes, bool], bool] | None = None
+        # What uvicorn uses of an asyncio.Queue and an asyncio.Event, without their deques: a
+        # Queue is four (with its `_finished` Event), an Event one, some 760 B each a socket.
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The scope has its headers now (and the response its answer): nothing reads the parsed
+        # request's again, but websockets' handshake parser keeps the request in its frame for
+        # the connection's life. Emptied in place, a kilobyte or more a socket.
+        event.headers.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         uncork = getattr(transport, "uncork", None)
@@ -104,3 +121,86 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+class Inbox:
+    """The connection's inbound ASGI messages: what uvicorn uses of `asyncio.Queue` (put_nowait,
+    get, empty), in a list. uvicorn pauses reading once a message waits, so it stays short."""
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiters = self._waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                # Woken and cancelled at once: the message is another getter's to take.
+                if waiter.done() and not waiter.cancelled() and self._items:
+                    self._wake_next(waiter)
+                raise
+            finally:
+                self._waiters.remove(waiter)
+        return self._items.pop(0)
+
+    def _wake_next(self, skip: asyncio.Future[None]) -> None:
+        for waiter in self._waiters or ():
+            if waiter is not skip and not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class Flag:
+    """uvicorn's `writable`: what it uses of `asyncio.Event` (set, clear, wait), set at first, and
+    without a deque of waiters until one waits."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            self._waiters.remove(waiter)

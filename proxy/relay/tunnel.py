@@ -166,11 +166,17 @@ class UpstreamConnection(ClientConnection):
     relays directly (`relay_to`): framed and written from `data_received`, no queue, no task
     switch. Until then (the handshake), and without a direct client, it is websockets' own."""
 
-    # Class defaults: nothing in the instance's dict until a session relays directly.
-    deliver: Callable[[bytes, bool], None] | None = None
-    lost: Callable[[], None] | None = None
-    _fragments: list[bytes] | None = None
-    _fragments_text = False
+    # Slots: new names in websockets' instance dict would grow it by a kilobyte.
+    __slots__ = ("deliver", "lost", "_fragments", "_fragments_text")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deliver: Callable[[bytes, bool], None] | None = None
+        self.lost: Callable[[], None] | None = None
+        self._fragments: list[bytes] | None = None
+        self._fragments_text = False
+        # What websockets does with it a list does as well: not a deque's 760 B a socket.
+        self.drain_waiters = []  # type: ignore[assignment]
 
     def process_event(self, event: Event) -> None:
         deliver = self.deliver
@@ -423,8 +429,12 @@ class Tunnel:
         if isinstance(headers, list):
             headers.clear()
         # The request we sent is never read again: let its headers go. (Not `response`: websockets
-        # takes the first event after a None response for the handshake's answer.)
+        # takes the first event after a None response for the handshake's answer. Its headers are
+        # emptied in place instead: websockets' parser keeps the response in its frame for the
+        # connection's life, and what it negotiated is read on the protocol.)
         upstream.request = None
+        if upstream.response is not None:
+            upstream.response.headers.clear()
         s = Session(h.identity, upstream, asyncio.get_running_loop().time(), h.record.path)
         self.sessions.register(s, h.started)
         self.metrics.websockets_open.inc()

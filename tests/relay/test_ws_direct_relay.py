@@ -1,8 +1,8 @@
 """The tunnel's direct relay under uvicorn (messages framed and written from each connection's
 `data_received`, not through ASGI and a task): what an ASGI upstream cannot send, from a
 websockets upstream in this process (a greeting before the client speaks, fragmented messages,
-invalid UTF-8), through a real sidecar to a real client; and how the tunnel finds a direct
-client."""
+invalid UTF-8), through a real sidecar to a real client; how the tunnel finds a direct client;
+the protocol's lean queue and flag."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from uvicorn.server import ServerState
 from websockets.asyncio.server import ServerConnection, serve
 
 from proxy.relay.tunnel import direct_client
-from proxy.wsprotocol import LeanWebSocketProtocol
+from proxy.wsprotocol import Flag, Inbox, LeanWebSocketProtocol
 from tests.relay.test_websocket_tunnel import bearer, close_of, open_ws, ws_log_lines
 from tests.support.servers import Sidecar, start_sidecar
+from tests.test_library_hooks import FakeTransport
 
 SECRET = "tunnel-test-secret-of-at-least-32-bytes!"
 CONFIG = """
@@ -145,3 +146,68 @@ async def test_the_tunnel_relays_directly_only_through_the_lean_protocol() -> No
         pass
 
     assert direct_client(plain_send) is None
+
+
+async def test_the_inbox_is_a_fifo_whose_get_waits_and_survives_cancellation() -> None:
+    inbox = Inbox()
+    assert inbox.empty()
+    inbox.put_nowait(1)
+    inbox.put_nowait(2)
+    assert not inbox.empty()
+    assert [await inbox.get(), await inbox.get()] == [1, 2]
+    getter = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    getter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await getter
+    later = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait(3)
+    assert await asyncio.wait_for(later, 1) == 3
+    # Woken and cancelled in the same turn: the message stays for the next get.
+    woken = asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait(4)
+    woken.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await woken
+    assert await asyncio.wait_for(inbox.get(), 1) == 4
+
+
+async def test_the_writable_flag_starts_set_and_wakes_its_waiters() -> None:
+    flag = Flag()
+    assert flag.is_set() and await flag.wait()
+    flag.clear()
+    waiters = [asyncio.ensure_future(flag.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not any(w.done() for w in waiters)
+    flag.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True]
+
+
+async def test_the_lean_protocol_keeps_the_scope_headers_and_empties_the_parsed_request() -> None:
+    # websockets' handshake parser holds the parsed request for the connection's life: its
+    # headers are emptied once uvicorn built the scope from them.
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        seen["scope_headers"] = list(scope["headers"])
+        seen["request_headers"] = dict(protocol.request.headers)
+        await send({"type": "websocket.close"})
+
+    config = uvicorn.Config(app, ws=LeanWebSocketProtocol, lifespan="off")
+    config.load()
+    protocol = LeanWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)  # type: ignore[arg-type]
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Authorization: Bearer abc\r\n"
+        b"Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    for task in list(protocol.tasks):
+        await asyncio.wait_for(task, 5)
+    assert (b"Authorization", b"Bearer abc") in seen["scope_headers"]
+    assert seen["request_headers"] == {}
+    assert transport.written.startswith(b"HTTP/1.1 403")
