@@ -23,6 +23,8 @@ import dataclasses
 import functools
 import json
 import logging
+import os
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -33,6 +35,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import BINARY, CONT, TEXT, CloseCode, Frame
 from websockets.protocol import Event, State
 from websockets.uri import WebSocketURI, parse_uri
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets without its C extension
+    from websockets.utils import apply_mask
 
 from ..config import Settings
 from ..errors import CLOSE_GOING_AWAY, ProxyError
@@ -103,16 +110,62 @@ def _send_now(upstream: ClientConnection, data: bytes, text: bool) -> bool:
         or upstream.send_in_progress is not None
     ):
         return False
-    if text:
-        upstream.protocol.send_text(data)
-    else:
-        upstream.protocol.send_binary(data)
+    protocol = upstream.protocol
+    if protocol.extensions or protocol.writes or protocol.debug:
+        if text:
+            protocol.send_text(data)
+        else:
+            protocol.send_binary(data)
+        frame = None
+    else:  # the frame built here: websockets' costs a Frame, a serializer and a getrandom
+        frame = _client_frame(OP_TEXT if text else OP_BINARY, data)
     try:
-        upstream.send_data()
+        if frame is None:
+            upstream.send_data()
+        else:
+            upstream.transport.write(frame)
     except Exception as exc:  # as websockets' send: the connection is cut, the session ends
         upstream.set_connection_exc(exc)
         upstream.transport.abort()
     return True
+
+
+OP_TEXT, OP_BINARY = 0x1, 0x2
+_MASK_POOL_BYTES = 4096
+
+
+class _Masks:
+    """Client frames' masking keys (RFC 6455 5.3: fresh, from a strong source), 4 bytes at a time
+    from one os.urandom call of 4 KiB instead of one system call a frame."""
+
+    __slots__ = ("_pool", "_at")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = _MASK_POOL_BYTES
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(_MASK_POOL_BYTES), 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_masks = _Masks()
+
+
+def _client_frame(opcode: int, data: bytes) -> bytes:
+    """One whole, masked, uncompressed client frame (what websockets' Frame.serialize makes)."""
+    n = len(data)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 0x10000:
+        head = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+    mask = _masks.next()
+    return head + mask + apply_mask(data, mask)
 
 
 def _upstream_lost(s: Session, upstream: ClientConnection) -> None:

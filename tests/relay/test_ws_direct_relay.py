@@ -2,7 +2,7 @@
 `data_received`, not through ASGI and a task): what an ASGI upstream cannot send, from a
 websockets upstream in this process (a greeting before the client speaks, fragmented messages,
 invalid UTF-8), through a real sidecar to a real client; how the tunnel finds a direct client;
-the protocol's lean queue and flag."""
+the frames it writes upstream itself; the protocol's lean queue and flag."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import pytest
 import uvicorn
 from uvicorn.server import ServerState
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
-from proxy.relay.tunnel import direct_client
+from proxy.relay.tunnel import _client_frame, _Masks, direct_client
 from proxy.wsprotocol import Flag, Inbox, LeanWebSocketProtocol
 from tests.relay.test_websocket_tunnel import bearer, close_of, open_ws, ws_log_lines
 from tests.support.servers import Sidecar, start_sidecar
@@ -146,6 +148,30 @@ async def test_the_tunnel_relays_directly_only_through_the_lean_protocol() -> No
         pass
 
     assert direct_client(plain_send) is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 70000])
+@pytest.mark.parametrize("opcode", [Opcode.TEXT, Opcode.BINARY])
+def test_frames_written_past_websockets_parse_as_websockets_own(size: int, opcode: Opcode) -> None:
+    payload = bytes(i % 251 for i in range(size))
+    wire = _client_frame(opcode.value, payload)
+    reader = StreamReader()
+    reader.feed_data(wire)
+    parser = Frame.parse(reader.read_exact, mask=True)  # as the upstream (a server) reads it
+    try:
+        next(parser)
+        raise AssertionError("the frame is incomplete")
+    except StopIteration as done:
+        frame = done.value
+    assert (frame.opcode, frame.fin, bytes(frame.data)) == (opcode, True, payload)
+    assert len(reader.buffer) == 0
+
+
+def test_masking_keys_are_fresh_and_pooled() -> None:
+    masks = _Masks()
+    keys = [masks.next() for _ in range(3000)]  # three pools of 1,024
+    assert all(len(k) == 4 for k in keys)
+    assert len(set(keys)) > 2900  # 4 random bytes: collisions are rare, repeats would be a bug
 
 
 async def test_the_inbox_is_a_fifo_whose_get_waits_and_survives_cancellation() -> None:
