@@ -107,6 +107,13 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.paired is not None:
             self.paired.resume_reading()
 
+    def pair(self, transport: asyncio.Transport) -> None:
+        """A session relays here: `transport` reads only while we can write (paused now if our
+        write buffer is already full)."""
+        self.paired = transport
+        if not self.writable.is_set():
+            transport.pause_reading()
+
     def unpair(self) -> None:
         """The session is over: the upstream's reading no longer follows us (and is not left
         paused: its closing handshake needs it)."""

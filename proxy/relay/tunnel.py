@@ -200,10 +200,11 @@ class DirectClient(Protocol):
     """The client hop's protocol when it can take relayed messages outside ASGI
     (`proxy.wsprotocol.LeanWebSocketProtocol`, found as `send.__self__`)."""
 
-    paired: asyncio.Transport | None
     relay: Callable[[bytes, bool], bool] | None
 
     def write_message(self, data: bytes, text: bool) -> bool: ...
+
+    def pair(self, transport: asyncio.Transport) -> None: ...
 
     def unpair(self) -> None: ...
 
@@ -555,7 +556,7 @@ class Tunnel:
             return  # ended before it began (revoked or draining at registration)
         task = asyncio.current_task()
         s.relay = task
-        client.paired = upstream.transport
+        client.pair(upstream.transport)
         upstream.deliver = functools.partial(self._deliver, s, client, upstream)
         upstream.lost = functools.partial(_upstream_lost, s, upstream)
         try:
@@ -594,8 +595,13 @@ class Tunnel:
                 upstream.set_connection_exc(exc)
                 upstream.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
                 return
-        if not client.write_message(data, text):
-            return  # the client is leaving: its disconnect ends the session
+        try:
+            if not client.write_message(data, text):
+                return  # the client is leaving: its disconnect ends the session
+        except Exception:
+            log.exception("websocket: relaying to the client failed")
+            s.end(INTERNAL)
+            return
         size = len(data)
         s.bytes_out += size
         s.messages_out += 1
@@ -612,8 +618,13 @@ class Tunnel:
             return True  # decided: nothing more is relayed
         if text and self.reauthenticate is not None and _may_be_reauth_bytes(data):
             return False
-        if not _send_now(upstream, data, text):
-            return False
+        try:
+            if not _send_now(upstream, data, text):
+                return False
+        except Exception:
+            log.exception("websocket: relaying to the upstream failed")
+            s.end(INTERNAL)
+            return True
         size = len(data)
         s.bytes_in += size
         s.messages_in += 1

@@ -237,3 +237,40 @@ async def test_the_lean_protocol_keeps_the_scope_headers_and_empties_the_parsed_
     assert (b"Authorization", b"Bearer abc") in seen["scope_headers"]
     assert seen["request_headers"] == {}
     assert transport.written.startswith(b"HTTP/1.1 403")
+
+
+class Reading:
+    """An upstream transport as the pairing sees it: paused or reading."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def pause_reading(self) -> None:
+        self.calls.append("pause")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume")
+
+
+async def test_the_upstream_reads_only_while_the_client_can_be_written() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    config = uvicorn.Config(app, ws=LeanWebSocketProtocol, lifespan="off")
+    config.load()
+    protocol = LeanWebSocketProtocol(config=config, server_state=ServerState(), app_state={})
+    upstream = Reading()
+    protocol.pair(upstream)  # type: ignore[arg-type]
+    assert upstream.calls == []  # the client's buffer is not full: the upstream reads
+    protocol.pause_writing()
+    protocol.resume_writing()
+    protocol.pause_writing()
+    assert upstream.calls == ["pause", "resume", "pause"]
+    protocol.unpair()  # over while paused: the upstream reads again, for its closing handshake
+    assert upstream.calls[-1] == "resume"
+    protocol.resume_writing()
+    assert upstream.calls == ["pause", "resume", "pause", "resume"]  # unpaired: not followed
+    late = Reading()
+    protocol.pause_writing()
+    protocol.pair(late)  # type: ignore[arg-type]
+    assert late.calls == ["pause"]  # paired while the client's buffer is full
