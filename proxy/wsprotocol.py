@@ -1,23 +1,206 @@
-"""uvicorn's sans-I/O WebSocket protocol, lighter for a connection that stays open for hours.
+"""uvicorn's sans-I/O WebSocket protocol, lighter for a connection that stays open for hours and
+cheaper per message.
 
 uvicorn keeps the handshake's request and response (every header, parsed) on the protocol for the
 connection's whole life; they are never read again once the handshake is answered. With thousands
 of idle model-event feeds open that is kilobytes a socket, so they are let go after the answer.
-A contract test (tests/test_uvicorn_hooks.py) fails if uvicorn renames what this relies on.
+
+For the tunnel (relay/tunnel.py), three things beside ASGI, found through `send.__self__`:
+
+- `relay` takes each whole client message as it is parsed, in `data_received`: no ASGI message,
+  no queue, no task switch, no pause and resume of reading per message (a message it declines,
+  say a re-authentication, goes through `receive` as uvicorn would send it);
+- `write_message` frames a whole message and writes it at once, from a callback (the upstream
+  connection's `data_received`): the other direction, as cheaply;
+- `paired`, a transport whose reading follows this connection's writing: paused while the
+  client's write buffer is over its high-water mark, resumed once it drained. That is the
+  backpressure of direct writes (a slow client stops the upstream read).
+
+A contract test (tests/test_library_hooks.py) fails if uvicorn renames what this relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import InvalidState
+from websockets.http11 import Request
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
-    """Drops the parsed handshake once the connection is accepted."""
+    """Drops the parsed handshake once the connection is accepted; writes relayed messages
+    directly."""
+
+    # Slots: new names in uvicorn's instance dict would grow it by a kilobyte.
+    __slots__ = ("paired", "relay")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The upstream transport whose reading follows our writing (None: no session relays).
+        self.paired: asyncio.Transport | None = None
+        # Takes a whole client message at once (text: valid UTF-8), True when it did; False
+        # leaves it to ASGI `receive`, queued with reading paused until it is taken, as uvicorn
+        # does. None: all go to `receive` (no session relays, or it is busy with an earlier one).
+        self.relay: Callable[[bytes, bool], bool] | None = None
+        # What uvicorn uses of an asyncio.Queue and an asyncio.Event, without their deques: a
+        # Queue is four (with its `_finished` Event), an Event one, some 760 B each a socket.
+        self.queue = Inbox()  # type: ignore[assignment]
+        self.writable = Flag()  # type: ignore[assignment]
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        # The scope has its headers now (and the response its answer): nothing reads the parsed
+        # request's again, but websockets' handshake parser keeps the request in its frame for
+        # the connection's life. Emptied in place, a kilobyte or more a socket.
+        event.headers.clear()
 
     async def send(self, message: Any) -> None:
         await super().send(message)
         if self.handshake_complete and getattr(self, "response", None) is not None:
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+
+    def send_receive_event_to_app(self) -> None:
+        relay = self.relay
+        if relay is not None and not self.close_sent and self.queue.empty():
+            frames = self.frames
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            text = self.curr_msg_data_type == "text"
+            if (not text or data.isascii() or _utf8(data)) and relay(data, text):
+                self.frames = []
+                return
+        super().send_receive_event_to_app()  # queued for `receive` (or refused: bad UTF-8)
+
+    def write_message(self, data: bytes, text: bool) -> bool:
+        """Send one whole message now (text: `data` is valid UTF-8). False when the connection
+        takes no more messages: closing, closed, or the client's close frame already in."""
+        if self.close_sent or self.disconnected:
+            return False
+        conn = self.conn
+        try:
+            if text:
+                conn.send_text(data)
+            else:
+                conn.send_binary(data)
+        except InvalidState:
+            return False
+        self.transport.write(b"".join(conn.data_to_send()))
+        return True
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.paired is not None:
+            self.paired.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.paired is not None:
+            self.paired.resume_reading()
+
+    def pair(self, transport: asyncio.Transport) -> None:
+        """A session relays here: `transport` reads only while we can write (paused now if our
+        write buffer is already full)."""
+        self.paired = transport
+        if not self.writable.is_set():
+            transport.pause_reading()
+
+    def unpair(self) -> None:
+        """The session is over: the upstream's reading no longer follows us (and is not left
+        paused: its closing handshake needs it)."""
+        paired, self.paired = self.paired, None
+        if paired is not None and not self.writable.is_set():
+            paired.resume_reading()
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class Inbox:
+    """The connection's inbound ASGI messages: what uvicorn uses of `asyncio.Queue` (put_nowait,
+    get, empty), in a list. uvicorn pauses reading once a message waits, so it stays short."""
+
+    __slots__ = ("_items", "_waiters")
+
+    def __init__(self) -> None:
+        self._items: list[Any] = []
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        waiters = self._waiters
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+                    break
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                # Woken and cancelled at once: the message is another getter's to take.
+                if waiter.done() and not waiter.cancelled() and self._items:
+                    self._wake_next(waiter)
+                raise
+            finally:
+                self._waiters.remove(waiter)
+        return self._items.pop(0)
+
+    def _wake_next(self, skip: asyncio.Future[None]) -> None:
+        for waiter in self._waiters or ():
+            if waiter is not skip and not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+class Flag:
+    """uvicorn's `writable`: what it uses of `asyncio.Event` (set, clear, wait), set at first, and
+    without a deque of waiters until one waits."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            for waiter in self._waiters or ():
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+            return True
+        finally:
+            self._waiters.remove(waiter)

@@ -109,3 +109,44 @@ def test_websockets_connect_still_dials_and_requests_what_ws_uri_names() -> None
     assert "self.factory(self.ws_uri)" in source or "create_connection(" in source
     uri_uses = source.count("self.ws_uri")
     assert uri_uses >= 3, "websockets no longer reads ws_uri where we expect"
+
+
+def test_uvicorn_still_hands_each_whole_message_to_send_receive_event_to_app() -> None:
+    """LeanWebSocketProtocol.send_receive_event_to_app offers each client message to the tunnel
+    before uvicorn queues it: the hook and the state it reads must still be uvicorn's."""
+    source = inspect.getsource(WebSocketsSansIOProtocol)
+    for name in (
+        "self.send_receive_event_to_app()",
+        "self.frames = [event.data]",
+        'self.curr_msg_data_type = "text"',
+        "self.close_sent = True",
+        "self.disconnected = True",
+        "self.writable.clear()",
+        "self.writable.set()",
+        "self.queue.put_nowait",
+        "self.conn.send_text(",
+    ):
+        assert name in source, f"uvicorn no longer has {name!r}"
+
+
+def test_websockets_connection_still_has_what_the_direct_relay_uses() -> None:
+    """tunnel.UpstreamConnection takes data frames in `process_event`, drains the Assembler's
+    queue when the direct relay starts, and tunnel._send_now writes past `send` when it would
+    not wait: every name must still be websockets'."""
+    from websockets.asyncio.messages import Assembler, SimpleQueue
+
+    source = inspect.getsource(ClientConnection.__mro__[1])  # asyncio Connection
+    for name in (
+        "def process_event(self, event: Event)",
+        "self.recv_messages.put(event)",
+        "self.send_in_progress",
+        "self.paused = True",
+        "def send_data(self)",
+        "def set_connection_exc(self",
+        "self.protocol.fail(\n                    CloseCode.INVALID_DATA",
+        "TooManyFragments",
+    ):
+        assert name in source, f"websockets no longer has {name!r}"
+    assert "self.frames: SimpleQueue[Frame]" in inspect.getsource(Assembler)
+    assert "self.queue: collections.deque" in inspect.getsource(SimpleQueue)
+    assert hasattr(Assembler, "maybe_resume")

@@ -20,16 +20,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
+import os
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.messages import MAX_FRAGMENTS
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
+from websockets.frames import BINARY, CONT, TEXT, CloseCode, Frame
+from websockets.protocol import Event, State
 from websockets.uri import WebSocketURI, parse_uri
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets without its C extension
+    from websockets.utils import apply_mask
 
 from ..config import Settings
 from ..errors import CLOSE_GOING_AWAY, ProxyError
@@ -89,11 +99,91 @@ class Handshake:
     record: AccessRecord = dataclasses.field(repr=False, compare=False)
 
 
+def _send_now(upstream: ClientConnection, data: bytes, text: bool) -> bool:
+    """One message to the upstream without websockets' `send` (an async context manager, a drain
+    and a state check each): framed and written at once while the connection is open, its write
+    buffer under the limit and no fragmented send in progress. False: `send` it (it waits for
+    the buffer to drain, or raises the ConnectionClosed that ends the session)."""
+    if (
+        upstream.protocol.state is not State.OPEN
+        or upstream.paused
+        or upstream.send_in_progress is not None
+    ):
+        return False
+    protocol = upstream.protocol
+    if protocol.extensions or protocol.writes or protocol.debug:
+        if text:
+            protocol.send_text(data)
+        else:
+            protocol.send_binary(data)
+        frame = None
+    else:  # the frame built here: websockets' costs a Frame, a serializer and a getrandom
+        frame = _client_frame(OP_TEXT if text else OP_BINARY, data)
+    try:
+        if frame is None:
+            upstream.send_data()
+        else:
+            upstream.transport.write(frame)
+    except Exception as exc:  # as websockets' send: the connection is cut, the session ends
+        upstream.set_connection_exc(exc)
+        upstream.transport.abort()
+    return True
+
+
+OP_TEXT, OP_BINARY = 0x1, 0x2
+_MASK_POOL_BYTES = 4096
+
+
+class _Masks:
+    """Client frames' masking keys (RFC 6455 5.3: fresh, from a strong source), 4 bytes at a time
+    from one os.urandom call of 4 KiB instead of one system call a frame."""
+
+    __slots__ = ("_pool", "_at")
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = _MASK_POOL_BYTES
+
+    def next(self) -> bytes:
+        at = self._at
+        if at >= len(self._pool):
+            self._pool, at = os.urandom(_MASK_POOL_BYTES), 0
+        self._at = at + 4
+        return self._pool[at : at + 4]
+
+
+_masks = _Masks()
+
+
+def _client_frame(opcode: int, data: bytes) -> bytes:
+    """One whole, masked, uncompressed client frame (what websockets' Frame.serialize makes)."""
+    n = len(data)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 0x10000:
+        head = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+    mask = _masks.next()
+    return head + mask + apply_mask(data, mask)
+
+
+def _upstream_lost(s: Session, upstream: ClientConnection) -> None:
+    """The upstream connection is closed (its `connection_lost`): the session ends as a `recv`
+    raising ConnectionClosed would have ended it."""
+    s.end(upstream_left(upstream.close_exc))
+
+
 def _may_be_reauth(text: str) -> bool:
     """Whether a client text frame must be parsed to know if it is a re-authentication: it names
     the type literally, or is a JSON object with escapes (`"authproxy\\u002ereauth"` is the same
     string to a JSON parser). Anything else is the application's, and costs one substring test."""
     return _REAUTH_MARK in text or ("\\u" in text and text.lstrip()[:1] == "{")
+
+
+def _may_be_reauth_bytes(data: bytes) -> bool:
+    """`_may_be_reauth` of the message's UTF-8 bytes (the marks are ASCII)."""
+    return _REAUTH_MARK_BYTES in data or (b"\\u" in data and data.lstrip()[:1] == b"{")
 
 
 def _reauth_label(result: str) -> str:
@@ -106,12 +196,99 @@ def utf8_len(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
+class DirectClient(Protocol):
+    """The client hop's protocol when it can take relayed messages outside ASGI
+    (`proxy.wsprotocol.LeanWebSocketProtocol`, found as `send.__self__`)."""
+
+    relay: Callable[[bytes, bool], bool] | None
+
+    def write_message(self, data: bytes, text: bool) -> bool: ...
+
+    def pair(self, transport: asyncio.Transport) -> None: ...
+
+    def unpair(self) -> None: ...
+
+
+def direct_client(send: Send) -> DirectClient | None:
+    """The protocol behind uvicorn's `send`, when it writes relayed messages itself."""
+    client = getattr(send, "__self__", None)
+    return client if hasattr(client, "write_message") else None
+
+
+class UpstreamConnection(ClientConnection):
+    """websockets' client connection, whose messages go straight to the client once a session
+    relays directly (`relay_to`): framed and written from `data_received`, no queue, no task
+    switch. Until then (the handshake), and without a direct client, it is websockets' own."""
+
+    # Slots: new names in websockets' instance dict would grow it by a kilobyte.
+    __slots__ = ("deliver", "lost", "_fragments", "_fragments_text")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deliver: Callable[[bytes, bool], None] | None = None
+        self.lost: Callable[[], None] | None = None
+        self._fragments: list[bytes] | None = None
+        self._fragments_text = False
+        # What websockets does with it a list does as well: not a deque's 760 B a socket.
+        self.drain_waiters = []  # type: ignore[assignment]
+
+    def process_event(self, event: Event) -> None:
+        deliver = self.deliver
+        if deliver is None or not isinstance(event, Frame):
+            super().process_event(event)
+            return
+        opcode = event.opcode
+        if opcode is TEXT or opcode is BINARY:
+            if event.fin:
+                deliver(bytes(event.data), opcode is TEXT)
+                return
+            self._fragments = [bytes(event.data)]
+            self._fragments_text = opcode is TEXT
+        elif opcode is CONT:
+            fragments = self._fragments
+            if fragments is None:  # the protocol refuses a stray continuation before us
+                return
+            if len(fragments) >= MAX_FRAGMENTS:  # websockets' own bound on a message's frames
+                self._fragments = None
+                self.fail(CloseCode.MESSAGE_TOO_BIG, "too many fragments")
+                return
+            fragments.append(bytes(event.data))
+            if event.fin:
+                self._fragments = None
+                deliver(b"".join(fragments), self._fragments_text)
+        else:
+            super().process_event(event)  # pongs
+
+    def take_queued(self) -> None:
+        """Once `deliver` is set: the frames websockets queued before, delivered in order."""
+        assembler = self.recv_messages
+        queued = assembler.frames.queue
+        while queued:
+            self.process_event(queued.popleft())
+        assembler.maybe_resume()
+
+    def fail(self, code: int, reason: str) -> None:
+        """End this hop ourselves (a message websockets' `recv` would have refused): the close
+        frame, then our end of the socket; the session learns it from `connection_lost`."""
+        self.protocol.fail(code, reason)
+        with contextlib.suppress(Exception):
+            self.send_data()
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        lost = self.lost
+        if lost is not None:
+            self.lost = None
+            lost()
+
+
 class _UpstreamConnect(connect):
     """websockets' `connect` for one hop of a proxy: the exact resource, no redirects followed
     (a 3xx from the upstream is its answer, not an instruction to us)."""
 
     def __init__(self, uri: WebSocketURI, base: str, **kwargs: Any) -> None:
-        super().__init__(base, **kwargs)
+        super().__init__(base, create_connection=UpstreamConnection, **kwargs)
         self.ws_uri = uri
 
     def process_redirect(self, exc: Exception) -> Exception | str:
@@ -131,6 +308,7 @@ class ReauthRefused(Exception):
 Reauthenticate = Callable[[str, str], Awaitable[Identity]]
 REAUTH_TYPE = "authproxy.reauth"
 _REAUTH_MARK = '"authproxy.reauth"'
+_REAUTH_MARK_BYTES = _REAUTH_MARK.encode()
 _REAUTH_MAX_CHARS = 64 * 1024  # a token and its envelope; a longer frame is the upstream's
 
 
@@ -148,6 +326,10 @@ class Tunnel:
         reauthenticate: Reauthenticate | None = None,
     ) -> None:
         self.metrics = metrics
+        self._messages_in = metrics.websocket_messages.labels("in")
+        self._bytes_in = metrics.websocket_bytes.labels("in")
+        self._messages_out = metrics.websocket_messages.labels("out")
+        self._bytes_out = metrics.websocket_bytes.labels("out")
         # `websocket.reauth`: None (off) costs a text frame one attribute test.
         self.reauthenticate = reauthenticate if settings.websocket.reauth else None
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
@@ -245,7 +427,7 @@ class Tunnel:
         finally:
             self.sessions.release(identity)
 
-    async def _connect(self, h: Handshake) -> ClientConnection:
+    async def _connect(self, h: Handshake) -> UpstreamConnection:
         host_header = None
         headers = h.upstream_headers
         if any(name.lower() == "host" for name, _ in headers):
@@ -254,7 +436,7 @@ class Tunnel:
             headers = [(n, v) for n, v in headers if n.lower() != "host"]
         uri = upstream_uri(self._base_uri, h.raw_path, h.query, host_header)
         subprotocols = list(h.subprotocols) or None
-        return await _UpstreamConnect(
+        return await _UpstreamConnect(  # type: ignore[return-value]
             uri,
             self._base,
             additional_headers=headers,
@@ -272,7 +454,7 @@ class Tunnel:
         scope: Scope,
         receive: Receive,
         send: Send,
-        upstream: ClientConnection,
+        upstream: UpstreamConnection,
         h: Handshake,
     ) -> None:
         subprotocol = accepted_subprotocol(
@@ -301,13 +483,21 @@ class Tunnel:
         if isinstance(headers, list):
             headers.clear()
         # The request we sent is never read again: let its headers go. (Not `response`: websockets
-        # takes the first event after a None response for the handshake's answer.)
+        # takes the first event after a None response for the handshake's answer. Its headers are
+        # emptied in place instead: websockets' parser keeps the response in its frame for the
+        # connection's life, and what it negotiated is read on the protocol.)
         upstream.request = None
+        if upstream.response is not None:
+            upstream.response.headers.clear()
         s = Session(h.identity, upstream, asyncio.get_running_loop().time(), h.record.path)
         self.sessions.register(s, h.started)
         self.metrics.websockets_open.inc()
         try:
-            await self._relay(s, upstream, send, receive)
+            client = direct_client(send)
+            if client is not None:
+                await self._relay_direct(s, upstream, client, receive, send)
+            else:
+                await self._relay(s, upstream, send, receive)
             await self._close(s, upstream, send)
         except BaseException:
             # Cancelled from outside (shutdown) with the outcome already decided but the closing
@@ -349,15 +539,121 @@ class Tunnel:
             up.cancel()
             await asyncio.gather(up, return_exceptions=True)
 
-    async def _client_to_upstream(
-        self, s: Session, upstream: ClientConnection, receive: Receive, send: Send
+    async def _relay_direct(
+        self,
+        s: Session,
+        upstream: UpstreamConnection,
+        client: DirectClient,
+        receive: Receive,
+        send: Send,
     ) -> None:
-        loop = asyncio.get_running_loop()
-        messages = self.metrics.websocket_messages.labels("in")
-        relayed = self.metrics.websocket_bytes.labels("in")
+        """One task a session: client -> upstream here, upstream -> client in the upstream's
+        `data_received` (`_deliver`), with the upstream's reading paused while the client's
+        write buffer is full. Whatever ends the session cancels this task through `Session.end`
+        (the upstream's end too, from its `connection_lost`); that cancellation is taken back
+        here, any other (shutdown) goes on."""
+        if s.outcome is not None:
+            return  # ended before it began (revoked or draining at registration)
+        task = asyncio.current_task()
+        s.relay = task
+        client.pair(upstream.transport)
+        upstream.deliver = functools.partial(self._deliver, s, client, upstream)
+        upstream.lost = functools.partial(_upstream_lost, s, upstream)
         try:
-            while True:
+            upstream.take_queued()  # what arrived while the client was being accepted
+            if upstream.protocol.state is State.CLOSED and upstream.lost is not None:
+                upstream.lost()  # gone before we listened
+            if s.outcome is None:
+                forward = functools.partial(self._forward, s, upstream)
+                await self._client_to_upstream(s, upstream, receive, send, client, forward)
+        except asyncio.CancelledError:
+            if task is None or s.outcome is None or task.uncancel() > 0:
+                raise
+        finally:
+            s.relay = None
+            upstream.deliver = None
+            upstream.lost = None
+            client.relay = None
+            client.unpair()
+
+    def _deliver(
+        self,
+        s: Session,
+        client: DirectClient,
+        upstream: UpstreamConnection,
+        data: bytes,
+        text: bool,
+    ) -> None:
+        """One upstream message, to the client at once (called from the upstream's
+        `data_received`)."""
+        if s.outcome is not None:
+            return  # decided: nothing more is relayed
+        if text and not data.isascii():
+            try:
+                data.decode()
+            except UnicodeDecodeError as exc:  # what websockets' `recv` refuses
+                upstream.set_connection_exc(exc)
+                upstream.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                return
+        try:
+            if not client.write_message(data, text):
+                return  # the client is leaving: its disconnect ends the session
+        except Exception:
+            log.exception("websocket: relaying to the client failed")
+            s.end(INTERNAL)
+            return
+        size = len(data)
+        s.bytes_out += size
+        s.messages_out += 1
+        self._messages_out.inc()
+        self._bytes_out.inc(size)
+        s.last_activity = upstream.loop.time()
+
+    def _forward(self, s: Session, upstream: ClientConnection, data: bytes, text: bool) -> bool:
+        """One client message, to the upstream at once (called from the client's
+        `data_received`): True when it is taken; False sends it through `receive`, where the
+        relay task waits for the upstream's buffer to drain, judges a re-authentication, or meets
+        the upstream's ConnectionClosed."""
+        if s.outcome is not None:
+            return True  # decided: nothing more is relayed
+        if text and self.reauthenticate is not None and _may_be_reauth_bytes(data):
+            return False
+        try:
+            if not _send_now(upstream, data, text):
+                return False
+        except Exception:
+            log.exception("websocket: relaying to the upstream failed")
+            s.end(INTERNAL)
+            return True
+        size = len(data)
+        s.bytes_in += size
+        s.messages_in += 1
+        self._messages_in.inc()
+        self._bytes_in.inc(size)
+        s.last_activity = upstream.loop.time()
+        return True
+
+    async def _client_to_upstream(
+        self,
+        s: Session,
+        upstream: ClientConnection,
+        receive: Receive,
+        send: Send,
+        client: DirectClient | None = None,
+        forward: Callable[[bytes, bool], bool] | None = None,
+    ) -> None:
+        """Client -> upstream through ASGI `receive`. With a direct client, only what `forward`
+        declined comes this way: while one such message is handled, the others queue behind it."""
+        loop = asyncio.get_running_loop()
+        messages = self._messages_in
+        relayed = self._bytes_in
+        try:
+            while s.outcome is None:  # decided here (a reauth of another subject): stop
+                if client is not None:
+                    client.relay = forward
                 message: Message = await receive()
+                if client is not None:
+                    client.relay = None
                 if message["type"] == "websocket.receive":
                     text = message.get("text")
                     if (
@@ -369,12 +665,14 @@ class Tunnel:
                         s.last_activity = loop.time()
                         continue
                     if text is not None:
-                        await upstream.send(text)
-                        size = utf8_len(text)
+                        data = text.encode()
+                        if not _send_now(upstream, data, True):
+                            await upstream.send(data, text=True)
                     else:
                         data = message.get("bytes") or b""
-                        await upstream.send(data)
-                        size = len(data)
+                        if not _send_now(upstream, data, False):
+                            await upstream.send(data)
+                    size = len(data)
                     s.bytes_in += size
                     s.messages_in += 1
                     messages.inc()
