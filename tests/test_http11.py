@@ -435,6 +435,10 @@ async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns
     await asyncio.sleep(0.1)  # past the head timeout: the upgraded socket stays open
     assert not transport.closed
     assert scopes[0]["type"] == "websocket" and scopes[0]["query_string"] == b"x=1"
+    # uvicorn's WebSocket protocol keeps header names as it parsed them: the head it is handed
+    # is ours, lower-cased, which the Origin check (decision.py) relies on.
+    names = [name for name, _ in scopes[0]["headers"]]
+    assert b"host" in names and names == [name.lower() for name in names]
     assert transport.written.startswith(b"HTTP/1.1 101 ")
     done.set()
     await settle()
