@@ -13,11 +13,12 @@ import aiohttp
 from ..config import AuthSettings, Settings
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
-from .apikeys import ApiKeyStore
+from .apikeys import ApiKey, ApiKeyStore
 from .method import Found, MethodSpec, Presented, fingerprint, settle
 from .rejected import Rejected
 
 NAME = "api_key"
+_MAX_IDENTITIES = 4096
 
 _API_KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
@@ -64,6 +65,11 @@ class ApiKeyMethod:
     ) -> None:
         self.store = ApiKeyStore(settings.auth.api_keys, metrics)
         self.asks_for = f"an API key ({settings.auth.api_keys.header})"
+        # One Identity per key, as a cached token has one: what is derived from it (the
+        # upstream's identity headers, relay/headers.py) is then made once, not per request.
+        # Keyed by the key's hash, and only while the store still holds that very key (a reload
+        # that changes it makes a new one). Bounded: reloads can leave entries behind.
+        self._identities: dict[str, tuple[ApiKey, Identity]] = {}
 
     @property
     def ready(self) -> bool:
@@ -79,8 +85,11 @@ class ApiKeyMethod:
     async def authenticate(self, credential: Found) -> Identity:
         if credential.value is None:
             raise Rejected("malformed_credentials", credential.problem or "no key")
-        key = self.store.lookup(credential.value)
-        return Identity(
+        key = self.store.lookup(credential.value)  # unknown, disabled, expired: refused here
+        known = self._identities.get(key.sha256)
+        if known is not None and known[0] is key:
+            return known[1]
+        identity = Identity(
             method="api_key",
             subject=key.id,
             scopes=key.scopes,
@@ -89,6 +98,10 @@ class ApiKeyMethod:
             credential_id=key.id,
             claims=key.claims,
         )
+        if len(self._identities) >= _MAX_IDENTITIES:
+            self._identities.clear()
+        self._identities[key.sha256] = (key, identity)
+        return identity
 
     async def start(self) -> None:
         await self.store.start()

@@ -362,3 +362,23 @@ async def test_unknown_disabled_and_expired_keys_look_alike_to_the_client(
     assert [r.fields.get("key_id") for r in refused] == ["off", "old", None]  # type: ignore[attr-defined]
     for key in (KEY_A, KEY_B, KEY_C):
         assert key not in caplog.text and hash_key(key)[:12] not in caplog.text
+
+
+async def test_a_key_keeps_one_identity_until_a_reload_changes_the_key(
+    make_service: MakeService, tmp_path: Path
+) -> None:
+    # One identity object per key: what the upstream hop derives from it is made once.
+    path = tmp_path / "keys.toml"
+    write_keys(path, record("file-a", KEY_A))
+    svc = await make_service(make_settings(api_keys={"keys_file": str(path)}))
+    first = await auth(svc, KEY_A)
+    assert await auth(svc, KEY_A) is first
+    # The same secret with other scopes: the new key's identity, never the remembered one.
+    write_keys(path, record("file-a", KEY_A, scopes=["models:write"]))
+    svc.reload_keys()
+    changed = await auth(svc, KEY_A)
+    assert changed is not first and changed.scopes == {"models:write"}
+    # Disabled after it was remembered: refused, whatever is remembered.
+    write_keys(path, record("file-a", KEY_A, disabled=True))
+    svc.reload_keys()
+    assert await reason_of(svc, KEY_A) == "api_key_disabled"
