@@ -130,6 +130,7 @@ class Cycle:
                 await self._send_500()
             else:
                 log.debug("the response was cut: %r", exc)
+                self.head = None
                 self.transport.close()
                 if not isinstance(exc, Exception):
                     raise
@@ -160,7 +161,9 @@ class Cycle:
         if not self.chunks and (not self.body_done or self.final_given):
             if not self.disconnected and not self.complete:
                 conn = self.conn
-                if conn.reading_paused:
+                if conn.reading_paused and conn.cycle is self:
+                    # (Not while a pipelined request waits behind this one: reading stays paused
+                    # until its turn, or a client could queue requests without bound.)
                     conn.resume_reading()
                 self.waiter = waiter = conn.loop.create_future()
                 try:
@@ -278,7 +281,7 @@ class Cycle:
         head = self.head
         if head is not None:
             self.head = None
-            if not self.disconnected:
+            if not self.disconnected and not self.transport.is_closing():
                 self.transport.write(head)
 
 

@@ -474,3 +474,36 @@ async def test_a_head_promised_its_body_waits_for_it_without_a_callback() -> Non
     protocol.data_received(GET)
     await settle()
     assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]
+
+
+async def test_a_waiting_request_does_not_resume_reading_while_a_pipelined_one_waits_its_turn() -> (
+    None
+):
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/x":
+            await receive()
+            waiting = asyncio.ensure_future(receive())  # as the forwarder watches for departure
+            await release.wait()
+            waiting.cancel()
+        await answering(b"ok", read=False)(scope, receive, send)
+
+    protocol, transport = connect(app)
+    protocol.data_received(GET + b"GET /second HTTP/1.1\r\nHost: app.test\r\n\r\n")
+    await settle()
+    assert transport.paused  # the second request waits, and so does reading
+    release.set()
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 2 and not transport.paused
+
+
+async def test_an_answer_cut_before_its_head_went_out_closes_without_a_head() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("the upstream died")  # before the loop's next iteration
+
+    protocol, transport = connect(app)
+    protocol.data_received(GET)
+    await settle()
+    assert transport.closed and transport.written == b""
