@@ -90,6 +90,7 @@ class Cycle:
         "remaining",
         "head",
         "head_only",
+        "task",
     )
 
     def __init__(
@@ -112,6 +113,7 @@ class Cycle:
         self.remaining = 0
         self.head: bytes | None = None  # a response head waiting for its body
         self.head_only = scope["method"] == "HEAD"
+        self.task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -120,30 +122,36 @@ class Cycle:
 
     async def run(self, app: Any) -> None:
         try:
-            result = await app(self.scope, self.receive, self.send)
-        except BaseException as exc:
-            # The pipeline answers its own failures; what reaches here after the response began
-            # means "cut the connection" (an upstream that died mid-body): never a truncated
-            # answer passed off as whole.
-            if not self.started:
-                log.error("Exception in ASGI application", exc_info=exc)
-                await self._send_500()
+            try:
+                result = await app(self.scope, self.receive, self.send)
+            except BaseException as exc:
+                # The pipeline answers its own failures; what reaches here after the response
+                # began means "cut the connection" (an upstream that died mid-body): never a
+                # truncated answer passed off as whole.
+                if not self.started:
+                    log.error("Exception in ASGI application", exc_info=exc)
+                    await self._send_500()
+                else:
+                    log.debug("the response was cut: %r", exc)
+                    self.head = None
+                    self.transport.close()
+                    if not isinstance(exc, Exception):
+                        raise
             else:
-                log.debug("the response was cut: %r", exc)
-                self.head = None
-                self.transport.close()
-                if not isinstance(exc, Exception):
-                    raise
-        else:
-            if result is not None:
-                log.error("ASGI callable should return None, but returned %r.", result)
-                self.transport.close()
-            elif not self.started and not self.disconnected:
-                log.error("ASGI callable returned without starting response.")
-                await self._send_500()
-            elif not self.complete and not self.disconnected:
-                log.error("ASGI callable returned without completing response.")
-                self.transport.close()
+                if result is not None:
+                    log.error("ASGI callable should return None, but returned %r.", result)
+                    self.transport.close()
+                elif not self.started and not self.disconnected:
+                    log.error("ASGI callable returned without starting response.")
+                    await self._send_500()
+                elif not self.complete and not self.disconnected:
+                    log.error("ASGI callable returned without completing response.")
+                    self.transport.close()
+        finally:
+            # What uvicorn's graceful shutdown waits for (a done callback per task would cost
+            # a callback per request; a task cancelled before it ever ran is only cancelled at
+            # the end of that wait, when nothing reads the set any more).
+            self.conn.tasks.discard(self.task)
 
     async def _send_500(self) -> None:
         self.keep_alive = False
@@ -508,8 +516,7 @@ class HttpProtocol(asyncio.Protocol):
     # --- requests and responses ------------------------------------------------------------------
 
     def _start(self, cycle: Cycle) -> None:
-        task = self.loop.create_task(cycle.run(self.app))
-        task.add_done_callback(self.tasks.discard)
+        cycle.task = task = self.loop.create_task(cycle.run(self.app))
         self.tasks.add(task)
 
     def response_complete(self, cycle: Cycle) -> None:

@@ -199,9 +199,11 @@ GET = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"
 async def test_a_small_answer_is_one_write_of_head_and_body() -> None:
     protocol, transport = connect(answering(b"hello"))
     protocol.data_received(GET)
+    assert len(protocol.tasks) == 1  # what uvicorn's graceful shutdown waits for
     await settle()
     assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"]
     assert not transport.closed  # keep-alive
+    assert not protocol.tasks
 
 
 async def test_a_head_whose_body_does_not_follow_goes_out_on_the_next_iteration() -> None:
