@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 from typing import Any
@@ -54,6 +55,10 @@ class QuietServer(uvicorn.Server):
         yield
 
 
+# A SIGINT this soon after the first stop signal is the same stop, not a person's second Ctrl-C.
+SAME_STOP_S = 1.0
+
+
 class DrainingServer(uvicorn.Server):
     """The public server: on SIGTERM or SIGINT the app starts draining before uvicorn closes."""
 
@@ -72,6 +77,7 @@ class DrainingServer(uvicorn.Server):
         self._on_stop = on_stop
         self._delay_s = delay_s
         self._delayed: asyncio.TimerHandle | None = None
+        self._stopping_since: float | None = None  # monotonic time the stop began
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -91,6 +97,17 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if (
+            sig == signal.SIGINT
+            and self._stopping_since is not None
+            and time.monotonic() - self._stopping_since < SAME_STOP_S
+        ):
+            # uvicorn takes a SIGINT once a stop is under way for a second Ctrl-C: exit at once,
+            # without the drain or the lifespan's shutdown. Within SAME_STOP_S it is the same
+            # stop told twice (a terminal's Ctrl-C reaches the whole process group, and the
+            # supervisor above, `make run`'s stack or an init system, sends its SIGTERM too).
+            # (During `shutdown_delay_s` no stop is under way yet: a SIGINT still cuts it short.)
+            return
         # SIGTERM (a rolling update, a scale-down) with `server.shutdown_delay_s`: readiness fails
         # at once, serving goes on for the delay, then the drain. SIGINT (a person at a terminal)
         # and a second signal go straight to the drain.
@@ -116,6 +133,7 @@ class DrainingServer(uvicorn.Server):
         if self._delayed is not None:
             self._delayed.cancel()
         if not self.should_exit:
+            self._stopping_since = time.monotonic()
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
         super().handle_exit(sig, frame)

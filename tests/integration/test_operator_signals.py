@@ -4,9 +4,11 @@ every field filled in on the sidecar's own answers, series named by the route's 
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -149,3 +151,23 @@ def test_a_clients_malformed_request_is_not_a_warning(sidecar: Sidecar) -> None:
         time.sleep(0.05)
     line = next(json.loads(x) for x in sidecar.output().splitlines() if "Invalid HTTP request" in x)
     assert (line["logger"], line["level"]) == ("authproxy.server", "info")
+
+
+@pytest.mark.parametrize("first, second", [("SIGTERM", "SIGINT"), ("SIGINT", "SIGTERM")])
+def test_a_stop_told_twice_at_once_still_drains_and_shuts_the_app_down(
+    tmp_path: Path, upstream: Process, first: str, second: str
+) -> None:
+    # Ctrl-C reaches the whole process group while a supervisor (make run's stack, an init
+    # system) sends its own SIGTERM: uvicorn read the second signal as a person's second Ctrl-C
+    # and exited without the lifespan's shutdown, logging an error.
+    s = start_sidecar(tmp_path, upstream.port, BODY, env={"OPERATOR_TEST_SECRET": SECRET})
+    try:
+        s.process.signal(getattr(signal, first))
+        time.sleep(0.05)  # the second arrives while the first stop is under way
+        s.process.signal(getattr(signal, second))
+        assert s.process.proc.wait(15) == 0
+        out = s.output()
+        assert "Application shutdown complete" in out
+        assert "Exception in 'lifespan'" not in out and '"level":"error"' not in out
+    finally:
+        s.stop()
