@@ -51,7 +51,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Control bytes that may not appear in a response head (CR and LF are counted instead: a head has
 # exactly one of each per line). HTAB is allowed in values.
 _CONTROLS = bytes(range(0x00, 0x09)) + bytes(range(0x0B, 0x0D)) + bytes(range(0x0E, 0x20)) + b"\x7f"
-_NO_CONTROLS = bytes.maketrans(b"", b"")
 
 
 def _status_line(status: int) -> bytes:
@@ -280,7 +279,7 @@ class Cycle:
         if (
             head.count(b"\n") != lines + 1
             or head.count(b"\r") != lines + 1
-            or len(head.translate(_NO_CONTROLS, _CONTROLS)) != len(head)
+            or len(head.translate(None, _CONTROLS)) != len(head)
         ):
             raise RuntimeError("Invalid HTTP header name or value.")
         self.head = head

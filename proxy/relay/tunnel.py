@@ -602,12 +602,23 @@ class Tunnel:
             log.exception("websocket: relaying to the client failed")
             s.end(INTERNAL)
             return
-        size = len(data)
+        self._count_out(s, len(data), upstream.loop.time())
+
+    def _count_in(self, s: Session, size: int, now: float) -> None:
+        """One client message relayed to the upstream: the session's counts and the metrics."""
+        s.bytes_in += size
+        s.messages_in += 1
+        self._messages_in.inc()
+        self._bytes_in.inc(size)
+        s.last_activity = now
+
+    def _count_out(self, s: Session, size: int, now: float) -> None:
+        """One upstream message relayed to the client: the session's counts and the metrics."""
         s.bytes_out += size
         s.messages_out += 1
         self._messages_out.inc()
         self._bytes_out.inc(size)
-        s.last_activity = upstream.loop.time()
+        s.last_activity = now
 
     def _forward(self, s: Session, upstream: ClientConnection, data: bytes, text: bool) -> bool:
         """One client message, to the upstream at once (called from the client's
@@ -625,12 +636,7 @@ class Tunnel:
             log.exception("websocket: relaying to the upstream failed")
             s.end(INTERNAL)
             return True
-        size = len(data)
-        s.bytes_in += size
-        s.messages_in += 1
-        self._messages_in.inc()
-        self._bytes_in.inc(size)
-        s.last_activity = upstream.loop.time()
+        self._count_in(s, len(data), upstream.loop.time())
         return True
 
     async def _client_to_upstream(
@@ -645,8 +651,6 @@ class Tunnel:
         """Client -> upstream through ASGI `receive`. With a direct client, only what `forward`
         declined comes this way: while one such message is handled, the others queue behind it."""
         loop = asyncio.get_running_loop()
-        messages = self._messages_in
-        relayed = self._bytes_in
         try:
             while s.outcome is None:  # decided here (a reauth of another subject): stop
                 if client is not None:
@@ -672,12 +676,7 @@ class Tunnel:
                         data = message.get("bytes") or b""
                         if not _send_now(upstream, data, False):
                             await upstream.send(data)
-                    size = len(data)
-                    s.bytes_in += size
-                    s.messages_in += 1
-                    messages.inc()
-                    relayed.inc(size)
-                    s.last_activity = loop.time()
+                    self._count_in(s, len(data), loop.time())
                 elif message["type"] == "websocket.disconnect":
                     s.end(client_left(message))
                     return
@@ -729,8 +728,6 @@ class Tunnel:
 
     async def _upstream_to_client(self, s: Session, upstream: ClientConnection, send: Send) -> None:
         loop = asyncio.get_running_loop()
-        messages = self.metrics.websocket_messages.labels("out")
-        relayed = self.metrics.websocket_bytes.labels("out")
         try:
             while True:
                 data = await upstream.recv()
@@ -740,11 +737,7 @@ class Tunnel:
                 else:
                     await send({"type": "websocket.send", "bytes": data})
                     size = len(data)
-                s.bytes_out += size
-                s.messages_out += 1
-                messages.inc()
-                relayed.inc(size)
-                s.last_activity = loop.time()
+                self._count_out(s, size, loop.time())
         except ConnectionClosed as exc:
             s.end(upstream_left(exc))
         except OSError:  # uvicorn's ClientDisconnected: the client is gone mid-send
