@@ -72,7 +72,7 @@ class DrainingServer(uvicorn.Server):
         delay_s: float = 0.0,
     ) -> None:
         super().__init__(config)
-        self._on_exit = on_exit
+        self._on_exit_once = [on_exit]
         self._drained = drained
         self._on_stop = on_stop
         self._delay_s = delay_s
@@ -97,16 +97,20 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if (
-            sig == signal.SIGINT
-            and self._stopping_since is not None
-            and time.monotonic() - self._stopping_since < SAME_STOP_S
-        ):
-            # uvicorn takes a SIGINT once a stop is under way for a second Ctrl-C: exit at once,
-            # without the drain or the lifespan's shutdown. Within SAME_STOP_S it is the same
-            # stop told twice (a terminal's Ctrl-C reaches the whole process group, and the
-            # supervisor above, `make run`'s stack or an init system, sends its SIGTERM too).
-            # (During `shutdown_delay_s` no stop is under way yet: a SIGINT still cuts it short.)
+        # Python may run one signal handler inside another (a pending one runs between any two
+        # bytecodes of the first): Ctrl-C under `make run` brings a SIGINT and the stack's SIGTERM
+        # a moment apart. So every step here leaves a state the other signal reads right, and the
+        # second Ctrl-C is decided here, never by uvicorn's handle_exit (which would force the
+        # exit on any SIGINT that finds `should_exit` set, the same stop's included).
+        if self.should_exit:
+            since = self._stopping_since
+            later = since is not None and time.monotonic() >= since + SAME_STOP_S
+            if sig == signal.SIGINT and later:
+                # A person's second Ctrl-C: exit at once, without the drain or the lifespan's
+                # shutdown. Within SAME_STOP_S it is the same stop told twice (a terminal's
+                # Ctrl-C reaches the whole process group, and the supervisor above, `make run`'s
+                # stack or an init system, sends its SIGTERM too).
+                self.force_exit = True
             return
         # SIGTERM (a rolling update, a scale-down) with `server.shutdown_delay_s`: readiness fails
         # at once, serving goes on for the delay, then the drain. SIGINT (a person at a terminal)
@@ -115,7 +119,6 @@ class DrainingServer(uvicorn.Server):
             self._delay_s > 0
             and sig == signal.SIGTERM
             and self._delayed is None
-            and not self.should_exit
             and self._on_stop is not None
         ):
             with contextlib.suppress(RuntimeError):
@@ -132,11 +135,16 @@ class DrainingServer(uvicorn.Server):
     def _exit_now(self, sig: int, frame: FrameType | None = None) -> None:
         if self._delayed is not None:
             self._delayed.cancel()
-        if not self.should_exit:
-            self._stopping_since = time.monotonic()
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
-        super().handle_exit(sig, frame)
+        if self._stopping_since is None:
+            self._stopping_since = time.monotonic()  # before should_exit: see handle_exit
+        self.should_exit = True
+        try:
+            # list.pop is one step no signal handler can split: the app hears of the stop once.
+            on_exit = self._on_exit_once.pop()
+        except IndexError:
+            return
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon_threadsafe(on_exit)
 
 
 def draining_server(config: uvicorn.Config, app: App, settings: Settings) -> DrainingServer:

@@ -197,13 +197,17 @@ async def serve(args: argparse.Namespace) -> int:
         now = loop.time()
         if first_signal is not None and now - first_signal < _SAME_STOP_S:
             return
-        first_signal = first_signal if first_signal is not None else now
-        stop()
-
-    def stop() -> None:
         for server in servers:
-            if server.should_exit:
-                server.force_exit = True
+            # A second stop (a person's second Ctrl-C, seconds later) skips the graceful part.
+            server.force_exit = server.should_exit
+            server.should_exit = True
+        first_signal = first_signal if first_signal is not None else now
+
+    def stop_the_rest() -> None:
+        # One server ended (it stopped on a signal, or could not start): stop the other the
+        # same way. Never forced: the page server ends first on Ctrl-C, and forcing the backend
+        # then would skip its lifespan shutdown, which asyncio.run cancels into a traceback.
+        for server in servers:
             server.should_exit = True
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -219,7 +223,7 @@ async def serve(args: argparse.Namespace) -> int:
                 print(f"  page calls API {args.api_url}  WS {args.ws_url}", flush=True)
         # If one server fails to start (port taken), stop the other too.
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        stop()
+        stop_the_rest()
         await asyncio.gather(*tasks, return_exceptions=True)
         failed = any(not s.started for s in servers)
         return 1 if failed else 0

@@ -155,6 +155,52 @@ def test_python_m_upstream_demo_serves_backend_and_page_and_stops_cleanly(
     assert "Traceback" not in err
 
 
+def test_a_stop_lets_the_backend_finish_its_streams_and_its_lifespan_after_the_page_ended() -> None:
+    # The page server has nothing in flight and ends first; the backend still drains a stream.
+    # Its end must not be taken for a second stop that forces the backend (the stream cut short,
+    # its lifespan shutdown skipped and cancelled into a traceback by asyncio.run).
+    port, web_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "upstream_demo",
+            f"--port={port}",
+            f"--web-port={web_port}",
+            "--event-interval=0",
+            "--chat-token-delay=0.05",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(f"http://127.0.0.1:{web_port}/healthz")
+        models = wait_for(f"http://127.0.0.1:{port}/api/models").json()
+        chat = {
+            "model": models[0]["id"],
+            "messages": [{"role": "user", "content": "a long enough question to stream"}],
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", f"http://127.0.0.1:{port}/api/chat/completions", json=chat, timeout=10
+        ) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # the stream is under way
+            process.send_signal(signal.SIGINT)
+            rest = list(lines)
+        out, err = process.communicate(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "data: [DONE]" in rest  # drained, not cut
+    assert process.returncode == 0, err
+    assert "Application shutdown complete." in err
+    assert "Traceback" not in err and "CancelledError" not in err
+
+
 def test_python_m_upstream_demo_exits_1_when_its_port_is_taken() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
