@@ -83,8 +83,9 @@ class DrainingServer(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         with super().capture_signals():
             yield
-            # uvicorn re-raises the signal it stopped on once serving ends, so the process would
-            # die by SIGTERM (or a KeyboardInterrupt traceback on Ctrl-C) after a clean drain.
+            # uvicorn re-raises the signals its handle_exit noted once serving ends: the process
+            # would die by SIGTERM (or a KeyboardInterrupt traceback) after a clean drain. Ours
+            # notes none; this holds should a later uvicorn note them elsewhere.
             self._captured_signals.clear()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
