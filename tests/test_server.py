@@ -61,11 +61,12 @@ def _with_a_signal_inside(
     def on_call(frame: FrameType, event: str, arg: Any) -> Any:
         return on_line if frame.f_code in _OWN_CODE else None
 
+    before = sys.gettrace()  # (a coverage run's, say)
     sys.settrace(on_call)
     try:
         first()
     finally:
-        sys.settrace(None)
+        sys.settrace(before)
     return fired
 
 

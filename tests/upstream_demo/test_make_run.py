@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +61,13 @@ def make_run(tmp_path: Path, ports: dict[str, int], *extra: str) -> Run:
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [
+                # As from a terminal: SIGINT and SIGQUIT at their defaults, whatever this process
+                # inherited (a job started with `&` by a script ignores both, and make keeps
+                # ignoring a signal ignored at its start). The pid stays make's (exec).
+                sys.executable,
+                "-c",
+                "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "signal.signal(signal.SIGQUIT, signal.SIG_DFL); os.execvp('make', sys.argv[1:])",
                 "make",
                 "--no-print-directory",
                 "run",
