@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -118,38 +119,42 @@ def wait_for(url: str, timeout: float = 10.0) -> httpx.Response:
             time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_python_m_upstream_demo_serves_backend_and_page_and_stops_cleanly(
-    sig: signal.Signals,
-) -> None:
-    port, web_port = free_port(), free_port()
+@contextlib.contextmanager
+def demo_process(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m upstream_demo` with `args`; killed at the end if the test did not stop it."""
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "upstream_demo",
-            f"--port={port}",
-            f"--web-port={web_port}",
-            "--api-url=http://api.test:8000",
-            "--event-interval=0.2",
-            "--log-level=warning",
-        ],
+        [sys.executable, "-m", "upstream_demo", *args],
         cwd=Path(__file__).resolve().parents[2],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_python_m_upstream_demo_serves_backend_and_page_and_stops_cleanly(
+    sig: signal.Signals,
+) -> None:
+    port, web_port = free_port(), free_port()
+    with demo_process(
+        f"--port={port}",
+        f"--web-port={web_port}",
+        "--api-url=http://api.test:8000",
+        "--event-interval=0.2",
+        "--log-level=warning",
+    ) as process:
         assert wait_for(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
         assert "http://api.test:8000" in wait_for(f"http://127.0.0.1:{web_port}/config.js").text
         oidc = httpx.get(f"http://127.0.0.1:{port}/.well-known/openid-configuration").json()
         assert oidc["issuer"] == f"http://127.0.0.1:{port}"
         process.send_signal(sig)
         out, err = process.communicate(timeout=10)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert process.returncode == 0, err
     assert f"http://127.0.0.1:{web_port}" in out
     assert "Traceback" not in err
@@ -160,22 +165,9 @@ def test_a_stop_lets_the_backend_finish_its_streams_and_its_lifespan_after_the_p
     # Its end must not be taken for a second stop that forces the backend (the stream cut short,
     # its lifespan shutdown skipped and cancelled into a traceback by asyncio.run).
     port, web_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "upstream_demo",
-            f"--port={port}",
-            f"--web-port={web_port}",
-            "--event-interval=0",
-            "--chat-token-delay=0.05",
-        ],
-        cwd=Path(__file__).resolve().parents[2],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with demo_process(
+        f"--port={port}", f"--web-port={web_port}", "--event-interval=0", "--chat-token-delay=0.05"
+    ) as process:
         wait_for(f"http://127.0.0.1:{web_port}/healthz")
         models = wait_for(f"http://127.0.0.1:{port}/api/models").json()
         chat = {
@@ -191,10 +183,6 @@ def test_a_stop_lets_the_backend_finish_its_streams_and_its_lifespan_after_the_p
             process.send_signal(signal.SIGINT)
             rest = list(lines)
         out, err = process.communicate(timeout=15)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate()
     assert "data: [DONE]" in rest  # drained, not cut
     assert process.returncode == 0, err
     assert "Application shutdown complete." in err
