@@ -123,61 +123,71 @@ def _utf8(data: bytes) -> bool:
     return True
 
 
-class Inbox:
-    """The connection's inbound ASGI messages: what uvicorn uses of `asyncio.Queue` (put_nowait,
-    get, empty), in a list. uvicorn pauses reading once a message waits, so it stays short."""
+class _Waiting:
+    """Futures of those waiting, in a list made only once one waits (most sockets never do)."""
 
-    __slots__ = ("_items", "_waiters")
+    __slots__ = ("_waiters",)
 
     def __init__(self) -> None:
-        self._items: list[Any] = []
         self._waiters: list[asyncio.Future[None]] | None = None
 
-    def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
-        waiters = self._waiters
-        if waiters:
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-                    break
+    def _waiter(self) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        return waiter
 
-    def empty(self) -> bool:
-        return not self._items
-
-    async def get(self) -> Any:
-        while not self._items:
-            waiter = asyncio.get_running_loop().create_future()
-            if self._waiters is None:
-                self._waiters = []
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except BaseException:
-                # Woken and cancelled at once: the message is another getter's to take.
-                if waiter.done() and not waiter.cancelled() and self._items:
-                    self._wake_next(waiter)
-                raise
-            finally:
-                self._waiters.remove(waiter)
-        return self._items.pop(0)
-
-    def _wake_next(self, skip: asyncio.Future[None]) -> None:
+    def _wake(self, skip: asyncio.Future[None] | None = None) -> None:
+        """The first waiter still waiting (but `skip`)."""
         for waiter in self._waiters or ():
             if waiter is not skip and not waiter.done():
                 waiter.set_result(None)
                 return
 
 
-class Flag:
+class Inbox(_Waiting):
+    """The connection's inbound ASGI messages: what uvicorn uses of `asyncio.Queue` (put_nowait,
+    get, empty), in a list. uvicorn pauses reading once a message waits, so it stays short."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._items: list[Any] = []
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.append(item)
+        if self._waiters:
+            self._wake()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    async def get(self) -> Any:
+        while not self._items:
+            waiter = self._waiter()
+            try:
+                await waiter
+            except BaseException:
+                # Woken and cancelled at once: the message is another getter's to take.
+                if waiter.done() and not waiter.cancelled() and self._items:
+                    self._wake(skip=waiter)
+                raise
+            finally:
+                self._waiters.remove(waiter)  # type: ignore[union-attr]
+        return self._items.pop(0)
+
+
+class Flag(_Waiting):
     """uvicorn's `writable`: what it uses of `asyncio.Event` (set, clear, wait), set at first, and
     without a deque of waiters until one waits."""
 
-    __slots__ = ("_set", "_waiters")
+    __slots__ = ("_set",)
 
     def __init__(self) -> None:
+        super().__init__()
         self._set = True
-        self._waiters: list[asyncio.Future[None]] | None = None
 
     def is_set(self) -> bool:
         return self._set
@@ -195,12 +205,9 @@ class Flag:
     async def wait(self) -> bool:
         if self._set:
             return True
-        waiter = asyncio.get_running_loop().create_future()
-        if self._waiters is None:
-            self._waiters = []
-        self._waiters.append(waiter)
+        waiter = self._waiter()
         try:
             await waiter
             return True
         finally:
-            self._waiters.remove(waiter)
+            self._waiters.remove(waiter)  # type: ignore[union-attr]

@@ -198,6 +198,14 @@ async def test_the_inbox_is_a_fifo_whose_get_waits_and_survives_cancellation() -
     with pytest.raises(asyncio.CancelledError):
         await woken
     assert await asyncio.wait_for(inbox.get(), 1) == 4
+    # ... and with another getter waiting, that one is woken for it.
+    first, second = asyncio.ensure_future(inbox.get()), asyncio.ensure_future(inbox.get())
+    await asyncio.sleep(0)
+    inbox.put_nowait(5)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await asyncio.wait_for(second, 1) == 5
 
 
 async def test_the_writable_flag_starts_set_and_wakes_its_waiters() -> None:
