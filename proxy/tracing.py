@@ -40,12 +40,12 @@ def trace_of(
     tracestate: bytes | None,
     own_id: str | None,
     new_id: Callable[[], str],
-    new_span: Callable[[], str] | None = None,
+    new_span: Callable[[], str],
 ) -> Trace:
     """The trace of a request that arrived with these headers (None: absent; b"": sent twice,
     which the specification makes invalid). `own_id`: the request id when the sidecar made it
-    (32 random hex digits, a fine trace id), None when the client sent its own. `new_span`: 16
-    random hex digits, never all zero (default: the first 16 of a `new_id()`)."""
+    (32 random hex digits, a fine trace id), None when the client sent its own. `new_id` and
+    `new_span`: 32 and 16 random hex digits, the span id never all zero (`proxy.ids`)."""
     if traceparent:
         m = _TRACEPARENT.match(traceparent)
         # Version ff is invalid; version 00 is exactly 55 characters; a later version may add
@@ -60,13 +60,7 @@ def trace_of(
                 return Trace(trace_id.decode(), header, _tracestate(tracestate))
     # A new trace; the caller's tracestate goes with its invalid traceparent.
     trace = own_id or new_id()
-    if new_span is not None:
-        span = new_span()
-    else:
-        span = new_id()[:16]
-        if span == "0" * 16:
-            span = "1" + span[1:]
-    return Trace(trace, f"00-{trace}-{span}-00".encode(), None, True)  # (positional: cheaper)
+    return Trace(trace, f"00-{trace}-{new_span()}-00".encode(), None, True)  # (positional: cheaper)
 
 
 def _tracestate(value: bytes | None) -> bytes | None:

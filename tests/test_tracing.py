@@ -16,14 +16,16 @@ STRICT = re.compile(rb"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def test_a_valid_context_is_kept_unchanged_with_its_state() -> None:
-    t = trace_of(VALID, b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", OURS, new_request_id)
+    t = trace_of(
+        VALID, b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7", OURS, new_request_id, new_span_id
+    )
     assert t.traceparent == VALID and not t.started
     assert t.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
     assert t.tracestate == b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 
 
 def test_a_missing_context_starts_a_trace_named_after_the_request_id() -> None:
-    t = trace_of(None, b"rojo=1", OURS, new_request_id)
+    t = trace_of(None, b"rojo=1", OURS, new_request_id, new_span_id)
     assert t.started and t.trace_id == OURS
     assert STRICT.fullmatch(t.traceparent) and t.traceparent.startswith(b"00-" + OURS.encode())
     assert t.traceparent.endswith(b"-00")  # not sampled: the sidecar decided nothing
@@ -31,7 +33,8 @@ def test_a_missing_context_starts_a_trace_named_after_the_request_id() -> None:
 
 
 def test_a_client_request_id_that_is_not_a_trace_id_gets_a_fresh_one() -> None:
-    t = trace_of(None, None, None, new_request_id)  # the client named the request itself
+    # The client named the request itself (own_id None).
+    t = trace_of(None, None, None, new_request_id, new_span_id)
     assert re.fullmatch("[0-9a-f]{32}", t.trace_id) and t.trace_id != "checkout-42"
 
 
@@ -49,19 +52,21 @@ INVALID = [
 
 def test_an_invalid_context_is_replaced_and_its_state_dropped() -> None:
     for value in INVALID:
-        t = trace_of(value, b"congo=1", OURS, new_request_id)
+        t = trace_of(value, b"congo=1", OURS, new_request_id, new_span_id)
         assert t.started and t.trace_id == OURS and t.tracestate is None, value
 
 
 def test_a_later_version_is_read_as_version_00() -> None:
-    t = trace_of(VALID.replace(b"00-", b"02-", 1) + b"-extra", None, OURS, new_request_id)
+    t = trace_of(
+        VALID.replace(b"00-", b"02-", 1) + b"-extra", None, OURS, new_request_id, new_span_id
+    )
     assert t.traceparent == VALID and not t.started
 
 
 def test_a_tracestate_beyond_what_must_be_carried_is_dropped() -> None:
     long = b"a=" + b"b" * MAX_TRACESTATE_BYTES
-    assert trace_of(VALID, long, OURS, new_request_id).tracestate is None
-    assert trace_of(VALID, b"a=\x01", OURS, new_request_id).tracestate is None
+    assert trace_of(VALID, long, OURS, new_request_id, new_span_id).tracestate is None
+    assert trace_of(VALID, b"a=\x01", OURS, new_request_id, new_span_id).tracestate is None
 
 
 @given(st.binary(max_size=80), st.one_of(st.none(), st.binary(max_size=600)))
