@@ -294,16 +294,9 @@ def flush() -> None:
         handler.flush()
 
 
-def access(message: str, fields: dict[str, Any]) -> None:
-    """Write one access-log line: `message` and `fields` after the time, level and logger."""
-    access_line(
-        {"time": "", "level": "info", "logger": ACCESS_LOGGER, "message": message, **fields}
-    )
-
-
 def access_line(line: dict[str, Any]) -> None:
     """Write one access-log line, given whole: `time` (stamped here), `level`, `logger` and
-    `message` first, as `access` builds it.
+    `message` first, as `AccessLog.emit` builds it.
 
     Straight to the configured handler: per request, the logging module's record machinery
     (record, caller lookup, locks) cost more CPU than everything else in the line. orjson:

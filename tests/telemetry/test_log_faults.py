@@ -47,7 +47,16 @@ def full_log() -> Iterator[tuple[FullStream, logs.JsonLinesHandler]]:
         logs.ACCESS.setLevel(saved[2])
 
 
-FIELDS = {"request_id": "r1", "method": "GET", "path": "/x" * 100, "status": 200}
+LINE = {
+    "time": "",
+    "level": "info",
+    "logger": logs.ACCESS_LOGGER,
+    "message": "request",
+    "request_id": "r1",
+    "method": "GET",
+    "path": "/x" * 100,
+    "status": 200,
+}
 
 
 def test_an_access_line_that_cannot_be_written_never_raises_into_the_request(
@@ -56,7 +65,7 @@ def test_an_access_line_that_cannot_be_written_never_raises_into_the_request(
     # pipeline._log runs after the response was sent: an exception there ends the request's task
     # with "Task exception was never retrieved" and a traceback on stderr, for every request.
     for _ in range(3):
-        logs.access("request", FIELDS)
+        logs.access_line(dict(LINE))
 
 
 def test_lines_that_cannot_be_written_are_not_kept_without_bound(
@@ -65,7 +74,7 @@ def test_lines_that_cannot_be_written_are_not_kept_without_bound(
     stream, _ = full_log
     for _ in range(30_000):  # about 10 MB of access lines
         try:
-            logs.access("request", FIELDS)
+            logs.access_line(dict(LINE))
         except OSError:
             pass
     stream.full = False
