@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from proxy import config
 from proxy.routing import RouteTable
 
@@ -47,3 +50,23 @@ def test_methods_restrict_and_get_implies_head() -> None:
 
 def test_no_route_is_none() -> None:
     assert table().match("/", "GET") is None
+
+
+_TABLE = table(
+    {"path": "/api/admin/*", "methods": ["post", "delete"], "auth": ["api_key"]},
+    {"path": "/api/*", "auth": "public"},
+    {"path": "/ws", "methods": ["get"], "auth": "public"},
+    {"path": "/health", "auth": "public"},
+)
+
+
+@given(
+    st.sampled_from(["/api/", "/api/admin/", "/ws", "/health", "/", "/apix", "/ws/"]).flatmap(
+        lambda base: st.text("abc/", max_size=6).map(lambda tail: base + tail)
+    ),
+    st.sampled_from(["GET", "HEAD", "POST", "DELETE", "PUT"]),
+)
+def test_the_table_picks_the_first_route_whose_own_rule_matches(path: str, method: str) -> None:
+    # RouteTable.match inlines Route.matches for speed: it must stay the same rule.
+    expected = next((r for r in _TABLE.routes if r.matches(path, method)), None)
+    assert _TABLE.match(path, method) is expected
