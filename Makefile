@@ -18,7 +18,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,demo,otel]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The request path compiled with mypyc (proxy/compiled.py lists it), in place beside the sources:
+# about a quarter less CPU a request. Rebuilt when any source changes; importing `proxy` refuses
+# a compiled module older than its source. Needs a C compiler and Python's headers.
+COMPILED := $(VENV)/.compiled-stamp
+$(COMPILED): $(STAMP) setup.py $(wildcard proxy/*.py proxy/*/*.py)
+	@command -v cc >/dev/null || { \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq gcc libc6-dev >/dev/null; }
+	@$(PY) -c "import os, sysconfig; os.stat(sysconfig.get_paths()['include'] + '/Python.h')" 2>/dev/null || { \
+		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq python3-dev >/dev/null; }
+	@echo "compiling the request path with mypyc (about a minute)"
+	AUTHPROXY_MYPYC=1 $(PY) setup.py --quiet build_ext --inplace >/dev/null
+	@# setuptools keeps the time of an unchanged module's shim; the build is now, for the check.
+	find proxy -name '*.so' -exec touch {} +
+	touch $(COMPILED)
+
+install: $(STAMP) $(COMPILED)
 
 # Debian packages the tests drive for real (Chromium for the browser tests, redis-server for the
 # shared-state tests: started by the fixture on a free port, never as the system service).
@@ -79,7 +96,8 @@ bench: install bench-deps
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build
+	find proxy -name '*.so' -delete
 
 # Refresh constraints.txt: the newest versions pyproject.toml allows, resolved in a scratch venv.
 # Run the whole suite on the result before committing it.

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from proxy import compiled
+
 from .http_load import Sample, Target
 from .ws_idle import Idle
 
@@ -209,6 +211,7 @@ def render(r: Results, meta: dict[str, str]) -> str:
         f"- machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform(terse=True)}",
         f"- run: {meta['invocation']}",
+        f"- sidecar build: request path compiled: {compiled.summary()} (`proxy/compiled.py`)",
         "",
     ]
     lines += ["## Targets (issue 9)", "", "| figure | goal | sidecar | nginx | verdict |"]

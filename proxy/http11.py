@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .authority import absolute_form_problem
@@ -292,11 +293,14 @@ class Cycle:
                 self.transport.write(head)
 
 
+# http_protocol() subclasses it per listener's limits: allowed of the compiled class (mypyc).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class HttpProtocol(asyncio.Protocol):
     """One client connection: requests parsed by httptools, each run as an ASGI task."""
 
-    max_head_bytes = 64 * 1024
-    head_timeout_s = 10.0
+    # The listener's limits: http_protocol() sets them on a subclass.
+    MAX_HEAD_BYTES = 64 * 1024
+    HEAD_TIMEOUT_S = 10.0
 
     def __init__(
         self,
@@ -308,6 +312,11 @@ class HttpProtocol(asyncio.Protocol):
         if not config.loaded:
             config.load()
         self.config = config
+        # Read from the class by name: compiled (mypyc), `self.X` would see this class's value
+        # and never a subclass's.
+        limits = type(self)
+        self.max_head_bytes: int = getattr(limits, "MAX_HEAD_BYTES")  # noqa: B009
+        self.head_timeout_s: float = getattr(limits, "HEAD_TIMEOUT_S")  # noqa: B009
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self.ws_protocol_class = config.ws_protocol_class
@@ -627,5 +636,5 @@ def http_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpProtoc
     return type(
         "HttpProtocol",
         (HttpProtocol,),
-        {"max_head_bytes": max_head_bytes, "head_timeout_s": head_timeout_s},
+        {"MAX_HEAD_BYTES": max_head_bytes, "HEAD_TIMEOUT_S": head_timeout_s},
     )

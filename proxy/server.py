@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 import uvloop
 
+from . import compiled
 from .app import App
 from .config import Settings, split_listen
 from .config import load as load_config
@@ -262,6 +263,7 @@ def serve(settings: Settings, source: Callable[[], Settings] | None = None) -> i
                 "listen": settings.server.listen,
                 "admin": settings.admin.listen,
                 "upstream": settings.upstream.url,
+                "compiled": compiled.summary(),
             }
         },
     )

@@ -35,6 +35,7 @@ from typing import Any
 
 import uvloop
 
+from . import compiled
 from .admin import AdminApp, Exposition
 from .app import App
 from .config import Settings, split_listen
@@ -85,6 +86,7 @@ def supervise(settings: Settings, workers: int, config_path: str | None = None) 
                     "admin": settings.admin.listen,
                     "upstream": settings.upstream.url,
                     "workers": workers,
+                    "compiled": compiled.summary(),
                 }
             },
         )
@@ -244,8 +246,9 @@ class Supervisor:
             if time.monotonic() - born < _YOUNG_S:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stopping.wait(), _RESTART_DELAY_S)
+                # Set meanwhile by a signal: mypy narrows the attribute across the await.
                 if self._draining:
-                    return code
+                    return code  # type: ignore[unreachable]
 
     async def _spawn(self, slot: _Slot) -> asyncio.subprocess.Process:
         role = WorkerRole(

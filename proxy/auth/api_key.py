@@ -113,4 +113,4 @@ class ApiKeyMethod:
         self.store.reload()
 
 
-METHOD = MethodSpec(NAME, ApiKeyLocator, ApiKeyMethod)
+METHOD: MethodSpec = MethodSpec(NAME, ApiKeyLocator, ApiKeyMethod)

@@ -397,4 +397,4 @@ class JwtMethod:
         self.verifier.reload_files()
 
 
-METHOD = MethodSpec(NAME, BearerLocator, JwtMethod)
+METHOD: MethodSpec = MethodSpec(NAME, BearerLocator, JwtMethod)

@@ -85,7 +85,7 @@ def algorithms_for(key: PublicKey) -> frozenset[str]:
         return frozenset({alg}) if alg else frozenset()
     if isinstance(key, Ed25519PublicKey | Ed448PublicKey):
         return frozenset({"EdDSA"})
-    return frozenset()
+    return frozenset()  # type: ignore[unreachable]  # a key type PublicKey may gain later
 
 
 def _fingerprint(key: PublicKey) -> str:

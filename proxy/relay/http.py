@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from ..config import CompressionSettings, UpstreamSettings
 from ..errors import (
     BadGateway,
@@ -265,6 +267,8 @@ class _Upload:
             self.task.cancel()
 
 
+# Tests subclass it to play a bug inside the sidecar: allowed of the compiled class (mypyc).
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Forwarder:
     """Sends one request to the upstream and streams the answer to the client."""
 

@@ -524,7 +524,7 @@ class Tunnel:
         direction, a timer, a revocation) cancels this task through `Session.end`; that one
         cancellation is taken back here, any other (shutdown) goes on.
         """
-        if s.outcome is not None:
+        if s.has_ended():
             return  # ended before it began (revoked or draining at registration)
         task = asyncio.current_task()
         up = asyncio.create_task(self._client_to_upstream(s, upstream, receive, send))
@@ -532,7 +532,7 @@ class Tunnel:
         try:
             await self._upstream_to_client(s, upstream, send)
         except asyncio.CancelledError:
-            if task is None or s.outcome is None or task.uncancel() > 0:
+            if task is None or not s.has_ended() or task.uncancel() > 0:
                 raise
         finally:
             s.relay = None
@@ -552,7 +552,7 @@ class Tunnel:
         write buffer is full. Whatever ends the session cancels this task through `Session.end`
         (the upstream's end too, from its `connection_lost`); that cancellation is taken back
         here, any other (shutdown) goes on."""
-        if s.outcome is not None:
+        if s.has_ended():
             return  # ended before it began (revoked or draining at registration)
         task = asyncio.current_task()
         s.relay = task
@@ -563,11 +563,11 @@ class Tunnel:
             upstream.take_queued()  # what arrived while the client was being accepted
             if upstream.protocol.state is State.CLOSED and upstream.lost is not None:
                 upstream.lost()  # gone before we listened
-            if s.outcome is None:
+            if not s.has_ended():
                 forward = functools.partial(self._forward, s, upstream)
                 await self._client_to_upstream(s, upstream, receive, send, client, forward)
         except asyncio.CancelledError:
-            if task is None or s.outcome is None or task.uncancel() > 0:
+            if task is None or not s.has_ended() or task.uncancel() > 0:
                 raise
         finally:
             s.relay = None
@@ -586,7 +586,7 @@ class Tunnel:
     ) -> None:
         """One upstream message, to the client at once (called from the upstream's
         `data_received`)."""
-        if s.outcome is not None:
+        if s.has_ended():
             return  # decided: nothing more is relayed
         if text and not data.isascii():
             try:
@@ -625,7 +625,7 @@ class Tunnel:
         `data_received`): True when it is taken; False sends it through `receive`, where the
         relay task waits for the upstream's buffer to drain, judges a re-authentication, or meets
         the upstream's ConnectionClosed."""
-        if s.outcome is not None:
+        if s.has_ended():
             return True  # decided: nothing more is relayed
         if text and self.reauthenticate is not None and _may_be_reauth_bytes(data):
             return False
@@ -652,7 +652,7 @@ class Tunnel:
         declined comes this way: while one such message is handled, the others queue behind it."""
         loop = asyncio.get_running_loop()
         try:
-            while s.outcome is None:  # decided here (a reauth of another subject): stop
+            while not s.has_ended():  # decided here (a reauth of another subject): stop
                 if client is not None:
                     client.relay = forward
                 message: Message = await receive()
@@ -710,7 +710,7 @@ class Tunnel:
                 result = "subject_changed"
                 s.end(REAUTH_SUBJECT_CHANGED)
                 return True
-            if s.outcome is not None:
+            if s.has_ended():
                 return True  # ended while the token was being checked
             self.sessions.reauthenticated(s, identity)
             expires = identity.expires_at

@@ -75,6 +75,12 @@ class Session:
     wheel_slot: int | None = None  # where the keepalive wheel holds it
     ping_task: asyncio.Future[None] | None = None  # only while a ping waits for its pong
 
+    def has_ended(self) -> bool:
+        """Whether its end is decided. Code that awaits between two looks asks this, not
+        `outcome is None` (nor a property): mypy narrows those across an await as if nothing
+        else could set them, and compiled (mypyc) the second look then fails its type check."""
+        return self.outcome is not None
+
     def end(self, outcome: Outcome) -> None:
         """Decide how the session ends; the first decision wins."""
         if self.outcome is None:
