@@ -374,7 +374,7 @@ def profile(run: Run, p: Plan) -> None:
         run.results.profile = found.markdown()
         run.results.profile_command = (
             f"py-spy record --pid <each sidecar process> --duration {seconds} --rate 400 "
-            "--nonblocking --format raw, while "
+            "--native --format raw, while "
             + http_load.command(jwt, seconds + 2, connections, p.secrets)
         )
 
