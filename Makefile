@@ -71,12 +71,12 @@ run: install
 	@: $(if $(DRY_RUN),,$(shell exec $(PY) -m upstream_demo.stack --config config.toml $(STACK_ARGS) 1>&2))
 	@exit $(if $(DRY_RUN),0,$(.SHELLSTATUS))
 
-lint: install
+lint: $(STAMP)
 	$(VENV)/bin/ruff check proxy upstream_demo tests bench
 	$(VENV)/bin/ruff format --check proxy upstream_demo tests bench
 	$(VENV)/bin/lint-imports
 
-typecheck: install
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: system-deps install lint typecheck
