@@ -29,7 +29,7 @@ $(COMPILED): $(STAMP) setup.py $(wildcard proxy/*.py proxy/*/*.py)
 	@$(PY) -c "import os, sysconfig; os.stat(sysconfig.get_paths()['include'] + '/Python.h')" 2>/dev/null || { \
 		$$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq python3-dev >/dev/null; }
-	@echo "compiling the request path with mypyc (about a minute)"
+	@echo "compiling the request path with mypyc (a minute or two)"
 	AUTHPROXY_MYPYC=1 $(PY) setup.py --quiet build_ext --inplace >/dev/null
 	@# setuptools keeps the time of an unchanged module's shim; the build is now, for the check.
 	find proxy -name '*.so' -exec touch {} +
