@@ -26,6 +26,7 @@ second Host); an absolute-form target must name the Host (uvicorn drops its auth
 from __future__ import annotations
 
 import asyncio
+import functools
 import http
 import logging
 import urllib.parse
@@ -33,7 +34,6 @@ from collections import deque
 from typing import Any, cast
 
 import httptools
-from mypy_extensions import mypyc_attr
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from .authority import absolute_form_problem
@@ -293,14 +293,8 @@ class Cycle:
                 self.transport.write(head)
 
 
-# http_protocol() subclasses it per listener's limits: allowed of the compiled class (mypyc).
-@mypyc_attr(allow_interpreted_subclasses=True)
 class HttpProtocol(asyncio.Protocol):
     """One client connection: requests parsed by httptools, each run as an ASGI task."""
-
-    # The listener's limits: http_protocol() sets them on a subclass.
-    MAX_HEAD_BYTES = 64 * 1024
-    HEAD_TIMEOUT_S = 10.0
 
     def __init__(
         self,
@@ -308,15 +302,15 @@ class HttpProtocol(asyncio.Protocol):
         server_state: Any,
         app_state: dict[str, Any],
         _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        max_head_bytes: int = 64 * 1024,
+        head_timeout_s: float = 10.0,
     ) -> None:
         if not config.loaded:
             config.load()
         self.config = config
-        # Read from the class by name: compiled (mypyc), `self.X` would see this class's value
-        # and never a subclass's.
-        limits = type(self)
-        self.max_head_bytes: int = getattr(limits, "MAX_HEAD_BYTES")  # noqa: B009
-        self.head_timeout_s: float = getattr(limits, "HEAD_TIMEOUT_S")  # noqa: B009
+        self.max_head_bytes = max_head_bytes
+        self.head_timeout_s = head_timeout_s
         self.app = config.loaded_app
         self.loop = _loop or asyncio.get_event_loop()
         self.ws_protocol_class = config.ws_protocol_class
@@ -632,9 +626,11 @@ class HttpProtocol(asyncio.Protocol):
 
 
 def http_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpProtocol]:
-    """The protocol class with these limits, for uvicorn's `http=` setting."""
-    return type(
-        "HttpProtocol",
-        (HttpProtocol,),
-        {"MAX_HEAD_BYTES": max_head_bytes, "HEAD_TIMEOUT_S": head_timeout_s},
+    """The protocol with these limits, for uvicorn's `http=` setting (which only calls it).
+
+    A factory, not a subclass: a Python subclass of the compiled class (mypyc) would send every
+    call between its own methods through the slower interpreted path."""
+    factory = functools.partial(
+        HttpProtocol, max_head_bytes=max_head_bytes, head_timeout_s=head_timeout_s
     )
+    return cast("type[HttpProtocol]", factory)

@@ -23,12 +23,16 @@ def test_uvicorn_creates_the_http_protocol_with_the_arguments_we_take() -> None:
     assert "config.http_protocol_class(" in source
     for keyword in ("config=config", "server_state=self.server_state", "app_state=", "_loop="):
         assert keyword in source
-    assert list(inspect.signature(HttpProtocol).parameters) == [
-        "config",
-        "server_state",
-        "app_state",
-        "_loop",
-    ]
+    # Called as uvicorn calls it, the listener's limits filled in by http_protocol().
+    factory = http_protocol(1234, 2.5)
+    config = uvicorn.Config(_no_content, http=factory, lifespan="off", log_config=None, ws="none")
+    loop = asyncio.new_event_loop()
+    try:
+        protocol = factory(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+    finally:
+        loop.close()
+    assert isinstance(protocol, HttpProtocol) and protocol.loop is loop
+    assert (protocol.max_head_bytes, protocol.head_timeout_s) == (1234, 2.5)
 
 
 def test_uvicorn_shuts_connections_down_through_the_server_state() -> None:
