@@ -14,7 +14,10 @@ For the tunnel (relay/tunnel.py), three things beside ASGI, found through `send.
   connection's `data_received`): the other direction, as cheaply;
 - `paired`, a transport whose reading follows this connection's writing: paused while the
   client's write buffer is over its high-water mark, resumed once it drained. That is the
-  backpressure of direct writes (a slow client stops the upstream read).
+  backpressure of direct writes (a slow client stops the upstream read);
+- `relay_frames(sink)`: from then on, each whole data frame the client sends goes to the sink as
+  it arrived, masked, before websockets' parser sees it (wsframes.py says which and why). Only
+  while neither hop compresses (`compresses`).
 
 A contract test (tests/test_library_hooks.py) fails if uvicorn renames what this relies on.
 """
@@ -29,13 +32,15 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.http11 import Request
 
+from .wsframes import FrameSink, FrameSplitter, at_frame_boundary, utf8_valid
+
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     """Drops the parsed handshake once the connection is accepted; writes relayed messages
     directly."""
 
     # Slots: new names in uvicorn's instance dict would grow it by a kilobyte.
-    __slots__ = ("paired", "relay")
+    __slots__ = ("frame_sink", "paired", "relay", "splitter")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,6 +50,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         # leaves it to ASGI `receive`, queued with reading paused until it is taken, as uvicorn
         # does. None: all go to `receive` (no session relays, or it is busy with an earlier one).
         self.relay: Callable[[bytes, bool], bool] | None = None
+        self.splitter: FrameSplitter | None = None  # made by `relay_frames`
+        self.frame_sink: FrameSink | None = None  # waiting for the parser to finish a frame
         # What uvicorn uses of an asyncio.Queue and an asyncio.Event, without their deques: a
         # Queue is four (with its `_finished` Event), an Event one, some 760 B each a socket.
         self.queue = Inbox()  # type: ignore[assignment]
@@ -63,13 +70,51 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
 
+    def data_received(self, data: bytes) -> None:
+        splitter = self.splitter
+        if splitter is not None:
+            splitter.feed(data)
+            return
+        super().data_received(data)
+        if self.frame_sink is not None:
+            self._split_at_boundary()
+
+    def parse_frames(self, data: bytes) -> None:
+        """What the splitter leaves to websockets' parser (and uvicorn's events after it)."""
+        super().data_received(data)
+
+    def relay_frames(self, sink: FrameSink) -> None:
+        """Whole client data frames to `sink` from now on: at once if websockets' parser is
+        between frames, else from the end of the frame it is in. The splitter then stays for
+        the connection's life (it may hold the start of a frame, and it knows where frames
+        begin); a session that ends stops its sink."""
+        if self.splitter is not None:
+            self.splitter.sink = sink
+            return
+        self.frame_sink = sink
+        self._split_at_boundary()
+
+    def _split_at_boundary(self) -> None:
+        conn = self.conn
+        if self.frame_sink is not None and at_frame_boundary(conn):
+            self.splitter = FrameSplitter(
+                self.frame_sink,
+                masked=True,
+                max_sizes=(conn.max_message_size, conn.max_fragment_size),
+            )
+            self.frame_sink = None
+
+    def compresses(self) -> bool:
+        """Whether this hop negotiated an extension (permessage-deflate)."""
+        return bool(self.conn.extensions)
+
     def send_receive_event_to_app(self) -> None:
         relay = self.relay
         if relay is not None and not self.close_sent and self.queue.empty():
             frames = self.frames
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             text = self.curr_msg_data_type == "text"
-            if (not text or data.isascii() or _utf8(data)) and relay(data, text):
+            if (not text or utf8_valid(data)) and relay(data, text):
                 self.frames = []
                 return
         super().send_receive_event_to_app()  # queued for `receive` (or refused: bad UTF-8)
@@ -115,14 +160,6 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             paired.resume_reading()
 
 
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 class _Waiting:
     """Futures of those waiting, in a list made only once one waits (most sockets never do)."""
 
@@ -150,33 +187,34 @@ class Inbox(_Waiting):
     """The connection's inbound ASGI messages: what uvicorn uses of `asyncio.Queue` (put_nowait,
     get, empty), in a list. uvicorn pauses reading once a message waits, so it stays short."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("items",)
 
     def __init__(self) -> None:
         super().__init__()
-        self._items: list[Any] = []
+        # Public for the frame relay (relay/ws_passthrough.py), which asks "empty?" without a call.
+        self.items: list[Any] = []
 
     def put_nowait(self, item: Any) -> None:
-        self._items.append(item)
+        self.items.append(item)
         if self._waiters:
             self._wake()
 
     def empty(self) -> bool:
-        return not self._items
+        return not self.items
 
     async def get(self) -> Any:
-        while not self._items:
+        while not self.items:
             waiter = self._waiter()
             try:
                 await waiter
             except BaseException:
                 # Woken and cancelled at once: the message is another getter's to take.
-                if waiter.done() and not waiter.cancelled() and self._items:
+                if waiter.done() and not waiter.cancelled() and self.items:
                     self._wake(skip=waiter)
                 raise
             finally:
                 self._waiters.remove(waiter)  # type: ignore[union-attr]
-        return self._items.pop(0)
+        return self.items.pop(0)
 
 
 class Flag(_Waiting):

@@ -150,3 +150,35 @@ def test_websockets_connection_still_has_what_the_direct_relay_uses() -> None:
     assert "self.frames: SimpleQueue[Frame]" in inspect.getsource(Assembler)
     assert "self.queue: collections.deque" in inspect.getsource(SimpleQueue)
     assert hasattr(Assembler, "maybe_resume")
+
+
+def test_websockets_parser_waits_in_at_eof_between_frames_only() -> None:
+    """wsframes.at_frame_boundary: a splitter takes over a hop's bytes only where websockets'
+    parser waits for a frame's first byte, which it does in `reader.at_eof()`. In a frame it
+    waits elsewhere, even with the header taken and nothing buffered."""
+    from websockets.client import ClientProtocol
+    from websockets.frames import Frame, Opcode
+    from websockets.protocol import CLIENT, SERVER, Protocol, State
+    from websockets.server import ServerProtocol
+    from websockets.uri import parse_uri
+
+    from proxy.wsframes import at_frame_boundary
+
+    # Before the handshake, the server's and client's parsers wait in their HTTP parsers.
+    assert not at_frame_boundary(ServerProtocol())
+    client = ClientProtocol(parse_uri("ws://127.0.0.1/"))
+    client.send_request(client.connect())
+    assert not at_frame_boundary(client)
+    for side, mask in ((SERVER, True), (CLIENT, False)):  # a server reads masked frames
+        protocol = Protocol(side, state=State.OPEN)
+        assert at_frame_boundary(protocol)
+        wire = Frame(Opcode.TEXT, b"hello").serialize(mask=mask, extensions=[])
+        head = 6 if mask else 2
+        protocol.receive_data(wire[:head])  # the header (and key): taken, nothing buffered
+        assert not protocol.reader.buffer
+        assert not at_frame_boundary(protocol)
+        protocol.receive_data(wire[head:-1])
+        assert not at_frame_boundary(protocol)
+        protocol.receive_data(wire[-1:])
+        assert at_frame_boundary(protocol)
+        assert [bytes(e.data) for e in protocol.events_received()] == [b"hello"]

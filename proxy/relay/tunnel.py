@@ -49,6 +49,7 @@ from ..telemetry.clock import rfc3339
 from ..telemetry.metrics import Metrics
 from ..tls import upstream_context
 from ..types import Message, Receive, Scope, Send
+from ..wsframes import FrameSink, FrameSplitter, at_frame_boundary
 from .ws_outcomes import (
     CLIENT_GONE,
     INTERNAL,
@@ -61,6 +62,7 @@ from .ws_outcomes import (
     upstream_left,
     upstream_uri,
 )
+from .ws_passthrough import ClientFrames, Counts, UpstreamFrames, count, may_be_reauth
 from .ws_registry import Session, SessionRegistry
 
 log = logging.getLogger("authproxy.websocket")
@@ -168,6 +170,11 @@ def _client_frame(opcode: int, data: bytes) -> bytes:
     return head + mask + apply_mask(data, mask)
 
 
+def _write_failed(s: Session) -> None:
+    log.exception("websocket: relaying to the client failed")
+    s.end(INTERNAL)
+
+
 def _upstream_lost(s: Session, upstream: ClientConnection) -> None:
     """The upstream connection is closed (its `connection_lost`): the session ends as a `recv`
     raising ConnectionClosed would have ended it."""
@@ -179,11 +186,6 @@ def _may_be_reauth(text: str) -> bool:
     the type literally, or is a JSON object with escapes (`"authproxy\\u002ereauth"` is the same
     string to a JSON parser). Anything else is the application's, and costs one substring test."""
     return _REAUTH_MARK in text or ("\\u" in text and text.lstrip()[:1] == "{")
-
-
-def _may_be_reauth_bytes(data: bytes) -> bool:
-    """`_may_be_reauth` of the message's UTF-8 bytes (the marks are ASCII)."""
-    return _REAUTH_MARK_BYTES in data or (b"\\u" in data and data.lstrip()[:1] == b"{")
 
 
 def _reauth_label(result: str) -> str:
@@ -208,6 +210,10 @@ class DirectClient(Protocol):
 
     def unpair(self) -> None: ...
 
+    def relay_frames(self, sink: FrameSink) -> None: ...
+
+    def compresses(self) -> bool: ...
+
 
 def direct_client(send: Send) -> DirectClient | None:
     """The protocol behind uvicorn's `send`, when it writes relayed messages itself."""
@@ -221,16 +227,50 @@ class UpstreamConnection(ClientConnection):
     switch. Until then (the handshake), and without a direct client, it is websockets' own."""
 
     # Slots: new names in websockets' instance dict would grow it by a kilobyte.
-    __slots__ = ("deliver", "lost", "_fragments", "_fragments_text")
+    __slots__ = ("deliver", "frame_sink", "lost", "splitter", "_fragments", "_fragments_text")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deliver: Callable[[bytes, bool], None] | None = None
+        self.splitter: FrameSplitter | None = None  # made by `relay_frames`
+        self.frame_sink: FrameSink | None = None  # waiting for the parser to finish a frame
         self.lost: Callable[[], None] | None = None
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
         # What websockets does with it a list does as well: not a deque's 760 B a socket.
         self.drain_waiters = []  # type: ignore[assignment]
+
+    def relay_frames(self, sink: FrameSink) -> None:
+        """Whole upstream data frames to `sink` from now on (proxy/wsframes.py), from the next
+        frame boundary on; the splitter stays, as the client hop's."""
+        if self.splitter is not None:
+            self.splitter.sink = sink
+            return
+        self.frame_sink = sink
+        self._split_at_boundary()
+
+    def _split_at_boundary(self) -> None:
+        protocol = self.protocol
+        if self.frame_sink is not None and at_frame_boundary(protocol):
+            self.splitter = FrameSplitter(
+                self.frame_sink,
+                masked=False,
+                max_sizes=(protocol.max_message_size, protocol.max_fragment_size),
+            )
+            self.frame_sink = None
+
+    def data_received(self, data: bytes) -> None:
+        splitter = self.splitter
+        if splitter is not None:
+            splitter.feed(data)
+            return
+        super().data_received(data)
+        if self.frame_sink is not None:
+            self._split_at_boundary()
+
+    def parse_frames(self, data: bytes) -> None:
+        """What the splitter leaves to websockets."""
+        super().data_received(data)
 
     def process_event(self, event: Event) -> None:
         deliver = self.deliver
@@ -308,7 +348,6 @@ class ReauthRefused(Exception):
 Reauthenticate = Callable[[str, str], Awaitable[Identity]]
 REAUTH_TYPE = "authproxy.reauth"
 _REAUTH_MARK = '"authproxy.reauth"'
-_REAUTH_MARK_BYTES = _REAUTH_MARK.encode()
 _REAUTH_MAX_CHARS = 64 * 1024  # a token and its envelope; a longer frame is the upstream's
 
 
@@ -326,10 +365,12 @@ class Tunnel:
         reauthenticate: Reauthenticate | None = None,
     ) -> None:
         self.metrics = metrics
-        self._messages_in = metrics.websocket_messages.labels("in")
-        self._bytes_in = metrics.websocket_bytes.labels("in")
-        self._messages_out = metrics.websocket_messages.labels("out")
-        self._bytes_out = metrics.websocket_bytes.labels("out")
+        self._counts_in = Counts(
+            metrics.websocket_messages.labels("in"), metrics.websocket_bytes.labels("in")
+        )
+        self._counts_out = Counts(
+            metrics.websocket_messages.labels("out"), metrics.websocket_bytes.labels("out")
+        )
         # `websocket.reauth`: None (off) costs a text frame one attribute test.
         self.reauthenticate = reauthenticate if settings.websocket.reauth else None
         self.access = access or AccessLog(metrics, log_lines=settings.logging.access_log)
@@ -559,6 +600,18 @@ class Tunnel:
         client.pair(upstream.transport)
         upstream.deliver = functools.partial(self._deliver, s, client, upstream)
         upstream.lost = functools.partial(_upstream_lost, s, upstream)
+        # Neither hop compresses: a whole data frame means the same on both, and is relayed as
+        # it arrived (proxy/wsframes.py). What the splitters decline takes the way above.
+        frames: tuple[ClientFrames, UpstreamFrames] | None = None
+        if not client.compresses() and not upstream.protocol.extensions:
+            frames = (
+                ClientFrames(client, upstream, s, self._counts_in, self.reauthenticate is not None),
+                UpstreamFrames(
+                    client, upstream, s, self._counts_out, functools.partial(_write_failed, s)
+                ),
+            )
+            client.relay_frames(frames[0])
+            upstream.relay_frames(frames[1])
         try:
             upstream.take_queued()  # what arrived while the client was being accepted
             if upstream.protocol.state is State.CLOSED and upstream.lost is not None:
@@ -574,6 +627,9 @@ class Tunnel:
             upstream.deliver = None
             upstream.lost = None
             client.relay = None
+            if frames is not None:
+                for sink in frames:
+                    sink.stop()
             client.unpair()
 
     def _deliver(
@@ -602,23 +658,7 @@ class Tunnel:
             log.exception("websocket: relaying to the client failed")
             s.end(INTERNAL)
             return
-        self._count_out(s, len(data), upstream.loop.time())
-
-    def _count_in(self, s: Session, size: int, now: float) -> None:
-        """One client message relayed to the upstream: the session's counts and the metrics."""
-        s.bytes_in += size
-        s.messages_in += 1
-        self._messages_in.inc()
-        self._bytes_in.inc(size)
-        s.last_activity = now
-
-    def _count_out(self, s: Session, size: int, now: float) -> None:
-        """One upstream message relayed to the client: the session's counts and the metrics."""
-        s.bytes_out += size
-        s.messages_out += 1
-        self._messages_out.inc()
-        self._bytes_out.inc(size)
-        s.last_activity = now
+        count(s, self._counts_out, len(data), upstream.loop.time(), False)
 
     def _forward(self, s: Session, upstream: ClientConnection, data: bytes, text: bool) -> bool:
         """One client message, to the upstream at once (called from the client's
@@ -627,7 +667,7 @@ class Tunnel:
         the upstream's ConnectionClosed."""
         if s.has_ended():
             return True  # decided: nothing more is relayed
-        if text and self.reauthenticate is not None and _may_be_reauth_bytes(data):
+        if text and self.reauthenticate is not None and may_be_reauth(data):
             return False
         try:
             if not _send_now(upstream, data, text):
@@ -636,7 +676,7 @@ class Tunnel:
             log.exception("websocket: relaying to the upstream failed")
             s.end(INTERNAL)
             return True
-        self._count_in(s, len(data), upstream.loop.time())
+        count(s, self._counts_in, len(data), upstream.loop.time(), True)
         return True
 
     async def _client_to_upstream(
@@ -676,7 +716,7 @@ class Tunnel:
                         data = message.get("bytes") or b""
                         if not _send_now(upstream, data, False):
                             await upstream.send(data)
-                    self._count_in(s, len(data), loop.time())
+                    count(s, self._counts_in, len(data), loop.time(), True)
                 elif message["type"] == "websocket.disconnect":
                     s.end(client_left(message))
                     return
@@ -737,7 +777,7 @@ class Tunnel:
                 else:
                     await send({"type": "websocket.send", "bytes": data})
                     size = len(data)
-                self._count_out(s, size, loop.time())
+                count(s, self._counts_out, size, loop.time(), False)
         except ConnectionClosed as exc:
             s.end(upstream_left(exc))
         except OSError:  # uvicorn's ClientDisconnected: the client is gone mid-send

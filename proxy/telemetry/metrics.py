@@ -64,6 +64,12 @@ class LoopCounter(Counter):
         self._value = _Number()
         self._created = time.time()
 
+    def plain(self) -> _Number:
+        """A labelled child's value, which code on the loop's thread may add to without a call
+        (only ever a non-negative amount)."""
+        value: _Number = self._value
+        return value
+
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
         if amount < 0 or exemplar:
             super().inc(amount, exemplar)  # a negative amount refused as a Counter refuses it
@@ -172,13 +178,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self.websocket_messages = Counter(
+        self.websocket_messages = counter(
             "authproxy_websocket_messages",
             "WebSocket messages relayed, by direction (in: client to upstream).",
             ["direction"],
             registry=r,
         )
-        self.websocket_bytes = Counter(
+        self.websocket_bytes = counter(
             "authproxy_websocket_bytes",
             "WebSocket payload bytes relayed, by direction (in: client to upstream).",
             ["direction"],

@@ -1,5 +1,9 @@
 """The WebSocket tunnel through a real sidecar to a real upstream (tests/support/ws_upstream.py):
-what each side receives, and how each side is closed."""
+what each side receives, and how each side is closed.
+
+Every test runs twice (`client_compression`): with the client offering permessage-deflate, as
+browsers do, the client hop compresses and messages take the message relay; without it, neither
+hop compresses and whole data frames pass as they arrived (relay/ws_passthrough.py)."""
 
 from __future__ import annotations
 
@@ -132,9 +136,22 @@ def ws_log_lines(sidecar: Sidecar) -> list[dict[str, Any]]:
     return lines
 
 
+# What `open_ws` offers unless a test says: set by `client_compression` for each run.
+CLIENT_COMPRESSION: list[str | None] = ["deflate"]
+
+
+@pytest.fixture(autouse=True, params=["deflate", None], ids=["deflate", "frames"])
+def client_compression(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The client's offer: permessage-deflate (the message relay), or nothing (whole frames)."""
+    CLIENT_COMPRESSION[0] = request.param
+    yield request.param
+    CLIENT_COMPRESSION[0] = "deflate"
+
+
 def open_ws(
     sidecar: Sidecar, path: str = "/ws/echo", headers: dict[str, str] | None = None, **kwargs: Any
 ) -> connect:
+    kwargs.setdefault("compression", CLIENT_COMPRESSION[0])
     return connect(
         sidecar.ws_url + path,
         additional_headers=headers,
@@ -253,23 +270,26 @@ async def test_subprotocols_are_negotiated_with_a_header_token(stack: Stack) -> 
 
 
 async def test_a_bearer_entry_offered_alone_is_echoed_and_nothing_is_offered_upstream(
-    stack: Stack,
+    stack: Stack, client_compression: str | None
 ) -> None:
     sidecar, _ = stack
-    entry = f"bearer.{token('erin')}"
+    subject = f"erin-{client_compression}"  # this run's line, not the other run's
+    entry = f"bearer.{token(subject)}"
     async with open_ws(sidecar, subprotocols=[entry]) as ws:
         assert ws.subprotocol == entry  # browsers fail a handshake that selects nothing
         assert (await info(ws))["subprotocols"] == []
     # ...and the echoed entry (a credential) stays out of the session's log line.
-    await wait_for(lambda: any(r.get("subject") == "erin" for r in ws_log_lines(sidecar)))
+    await wait_for(lambda: any(r.get("subject") == subject for r in ws_log_lines(sidecar)))
     assert entry.split(".")[-1] not in sidecar.output()
 
 
 async def test_compression_is_negotiated_per_hop_and_never_copied_across(
     stack: Stack, own_stack: Callable[..., Stack]
 ) -> None:
+    # The client hop compresses, the upstream's does not; then the other way round. Neither way
+    # can whole frames pass (the message relay runs), whatever `client_compression` says.
     sidecar, _ = stack
-    async with open_ws(sidecar, headers=bearer()) as ws:
+    async with open_ws(sidecar, headers=bearer(), compression="deflate") as ws:
         assert ws.response is not None
         assert "permessage-deflate" in ws.response.headers["Sec-WebSocket-Extensions"]
         report = await info(ws)
@@ -463,18 +483,21 @@ async def test_an_unreachable_upstream_refuses_the_handshake_with_502(
 # --- logs ----------------------------------------------------------------------------------------
 
 
-async def test_one_log_line_per_session_with_counters_and_no_credentials(stack: Stack) -> None:
+async def test_one_log_line_per_session_with_counters_and_no_credentials(
+    stack: Stack, client_compression: str | None
+) -> None:
     sidecar, _ = stack
     tok = token("grace")
+    request_id = f"req-log-{client_compression}"  # this run's session, not the other run's
     async with open_ws(
-        sidecar, f"/ws/echo?token={tok}&keep=1", headers={"X-Request-ID": "req-log-1"}
+        sidecar, f"/ws/echo?token={tok}&keep=1", headers={"X-Request-ID": request_id}
     ) as ws:
         for m in ("one", b"two!", "three"):
             await ws.send(m)
             await ws.recv()
         await ws.close(4002, "done")
-    await wait_for(lambda: any(r.get("request_id") == "req-log-1" for r in ws_log_lines(sidecar)))
-    lines = [r for r in ws_log_lines(sidecar) if r.get("request_id") == "req-log-1"]
+    await wait_for(lambda: any(r.get("request_id") == request_id for r in ws_log_lines(sidecar)))
+    lines = [r for r in ws_log_lines(sidecar) if r.get("request_id") == request_id]
     assert len(lines) == 1
     line = lines[0]
     assert line["subject"] == "grace" and line["auth_method"] == "jwt"

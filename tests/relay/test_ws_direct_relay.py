@@ -14,13 +14,20 @@ from typing import Any
 import pytest
 import uvicorn
 from uvicorn.server import ServerState
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
 from proxy.relay.tunnel import _client_frame, _Masks, direct_client
 from proxy.wsprotocol import Flag, Inbox, LeanWebSocketProtocol
-from tests.relay.test_websocket_tunnel import bearer, close_of, open_ws, ws_log_lines
+from tests.relay.test_websocket_tunnel import (  # noqa: F401 (a fixture: every test runs both ways)
+    bearer,
+    client_compression,
+    close_of,
+    open_ws,
+    ws_log_lines,
+)
 from tests.support.servers import Sidecar, start_sidecar
 from tests.test_library_hooks import FakeTransport
 
@@ -42,6 +49,48 @@ auth = ["jwt"]
 Handler = Callable[[ServerConnection], Any]
 
 
+class RecordingServer(ServerConnection):
+    """The upstream's connection, keeping every byte it receives (`wire`)."""
+
+    wire: list[bytes]
+
+    def connection_made(self, transport: Any) -> None:
+        self.wire = []
+        WIRES.append(self.wire)
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.wire.append(data)
+        super().data_received(data)
+
+
+WIRES: list[list[bytes]] = []  # each upstream connection's bytes, in order of connection
+
+
+class _Tap:
+    """A transport that keeps what is written through it."""
+
+    def __init__(self, transport: Any, written: list[bytes]) -> None:
+        self._transport = transport
+        self._written = written
+
+    def write(self, data: bytes) -> None:
+        self._written.append(bytes(data))
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class RecordingClient(ClientConnection):
+    """A client connection keeping every byte it writes (`sent`)."""
+
+    def connection_made(self, transport: Any) -> None:
+        self.sent: list[bytes] = []
+        super().connection_made(transport)
+        self.transport = _Tap(transport, self.sent)  # type: ignore[assignment]
+
+
 class Upstream:
     """A websockets server whose behaviour each test sets (`handler`); what it received."""
 
@@ -57,7 +106,9 @@ class Upstream:
 @pytest.fixture
 async def relay(tmp_path: Path) -> AsyncIterator[tuple[Sidecar, Upstream]]:
     upstream = Upstream()
-    async with serve(upstream, "127.0.0.1", 0, compression=None) as server:
+    async with serve(
+        upstream, "127.0.0.1", 0, compression=None, create_connection=RecordingServer
+    ) as server:
         port = server.sockets[0].getsockname()[1]
         sidecar = await asyncio.to_thread(
             start_sidecar, tmp_path, port, CONFIG, env={"TUNNEL_TEST_SECRET": SECRET}
@@ -133,6 +184,78 @@ async def test_invalid_utf8_from_the_upstream_closes_the_client_with_1007(
     record = ws_log_lines(sidecar)[-1]
     assert record["end"] == "upstream_failed" and record["upstream_close_code"] == 1007
     assert record["messages_out"] == 1
+
+
+@pytest.mark.parametrize("compression", [None, "deflate"])
+async def test_without_compression_the_upstream_gets_the_clients_frames_byte_for_byte(
+    relay: tuple[Sidecar, Upstream], compression: str | None
+) -> None:
+    # Whole frames pass as they arrived: the same masking key and all. With the client hop
+    # compressed they cannot (the message relay inflates and frames again), and do not.
+    sidecar, upstream = relay
+
+    async def echo(ws: ServerConnection) -> None:
+        async for message in ws:
+            await ws.send(message)
+
+    upstream.handler = echo
+    WIRES.clear()
+    messages: list[str | bytes] = ["a text message, é", b"\x00\x01 binary", "x" * 70_000]
+    async with open_ws(
+        sidecar, headers=bearer(), compression=compression, create_connection=RecordingClient
+    ) as ws:
+        assert isinstance(ws, RecordingClient)
+        ws.sent.clear()  # the handshake
+        for message in messages:
+            await ws.send(message)
+            assert await asyncio.wait_for(ws.recv(), 5) == message
+        frames = list(ws.sent)
+    assert len(frames) == 3 and len(WIRES) == 1
+    wire = b"".join(WIRES[0])
+    # The third is over FAST_MAX: it streams through websockets' parser, framed again.
+    assert [frame in wire for frame in frames] == [compression is None, compression is None, False]
+
+
+async def test_a_big_greeting_in_flight_when_the_relay_starts_stays_whole(
+    relay: tuple[Sidecar, Upstream],
+) -> None:
+    # The greeting is still arriving when the session starts relaying: the splitter takes over
+    # only at the end of the frame websockets' parser is in (wsframes.at_frame_boundary).
+    sidecar, upstream = relay
+    greeting = bytes(range(256)) * 2000  # 512 KB: many reads
+
+    async def greet(ws: ServerConnection) -> None:
+        await ws.send(greeting)
+        async for message in ws:
+            await ws.send(message)
+
+    upstream.handler = greet
+    for _ in range(3):
+        async with open_ws(sidecar, headers=bearer()) as ws:
+            assert await asyncio.wait_for(ws.recv(), 5) == greeting
+            for message in ("after", b"\x00bytes", "é" * 100):
+                await ws.send(message)
+                assert await asyncio.wait_for(ws.recv(), 5) == message
+
+
+async def test_a_text_frame_from_the_client_that_is_not_utf8_closes_it_with_1007(
+    relay: tuple[Sidecar, Upstream],
+) -> None:
+    sidecar, upstream = relay
+
+    async def record(ws: ServerConnection) -> None:
+        async for message in ws:
+            upstream.received.append(message)
+            await ws.send(message)
+
+    upstream.handler = record
+    async with open_ws(sidecar, headers=bearer()) as ws:
+        await ws.send("fine é")
+        assert await ws.recv() == "fine é"
+        await ws.send(b"caf\xc3", text=True)  # a text frame that is not UTF-8
+        code, _ = await close_of(ws)
+    assert code == 1007
+    assert upstream.received == ["fine é"]  # the bad frame never reached it
 
 
 async def test_the_tunnel_relays_directly_only_through_the_lean_protocol() -> None:

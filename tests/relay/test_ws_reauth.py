@@ -16,7 +16,12 @@ import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
-from tests.relay.test_websocket_tunnel import close_of, ws_log_lines
+from tests.relay.test_websocket_tunnel import (  # noqa: F401 (a fixture: every test runs both ways)
+    CLIENT_COMPRESSION,
+    client_compression,
+    close_of,
+    ws_log_lines,
+)
 from tests.support.servers import Process, Sidecar, start_sidecar, start_upstream
 
 SECRET = "reauth-secret-reauth-secret-reauth-secret"
@@ -68,6 +73,7 @@ def open_ws(sidecar: Sidecar, bearer: str) -> connect:
         additional_headers={"Authorization": f"Bearer {bearer}"},
         open_timeout=5,
         ping_interval=None,
+        compression=CLIENT_COMPRESSION[0],
     )
 
 
