@@ -22,6 +22,8 @@ NGINX = "nginx"
 NGINX_AUTH = "nginx auth_request + Python JWT service"
 FPL = "fastapi-proxy-lib"
 SIDECAR_W1 = "sidecar w1"
+# The WebSocket echo with the client offering permessage-deflate (browsers do): the message relay.
+SIDECAR_W1_DEFLATE = "sidecar w1, client offering permessage-deflate"
 JWT_W1 = "sidecar w1, JWT route (RS256, cached)"
 
 
@@ -293,7 +295,10 @@ def render(r: Results, meta: dict[str, str]) -> str:
         f"## WebSocket echo, {meta['ws_connections']} connections",
         "",
         "Round trips per second (send a 45-byte text message, wait for its echo), no "
-        "compression; one client process (websockets on uvloop) drives every connection.",
+        "compression; one client process (websockets on uvloop) drives every connection. "
+        "Uncompressed frames pass the sidecar whole; the row whose client offers "
+        "permessage-deflate (as browsers do) takes the message relay: each message inflated "
+        "and framed again, toward the client deflated.",
         "",
         "| contender | messages/s | vs. direct | vs. nginx | rounds |",
         "| --- | ---: | ---: | ---: | --- |",

@@ -37,7 +37,16 @@ from tests.support.servers import ROOT
 from . import bulk, contenders, hotspots, http_load, report, tokens, ws_echo, ws_idle
 from .contenders import Server
 from .http_load import Target
-from .report import DIRECT, FPL, JWT_W1, NGINX, NGINX_AUTH, SIDECAR_W1, Results
+from .report import (
+    DIRECT,
+    FPL,
+    JWT_W1,
+    NGINX,
+    NGINX_AUTH,
+    SIDECAR_W1,
+    SIDECAR_W1_DEFLATE,
+    Results,
+)
 
 T = TypeVar("T")
 
@@ -254,9 +263,23 @@ def bulk_targets(run: Run, s: dict[str, Server]) -> list[tuple[str, str]]:
     return found
 
 
-def ws_echo_rate(url: str, headers: dict[str, str], args: argparse.Namespace) -> float:
+def ws_echo_rows(p: Plan) -> list[tuple[str, str | None, str, dict[str, str]]]:
+    """Each echo figure: (label, compression offered, URL, headers). The sidecar also with the
+    client offering permessage-deflate, as browsers do: its messages then take the message relay
+    (inflated, framed again) where uncompressed frames pass whole."""
+    rows: list[tuple[str, str | None, str, dict[str, str]]] = []
+    for label, _server, url, headers in p.ws:
+        rows.append((label, None, url, headers))
+        if label == SIDECAR_W1:
+            rows.append((SIDECAR_W1_DEFLATE, "deflate", url, headers))
+    return rows
+
+
+def ws_echo_rate(
+    url: str, headers: dict[str, str], args: argparse.Namespace, compression: str | None = None
+) -> float:
     out = subprocess.run(
-        ws_echo_command(url, headers, args),
+        ws_echo_command(url, headers, args, compression),
         capture_output=True,
         text=True,
         timeout=args.ws_seconds + 60,
@@ -267,9 +290,13 @@ def ws_echo_rate(url: str, headers: dict[str, str], args: argparse.Namespace) ->
     return float(json.loads(out.stdout)["rate"])
 
 
-def ws_echo_command(url: str, headers: dict[str, str], args: argparse.Namespace) -> list[str]:
+def ws_echo_command(
+    url: str, headers: dict[str, str], args: argparse.Namespace, compression: str | None = None
+) -> list[str]:
     command = [sys.executable, "-m", "bench.ws_echo", url]
     command += ["--connections", str(args.ws_connections), "--seconds", str(args.ws_seconds)]
+    if compression is not None:
+        command += ["--compression", compression]
     for name, value in headers.items():
         command += ["-H", f"{name}: {value}"]
     return command
@@ -347,8 +374,9 @@ def one_round(run: Run, p: Plan) -> None:
                 f"c1   {target.name:55s} p50 {sample.p50_ms:6.3f} p99 {sample.p99_ms:6.3f} ms",
                 flush=True,
             )
-    for label, _server, url, headers in p.ws:
-        rate = run.measure("WebSocket echo", label, partial(ws_echo_rate, url, headers, args))
+    for label, compression, url, headers in ws_echo_rows(p):
+        job = partial(ws_echo_rate, url, headers, args, compression)
+        rate = run.measure("WebSocket echo", label, job)
         if rate is not None:
             results.ws_echo.setdefault(label, []).append(rate)
             print(f"ws echo  {label:55s} {rate:9.0f} msg/s", flush=True)
@@ -390,8 +418,8 @@ def commands(args: argparse.Namespace, p: Plan) -> dict[str, list[str]]:
             f"{t.name}: {http_load.command(t, args.latency_seconds, 1, p.secrets)}" for t in p.one
         ],
         "WebSocket echo": [
-            f"{label}: {shown(ws_echo_command(url, h, args), p.secrets)}"
-            for label, _, url, h in p.ws
+            f"{label}: {shown(ws_echo_command(url, h, args, compression), p.secrets)}"
+            for label, compression, url, h in ws_echo_rows(p)
         ],
         "Idle WebSockets (RSS read from /proc by `bench.ws_idle.measure`)": [
             f"{label}: {shown(ws_idle.command(url, args.idle_sockets, h), p.secrets)}"
