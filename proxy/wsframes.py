@@ -58,6 +58,15 @@ def at_frame_boundary(protocol: Any) -> bool:
     return getattr(waiting, "__name__", "") == "at_eof"
 
 
+def splitter_at_boundary(sink: FrameSink, protocol: Any, *, masked: bool) -> FrameSplitter | None:
+    """A splitter of `protocol`'s bytes (websockets' sans-I/O protocol of a hop) to `sink`, or
+    None while its parser is inside a frame (ask again after the next bytes)."""
+    if not at_frame_boundary(protocol):
+        return None
+    limits = (protocol.max_message_size, protocol.max_fragment_size)
+    return FrameSplitter(sink, masked=masked, max_sizes=limits)
+
+
 @mypyc_attr(allow_interpreted_subclasses=True)
 class FrameSink:
     """Where a hop's split frames go (relay/ws_passthrough.py has the tunnel's two)."""

@@ -32,15 +32,17 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.exceptions import InvalidState
 from websockets.http11 import Request
 
-from .wsframes import FrameSink, FrameSplitter, at_frame_boundary, utf8_valid
+from .wsframes import utf8_valid
+from .wssplit import SplitsFrames
 
 
-class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+class LeanWebSocketProtocol(SplitsFrames, WebSocketsSansIOProtocol):
     """Drops the parsed handshake once the connection is accepted; writes relayed messages
     directly."""
 
     # Slots: new names in uvicorn's instance dict would grow it by a kilobyte.
-    __slots__ = ("frame_sink", "paired", "relay", "splitter")
+    __slots__ = ("paired", "relay")
+    _MASKED = True  # a client's frames
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -50,8 +52,6 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
         # leaves it to ASGI `receive`, queued with reading paused until it is taken, as uvicorn
         # does. None: all go to `receive` (no session relays, or it is busy with an earlier one).
         self.relay: Callable[[bytes, bool], bool] | None = None
-        self.splitter: FrameSplitter | None = None  # made by `relay_frames`
-        self.frame_sink: FrameSink | None = None  # waiting for the parser to finish a frame
         # What uvicorn uses of an asyncio.Queue and an asyncio.Event, without their deques: a
         # Queue is four (with its `_finished` Event), an Event one, some 760 B each a socket.
         self.queue = Inbox()  # type: ignore[assignment]
@@ -70,39 +70,8 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
-        splitter = self.splitter
-        if splitter is not None:
-            splitter.feed(data)
-            return
-        super().data_received(data)
-        if self.frame_sink is not None:
-            self._split_at_boundary()
-
-    def parse_frames(self, data: bytes) -> None:
-        """What the splitter leaves to websockets' parser (and uvicorn's events after it)."""
-        super().data_received(data)
-
-    def relay_frames(self, sink: FrameSink) -> None:
-        """Whole client data frames to `sink` from now on: at once if websockets' parser is
-        between frames, else from the end of the frame it is in. The splitter then stays for
-        the connection's life (it may hold the start of a frame, and it knows where frames
-        begin); a session that ends stops its sink."""
-        if self.splitter is not None:
-            self.splitter.sink = sink
-            return
-        self.frame_sink = sink
-        self._split_at_boundary()
-
-    def _split_at_boundary(self) -> None:
-        conn = self.conn
-        if self.frame_sink is not None and at_frame_boundary(conn):
-            self.splitter = FrameSplitter(
-                self.frame_sink,
-                masked=True,
-                max_sizes=(conn.max_message_size, conn.max_fragment_size),
-            )
-            self.frame_sink = None
+    def _ws(self) -> Any:
+        return self.conn
 
     def compresses(self) -> bool:
         """Whether this hop negotiated an extension (permessage-deflate)."""

@@ -49,7 +49,8 @@ from ..telemetry.clock import rfc3339
 from ..telemetry.metrics import Metrics
 from ..tls import upstream_context
 from ..types import Message, Receive, Scope, Send
-from ..wsframes import FrameSink, FrameSplitter, at_frame_boundary
+from ..wsframes import FrameSink
+from ..wssplit import SplitsFrames
 from .ws_outcomes import (
     CLIENT_GONE,
     INTERNAL,
@@ -221,56 +222,25 @@ def direct_client(send: Send) -> DirectClient | None:
     return client if hasattr(client, "write_message") else None
 
 
-class UpstreamConnection(ClientConnection):
+class UpstreamConnection(SplitsFrames, ClientConnection):
     """websockets' client connection, whose messages go straight to the client once a session
     relays directly (`relay_to`): framed and written from `data_received`, no queue, no task
     switch. Until then (the handshake), and without a direct client, it is websockets' own."""
 
     # Slots: new names in websockets' instance dict would grow it by a kilobyte.
-    __slots__ = ("deliver", "frame_sink", "lost", "splitter", "_fragments", "_fragments_text")
+    __slots__ = ("deliver", "lost", "_fragments", "_fragments_text")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.deliver: Callable[[bytes, bool], None] | None = None
-        self.splitter: FrameSplitter | None = None  # made by `relay_frames`
-        self.frame_sink: FrameSink | None = None  # waiting for the parser to finish a frame
         self.lost: Callable[[], None] | None = None
         self._fragments: list[bytes] | None = None
         self._fragments_text = False
         # What websockets does with it a list does as well: not a deque's 760 B a socket.
         self.drain_waiters = []  # type: ignore[assignment]
 
-    def relay_frames(self, sink: FrameSink) -> None:
-        """Whole upstream data frames to `sink` from now on (proxy/wsframes.py), from the next
-        frame boundary on; the splitter stays, as the client hop's."""
-        if self.splitter is not None:
-            self.splitter.sink = sink
-            return
-        self.frame_sink = sink
-        self._split_at_boundary()
-
-    def _split_at_boundary(self) -> None:
-        protocol = self.protocol
-        if self.frame_sink is not None and at_frame_boundary(protocol):
-            self.splitter = FrameSplitter(
-                self.frame_sink,
-                masked=False,
-                max_sizes=(protocol.max_message_size, protocol.max_fragment_size),
-            )
-            self.frame_sink = None
-
-    def data_received(self, data: bytes) -> None:
-        splitter = self.splitter
-        if splitter is not None:
-            splitter.feed(data)
-            return
-        super().data_received(data)
-        if self.frame_sink is not None:
-            self._split_at_boundary()
-
-    def parse_frames(self, data: bytes) -> None:
-        """What the splitter leaves to websockets."""
-        super().data_received(data)
+    def _ws(self) -> Any:
+        return self.protocol
 
     def process_event(self, event: Event) -> None:
         deliver = self.deliver
