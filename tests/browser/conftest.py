@@ -94,13 +94,13 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     process.stop()
 
 
-@pytest.fixture(scope="module")
-def sidecar(
-    tmp_path_factory: pytest.TempPathFactory, upstream: Process, allowed_origin: Origin
-) -> Iterator[Sidecar]:
-    body = f"""
+def sidecar_body(allowed_origin: Origin, websocket: str = "") -> str:
+    """The browser tests' sidecar: CORS for the allowed page, JWT routes; `websocket`: more
+    `[websocket]` keys."""
+    return f"""
     [websocket]
     drain_s = 0
+    {websocket}
 
     [cors]
     allow_origins = ["{allowed_origin.url}"]
@@ -128,8 +128,17 @@ def sidecar(
     path = "/echo/*"
     auth = "public"
     """
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    tmp_path_factory: pytest.TempPathFactory, upstream: Process, allowed_origin: Origin
+) -> Iterator[Sidecar]:
     s = start_sidecar(
-        tmp_path_factory.mktemp("sidecar"), upstream.port, body, env={"TEST_HS_SECRET": SECRET}
+        tmp_path_factory.mktemp("sidecar"),
+        upstream.port,
+        sidecar_body(allowed_origin),
+        env={"TEST_HS_SECRET": SECRET},
     )
     yield s
     s.stop()
