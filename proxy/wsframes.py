@@ -82,7 +82,8 @@ class FrameSink:
 
     def parse(self, data: bytes) -> None:
         """Bytes for the hop's own parser, in order: whole frames, or the start of one whose rest
-        follows in the next call."""
+        follows in the next call. Every sink has a parser behind it: none may drop bytes."""
+        raise NotImplementedError
 
 
 class FrameSplitter:
@@ -123,19 +124,12 @@ class FrameSplitter:
             b0 = data[pos]
             b1 = data[pos + 1]
             size = b1 & 0x7F
-            head = 2
-            if size == 126:
-                if available < 4:
-                    self._pending = data[pos:]
-                    return
-                size = int.from_bytes(data[pos + 2 : pos + 4], "big")
-                head = 4
-            elif size == 127:
-                if available < 10:
-                    self._pending = data[pos:]
-                    return
-                size = int.from_bytes(data[pos + 2 : pos + 10], "big")
-                head = 10
+            head = 2 if size < 126 else 4 if size == 126 else 10  # 16- or 64-bit length
+            if available < head:
+                self._pending = data[pos:]
+                return
+            if head > 2:
+                size = int.from_bytes(data[pos + 2 : pos + head], "big")
             if b1 & _MASKED:
                 head += 4
             total = head + size

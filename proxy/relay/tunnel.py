@@ -63,7 +63,14 @@ from .ws_outcomes import (
     upstream_left,
     upstream_uri,
 )
-from .ws_passthrough import ClientFrames, Counts, UpstreamFrames, count, may_be_reauth
+from .ws_passthrough import (
+    ClientFrames,
+    Counts,
+    UpstreamFrames,
+    count,
+    may_be_reauth,
+    upstream_writable,
+)
 from .ws_registry import Session, SessionRegistry
 
 log = logging.getLogger("authproxy.websocket")
@@ -107,11 +114,7 @@ def _send_now(upstream: ClientConnection, data: bytes, text: bool) -> bool:
     and a state check each): framed and written at once while the connection is open, its write
     buffer under the limit and no fragmented send in progress. False: `send` it (it waits for
     the buffer to drain, or raises the ConnectionClosed that ends the session)."""
-    if (
-        upstream.protocol.state is not State.OPEN
-        or upstream.paused
-        or upstream.send_in_progress is not None
-    ):
+    if not upstream_writable(upstream):
         return False
     protocol = upstream.protocol
     if protocol.extensions or protocol.writes or protocol.debug:
@@ -172,6 +175,7 @@ def _client_frame(opcode: int, data: bytes) -> bytes:
 
 
 def _write_failed(s: Session) -> None:
+    """A relayed write to the client raised (inside `except`): logged, and the session ends."""
     log.exception("websocket: relaying to the client failed")
     s.end(INTERNAL)
 
@@ -180,13 +184,6 @@ def _upstream_lost(s: Session, upstream: ClientConnection) -> None:
     """The upstream connection is closed (its `connection_lost`): the session ends as a `recv`
     raising ConnectionClosed would have ended it."""
     s.end(upstream_left(upstream.close_exc))
-
-
-def _may_be_reauth(text: str) -> bool:
-    """Whether a client text frame must be parsed to know if it is a re-authentication: it names
-    the type literally, or is a JSON object with escapes (`"authproxy\\u002ereauth"` is the same
-    string to a JSON parser). Anything else is the application's, and costs one substring test."""
-    return _REAUTH_MARK in text or ("\\u" in text and text.lstrip()[:1] == "{")
 
 
 def _reauth_label(result: str) -> str:
@@ -317,7 +314,6 @@ class ReauthRefused(Exception):
 # ReauthRefused.
 Reauthenticate = Callable[[str, str], Awaitable[Identity]]
 REAUTH_TYPE = "authproxy.reauth"
-_REAUTH_MARK = '"authproxy.reauth"'
 _REAUTH_MAX_CHARS = 64 * 1024  # a token and its envelope; a longer frame is the upstream's
 
 
@@ -625,8 +621,7 @@ class Tunnel:
             if not client.write_message(data, text):
                 return  # the client is leaving: its disconnect ends the session
         except Exception:
-            log.exception("websocket: relaying to the client failed")
-            s.end(INTERNAL)
+            _write_failed(s)
             return
         count(s, self._counts_out, len(data), upstream.loop.time(), False)
 
@@ -670,16 +665,15 @@ class Tunnel:
                     client.relay = None
                 if message["type"] == "websocket.receive":
                     text = message.get("text")
-                    if (
-                        text is not None
-                        and self.reauthenticate is not None
-                        and _may_be_reauth(text)
-                        and await self._reauth(s, text, send)
-                    ):
-                        s.last_activity = loop.time()
-                        continue
                     if text is not None:
                         data = text.encode()
+                        if (
+                            self.reauthenticate is not None
+                            and may_be_reauth(data)
+                            and await self._reauth(s, text, send)
+                        ):
+                            s.last_activity = loop.time()
+                            continue
                         if not _send_now(upstream, data, True):
                             await upstream.send(data, text=True)
                     else:

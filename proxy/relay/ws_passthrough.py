@@ -36,6 +36,17 @@ def may_be_reauth(data: bytes) -> bool:
     return REAUTH_MARK in data or (b"\\u" in data and data.lstrip()[:1] == b"{")
 
 
+def upstream_writable(upstream: Any) -> bool:
+    """Whether a frame may be written to the upstream hop (relay/tunnel.py's connection) now,
+    past websockets' `send`: open, its write buffer under the limit, no fragmented send in
+    progress. Otherwise `send` waits for the buffer, or raises the close that ends the session."""
+    return (
+        upstream.protocol.state is State.OPEN
+        and not upstream.paused
+        and upstream.send_in_progress is None
+    )
+
+
 class Counts:
     """One direction's metrics (Prometheus children). Those that are plain numbers on the loop's
     thread (telemetry/metrics.py `LoopCounter`, one process) are added to without a call."""
@@ -91,13 +102,7 @@ class ClientFrames(FrameSink):
                 return False
         upstream = self.upstream
         protocol = self.protocol
-        if (
-            protocol.state is not State.OPEN
-            or upstream.paused
-            or upstream.send_in_progress is not None
-            or protocol.writes
-            or protocol.debug
-        ):
+        if not upstream_writable(upstream) or protocol.writes or protocol.debug:
             return False  # the relay task waits for the buffer, or meets the close
         try:
             self.transport.write(frame)
