@@ -48,6 +48,7 @@ MODULES = (
     "relay/upstream",
     "relay/ws_passthrough",
     "telemetry/access",
+    "telemetry/tally",
 )
 
 PACKAGE = Path(__file__).resolve().parent

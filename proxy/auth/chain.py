@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import RouteSettings
 from ..errors import ProxyError, Unauthorized
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from ..telemetry.tally import Tally
 from .claims import describe, require_claims
 from .extractor import Credentials
 from .method import Method
@@ -46,13 +46,15 @@ class Chain:
         # A route using any of these challenges with `WWW-Authenticate: Bearer` (RFC 6750).
         self._bearer = frozenset(name for name, m in methods.items() if m.bearer_challenge)
         # Metric children by (method, result): labels() per request costs more than inc().
-        self._counters: dict[tuple[str, str], Any] = {}
+        self._counters: dict[tuple[str, str], Tally] = {}
 
     def _count(self, method: str, result: str) -> None:
         counter = self._counters.get((method, result))
         if counter is None:
-            counter = self._counters[(method, result)] = self._metrics.auth.labels(method, result)
-        counter.inc()
+            counter = self._counters[(method, result)] = Tally(
+                self._metrics.auth.labels(method, result)
+            )
+        counter.add()
 
     async def run(
         self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None

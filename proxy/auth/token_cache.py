@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
+from ..telemetry.tally import Tally
 
 
 class TokenCache:
@@ -22,8 +23,8 @@ class TokenCache:
         self._size = size
         self._entries: OrderedDict[bytes, tuple[Identity, float]] = OrderedDict()
         # Metric children bound once: labels() per request costs more than inc().
-        self._hits = metrics.jwt_cache.labels("hit")
-        self._misses = metrics.jwt_cache.labels("miss")
+        self._hits = Tally(metrics.jwt_cache.labels("hit"))
+        self._misses = Tally(metrics.jwt_cache.labels("miss"))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -36,10 +37,10 @@ class TokenCache:
         if hit is not None:
             if time.time() < hit[1]:
                 self._entries.move_to_end(digest)
-                self._hits.inc()
+                self._hits.add()
                 return hit[0]
             del self._entries[digest]
-        self._misses.inc()
+        self._misses.add()
         return None
 
     def put(self, digest: bytes, identity: Identity) -> None:

@@ -145,24 +145,37 @@ class _Stall:
             self._timer = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # its own __init__: compiled (decision.Facts says why)
 class Exchange:
     """What the access log wants to know about one forwarded request."""
 
-    status: int = 0
-    upstream_status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    client_gone: bool = False
-    response_started: bool = False
+    status: int
+    upstream_status: int | None
+    bytes_in: int
+    bytes_out: int
+    client_gone: bool
+    response_started: bool
     # From the request's head written to the answer's head read (the attempt that answered).
-    upstream_seconds: float | None = None
+    upstream_seconds: float | None
     # In: who the answer is for (a streamed one is bound to its credential: streams.py), and the
     # request id its closing event names. Out: why the credential ended the stream, if it did.
-    identity: Identity | None = None
-    request_id: str = ""
-    auth_end: str | None = None
-    uploading: bool = False  # a streamed request body is still coming from the client
+    identity: Identity | None
+    request_id: str
+    auth_end: str | None
+    uploading: bool  # a streamed request body is still coming from the client
+
+    def __init__(self, identity: Identity | None = None, request_id: str = "") -> None:
+        self.status = 0
+        self.upstream_status = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.client_gone = False
+        self.response_started = False
+        self.upstream_seconds = None
+        self.identity = identity
+        self.request_id = request_id
+        self.auth_end = None
+        self.uploading = False
 
 
 def _upstream_failed(exc: Exception, exchange: Exchange) -> bool:

@@ -11,12 +11,17 @@ the metrics, so a field means the same thing on every line and every answer is c
 
 from __future__ import annotations
 
+import itertools
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from . import logs
+import orjson
+
+from . import clock, logs
 from .metrics import Metrics
+from .tally import Observer, Tally
 
 # The `reason`s that are the upstream's failure (relay/upstream.py, relay/http.py).
 UPSTREAM_FAILURES = frozenset(
@@ -32,31 +37,75 @@ UPSTREAM_FAILURES = frozenset(
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, init=False)  # its own __init__: compiled (decision.Facts says why)
 class AccessRecord:
     """What happened to one request (or WebSocket session), filled in as it goes."""
 
     request_id: str
     method: str
-    started: float = field(default_factory=time.perf_counter)
-    path: str = ""
-    query: str = ""
-    route: str = "-"
-    status: int = 0
-    upstream_status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    auth_method: str | None = None
-    subject: str | None = None
-    origin: str | None = None
-    client: str | None = None
-    error: str | None = None
-    reason: str | None = None
-    websocket: bool = False
-    trace_id: str | None = None  # W3C trace id (kept from the caller or started: tracing.py)
-    upstream_seconds: float | None = None  # request head written -> answer head read
+    started: float
+    path: str
+    query: str
+    route: str
+    status: int
+    upstream_status: int | None
+    bytes_in: int
+    bytes_out: int
+    auth_method: str | None
+    subject: str | None
+    origin: str | None
+    client: str | None
+    error: str | None
+    reason: str | None
+    websocket: bool
+    trace_id: str | None  # W3C trace id (kept from the caller or started: tracing.py)
+    upstream_seconds: float | None  # request head written -> answer head read
     # Kind-specific fields (preflight, client_gone, a session's messages and close codes).
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any]
+
+    def __init__(
+        self,
+        request_id: str,
+        method: str,
+        started: float | None = None,
+        path: str = "",
+        query: str = "",
+        route: str = "-",
+        status: int = 0,
+        upstream_status: int | None = None,
+        bytes_in: int = 0,
+        bytes_out: int = 0,
+        auth_method: str | None = None,
+        subject: str | None = None,
+        origin: str | None = None,
+        client: str | None = None,
+        error: str | None = None,
+        reason: str | None = None,
+        websocket: bool = False,
+        trace_id: str | None = None,
+        upstream_seconds: float | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.request_id = request_id
+        self.method = method
+        self.started = time.perf_counter() if started is None else started
+        self.path = path
+        self.query = query
+        self.route = route
+        self.status = status
+        self.upstream_status = upstream_status
+        self.bytes_in = bytes_in
+        self.bytes_out = bytes_out
+        self.auth_method = auth_method
+        self.subject = subject
+        self.origin = origin
+        self.client = client
+        self.error = error
+        self.reason = reason
+        self.websocket = websocket
+        self.trace_id = trace_id
+        self.upstream_seconds = upstream_seconds
+        self.extra = {} if extra is None else extra
 
 
 class AccessLog:
@@ -66,24 +115,24 @@ class AccessLog:
         self.metrics = metrics
         self.log_lines = log_lines
         # Metric children by (route, status): labels() per request costs more than the increment.
-        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._series: dict[tuple[str, int], tuple[Tally, Observer]] = {}
         self._upstream_errors: dict[str, Any] = {}
-        self._upstream_seconds: dict[str, Any] = {}
+        self._upstream_seconds: dict[str, Observer] = {}
 
     def emit(self, record: AccessRecord) -> None:
         duration = time.perf_counter() - record.started
         series = self._series.get((record.route, record.status))
         if series is None:
             series = self._series[(record.route, record.status)] = (
-                self.metrics.requests.labels(record.route, str(record.status)),
-                self.metrics.request_seconds.labels(record.route),
+                Tally(self.metrics.requests.labels(record.route, str(record.status))),
+                Observer(self.metrics.request_seconds.labels(record.route)),
             )
-        series[0].inc()
+        series[0].add(1.0)
         series[1].observe(duration)
         if record.upstream_seconds is not None:
             upstream = self._upstream_seconds.get(record.route)
             if upstream is None:
-                upstream = self._upstream_seconds[record.route] = (
+                upstream = self._upstream_seconds[record.route] = Observer(
                     self.metrics.upstream_seconds.labels(record.route)
                 )
             upstream.observe(record.upstream_seconds)
@@ -96,7 +145,7 @@ class AccessLog:
             counter.inc()
         if not self.log_lines:
             return
-        # The whole line in one dict, in its order: `logs.access_line` stamps the time.
+        # The whole line in one dict, in its order: `access_line` stamps the time.
         line: dict[str, Any] = {
             "time": "",
             "level": "info",
@@ -107,7 +156,7 @@ class AccessLog:
             "path": record.path,
             "query": record.query,
             "status": record.status,
-            "duration_ms": round(duration * 1000, 3),
+            "duration_ms": _ms(duration),
             "bytes_in": record.bytes_in,
             "bytes_out": record.bytes_out,
             "auth_method": record.auth_method,
@@ -119,10 +168,63 @@ class AccessLog:
             "trace_id": record.trace_id,
         }
         if record.upstream_seconds is not None:
-            line["upstream_ms"] = round(record.upstream_seconds * 1000, 3)
+            line["upstream_ms"] = _ms(record.upstream_seconds)
         if record.error is not None:
             line["error"] = record.error
             line["reason"] = record.reason
         if record.extra:
             line.update(record.extra)
-        logs.access_line(line)
+        access_line(line)
+
+
+def _ms(seconds: float) -> float:
+    """Milliseconds to three decimals (`round(x * 1000, 3)`, without its decimal conversion: a
+    microsecond of a request's CPU)."""
+    if seconds < 0:  # never for a perf_counter difference; kept exact if it were
+        return round(seconds * 1000, 3)
+    return int(seconds * 1_000_000.0 + 0.5) / 1000
+
+
+# Access lines are stamped to the millisecond: the second's text is made once a second.
+_MILLIS = tuple(f".{n:03d}Z" for n in range(1000))
+
+
+class _Stamp:
+    def __init__(self) -> None:
+        self.second = -1
+        self.text = ""
+
+    def now(self) -> str:
+        """`clock.rfc3339_now()`, compiled, its second's text made once a second."""
+        when = time.time()
+        second = int(when)
+        if second != self.second:
+            self.text = clock.rfc3339(float(second))[:-5]  # "...T12:00:00" without ".000Z"
+            self.second = second
+        return self.text + _MILLIS[min(int((when - second) * 1000), 999)]
+
+
+_STAMP = _Stamp()
+
+
+def access_line(line: dict[str, Any]) -> None:
+    """Write one access-log line, given whole: `time` (stamped here), `level`, `logger` and
+    `message` first, as `AccessLog.emit` builds it.
+
+    Straight to the configured handler: per request, the logging module's record machinery
+    (record, caller lookup, locks) cost more CPU than everything else in the line. orjson:
+    0.4 µs a line against 3.8 µs for the standard encoder, measured here.
+    """
+    if not logs.ACCESS.isEnabledFor(logging.INFO):
+        return
+    handler = logs.handler_of(logs.ACCESS)
+    if not isinstance(handler, logs.JsonLinesHandler):
+        fields = dict(itertools.islice(line.items(), 4, None))
+        logs.ACCESS.info(line["message"], extra={"fields": fields})
+        return
+    line["time"] = _STAMP.now()
+    try:
+        text = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE).decode()
+    except orjson.JSONEncodeError:  # e.g. a lone surrogate: the standard encoder escapes it
+        text = logs.encode(line) + "\n"
+    handler.add_line(text)

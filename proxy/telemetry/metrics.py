@@ -89,6 +89,20 @@ class LoopHistogram(Histogram):
         self._sum = _Number()
         self._buckets = [_Number() for _ in self._upper_bounds]
 
+    def plain_sum(self) -> _Number:
+        """A labelled child's sum, which code on the loop's thread may add to without a call."""
+        value: _Number = self._sum
+        return value
+
+    def plain_buckets(self) -> list[_Number]:
+        """A labelled child's bucket counts, one per upper bound (the last: +Inf)."""
+        buckets: list[_Number] = self._buckets
+        return buckets
+
+    def upper_bounds(self) -> list[float]:
+        bounds: list[float] = self._upper_bounds
+        return bounds
+
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         if exemplar or amount != amount:  # NaN: in no bucket, as a Histogram counts it
             super().observe(amount, exemplar)

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from proxy.telemetry import logs
+from proxy.telemetry import access, logs
 
 
 class FullStream(io.StringIO):
@@ -65,7 +65,7 @@ def test_an_access_line_that_cannot_be_written_never_raises_into_the_request(
     # pipeline._log runs after the response was sent: an exception there ends the request's task
     # with "Task exception was never retrieved" and a traceback on stderr, for every request.
     for _ in range(3):
-        logs.access_line(dict(LINE))
+        access.access_line(dict(LINE))
 
 
 def test_lines_that_cannot_be_written_are_not_kept_without_bound(
@@ -74,7 +74,7 @@ def test_lines_that_cannot_be_written_are_not_kept_without_bound(
     stream, _ = full_log
     for _ in range(30_000):  # about 10 MB of access lines
         try:
-            logs.access_line(dict(LINE))
+            access.access_line(dict(LINE))
         except OSError:
             pass
     stream.full = False
