@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..config import RouteSettings
-from ..errors import ProxyError, Unauthorized
+from ..errors import BadRequest, ProxyError, Unauthorized
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from ..telemetry.tally import Tally
@@ -59,6 +59,10 @@ class Chain:
     async def run(
         self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
     ) -> Identity | None:
+        """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise (and
+        400 for a query that hides a credential behind a `;`, on every route)."""
+        if credentials.query_refusal is not None:
+            raise BadRequest(credentials.query_refusal, details={"reason": "credential_in_query"})
         if route.public:
             return None
         bearer = not self._bearer.isdisjoint(route.auth)

@@ -12,22 +12,40 @@ credential name after a `;` makes the request a 400, see `split_query`), and the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 from urllib.parse import unquote_to_bytes
 
 from .method import NOTHING, Found, Locator, Presented
 
 
-class Credentials(NamedTuple):
+class Credentials:
     """What the request presented, by method name; credential values never show in `repr`."""
 
-    # A NamedTuple, not a frozen dataclass: one is made per request (0.5 µs against 0.9).
-    found: Mapping[str, Found]  # only methods that were given something to look at
-    clean_query: bytes
-    subprotocols: tuple[str, ...]
-    problem: str | None  # the first method's problem, else a note such as a non-Bearer scheme
-    # The query names a credential after a `;`: the request is refused (400), whatever the route.
-    query_refusal: str | None = None
+    # A class of this compiled module, not a NamedTuple or a dataclass: one is made per request,
+    # and theirs is built by interpreted code.
+    __slots__ = ("found", "clean_query", "subprotocols", "problem", "query_refusal")
+
+    def __init__(
+        self,
+        found: Mapping[str, Found],  # only methods that were given something to look at
+        clean_query: bytes,
+        subprotocols: tuple[str, ...],
+        problem: str | None,  # the first method's problem, else a note (a non-Bearer scheme)
+        # The query names a credential after a `;`: the request is refused (400), whatever the
+        # route.
+        query_refusal: str | None = None,
+    ) -> None:
+        self.found = found
+        self.clean_query = clean_query
+        self.subprotocols = subprotocols
+        self.problem = problem
+        self.query_refusal = query_refusal
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(found={dict(self.found)!r}, clean_query={self.clean_query!r}, "
+            f"subprotocols={self.subprotocols!r}, problem={self.problem!r}, "
+            f"query_refusal={self.query_refusal!r})"
+        )
 
     def of(self, method: str) -> Found:
         return self.found.get(method, NOTHING)

@@ -12,7 +12,6 @@ from collections.abc import Callable
 import aiohttp
 
 from ..config import JwtProviderSettings, RouteSettings, Settings
-from ..errors import BadRequest
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from . import api_key, jwt
@@ -55,7 +54,7 @@ class AuthService:
         self.methods: dict[str, Method] = {
             m.name: m.build(settings, metrics, session) for m in METHODS
         }
-        self._chain = Chain(self.methods, metrics)
+        self.chain = Chain(self.methods, metrics)
 
     @property
     def jwt(self) -> JwtVerifier:
@@ -94,10 +93,9 @@ class AuthService:
         self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
     ) -> Identity | None:
         """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise (and
-        400 for a query that hides a credential behind a `;`, on every route)."""
-        if credentials.query_refusal is not None:
-            raise BadRequest(credentials.query_refusal, details={"reason": "credential_in_query"})
-        return await self._chain.run(route, credentials, trace)
+        400 for a query that hides a credential behind a `;`, on every route). The decision
+        calls `chain.run` itself, saving this interpreted frame."""
+        return await self.chain.run(route, credentials, trace)
 
     def reload_keys(self) -> None:
         """SIGHUP: re-read JWT key files and `keys_file`; a bad file keeps the old set."""
