@@ -5,8 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 APT_PACKAGES := chromium redis-server
-# The bench's contenders and clients: nginx and Caddy (Debian's own builds), wrk, curl.
-BENCH_APT_PACKAGES := nginx wrk caddy curl
+# The bench's contenders and clients: nginx and Caddy (Debian's own builds), wrk, curl; perf
+# (linux-perf) samples the sidecar for BENCHMARKS.md's profile.
+BENCH_APT_PACKAGES := nginx wrk caddy curl linux-perf
 BENCH_STAMP := $(VENV)/.bench-stamp
 
 .PHONY: install system-deps bench-deps run test soak lint typecheck unit bench clean lock
@@ -48,7 +49,7 @@ system-deps:
 	fi
 
 # What `make bench` needs beyond `make install`: the packages above, and the `bench` extra
-# (fastapi-proxy-lib, granian, py-spy) in the venv.
+# (fastapi-proxy-lib, granian) in the venv.
 bench-deps: $(BENCH_STAMP)
 	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

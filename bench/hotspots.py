@@ -1,11 +1,19 @@
-"""Where the sidecar's time goes: py-spy samples its processes while wrk loads a route.
+"""Where the sidecar's time goes: `perf` samples its processes while wrk loads a route.
 
-py-spy writes collapsed stacks with native frames (`--native`: the request path is compiled by
-mypyc, and its functions are C frames, `CPyDef_<module>___<name>`). Native sampling pauses the
-process for each sample, a small perturbation. Samples of a thread waiting (the log writer, the
-loop in epoll) are left out, so every sample counted is CPU spent. Two views: self time by where
-the sample landed (a system call, a library, or one of the sidecar's modules, compiled or not),
-and inclusive time of the sidecar's own functions (a stage's share, whatever it called).
+`perf record -e cpu-clock` samples a process only while it runs on a CPU, at a fixed rate, with
+the kernel's frames and (unwound from the stack with DWARF) the user-space ones: every sample is
+CPU spent, in the kernel or not, in the proportion it was spent. The request path is compiled by
+mypyc, and its functions are C frames (`CPyDef_<module>___<name>`); interpreted Python shows as
+CPython's evaluation loop under whichever compiled function called it (Python 3.11 has no perf
+support of its own).
+
+(py-spy, used before, pauses the process with ptrace for each sample, which lands far more often
+at a system call's end than CPU time does: it gave system calls half the samples where perf gives
+the kernel a third.)
+
+Two views: self time by where the sample landed (the kernel by system call, a library, or one of
+the sidecar's compiled modules), and inclusive time of the sidecar's compiled functions (a stage's
+share, whatever it called).
 """
 
 from __future__ import annotations
@@ -13,7 +21,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,33 +29,30 @@ from proxy import compiled
 
 from .http_load import Target, wrk_args
 
-_LOOP = ("asyncio/runners.py", "asyncio/base_events.py", "uvloop/")
-_FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
-# A thread blocked, not working (on a lock, the GIL, a condition, epoll): the sample's last
-# frames name one of these.
-_WAITING = (
-    "pthread_cond_wait",
-    "pthread_cond_timedwait",
-    "PyThread_acquire_lock_timed",
-    "sem_wait",
-    "sem_timedwait",
-    "sem_clockwait",
-    "epoll_wait",
-    "epoll_pwait",
-    "futex",
-)
-_SYSCALLS = {
-    "write": "system call: write",
-    "writev": "system call: write",
-    "read": "system call: read",
-}
+RATE_HZ = 700
+# Enough of each sample's stack for DWARF unwinding through the interpreter and the extensions.
+STACK_BYTES = 32768
 # A compiled module's functions are named by the module's last part (relay/http -> `http`).
 _COMPILED = {module.rsplit("/", 1)[-1]: f"proxy/{module}.py" for module in compiled.MODULES}
+# `perf script` frame lines: address, symbol(+offset), (dso).
+_FRAME = re.compile(r"^\s*[0-9a-f]+ (?P<sym>.*?)(?:\+0x[0-9a-f]+)? \((?P<dso>[^()]*)\)$")
+# The kernel's entry point of a system call, right above `do_syscall_64`.
+_SYSCALL = re.compile(r"^(?:__x64_sys_|__se_sys_|__do_sys_|ksys_|do_)(?P<name>\w+?)(?:\.\w+)?$")
+_LIBRARIES = {
+    "loop": "uvloop",
+    "parser": "httptools",
+    "url_parser": "httptools",
+    "_asyncio": "asyncio (C)",
+    "orjson": "orjson",
+    "libcrypto": "OpenSSL",
+    "_hashlib": "OpenSSL",
+    "libc": "libc",
+}
 
 
 @dataclass(frozen=True)
 class Profile:
-    """Collapsed-stack counts, summarised."""
+    """Sample counts, summarised."""
 
     samples: int
     self_by_place: list[tuple[str, int]]
@@ -71,17 +75,24 @@ class Profile:
         return "\n".join(lines)
 
 
-def py_spy() -> str | None:
-    beside = Path(sys.executable).parent / "py-spy"
-    return str(beside) if beside.exists() else shutil.which("py-spy")
+def perf() -> str | None:
+    """The `perf` binary (Debian's linux-perf), if installed."""
+    return shutil.which("perf")
 
 
-def _compiled_function(func: str) -> tuple[str, str] | None:
+def record_command(seconds: int) -> str:
+    return (
+        f"perf record -e cpu-clock -F {RATE_HZ} --call-graph dwarf,{STACK_BYTES} "
+        f"-p <the sidecar's processes> -- sleep {seconds}"
+    )
+
+
+def _compiled_function(sym: str) -> tuple[str, str] | None:
     """(`Class.method`, module path) of a mypyc function, e.g. `CPyDef_http11___Cycle____start`
     or a coroutine's `CPyDef_decision___decide_Decider_gen_____mypyc_generator_helper__`."""
-    if not func.startswith("CPyDef_"):
+    if not sym.startswith("CPyDef_"):
         return None
-    module, _, rest = func.removeprefix("CPyDef_").partition("___")
+    module, _, rest = sym.removeprefix("CPyDef_").partition("___")
     path = _COMPILED.get(module)
     if path is None or not rest:
         return None
@@ -93,102 +104,96 @@ def _compiled_function(func: str) -> tuple[str, str] | None:
     return (f"{owner}.{method}" if method else owner), path
 
 
-def _place(func: str, file: str) -> str:
-    """Where a sample landed: a system call, a library, or the sidecar's module path."""
-    if (known := _compiled_function(func)) is not None:
+def _place(stack: list[tuple[str, str]]) -> str:
+    """Where a sample (frames root first) landed: the kernel (by system call), a library, the
+    interpreter, or one of the sidecar's compiled modules."""
+    sym, dso = stack[-1]
+    if dso == "[kernel.kallsyms]":
+        syms = [s for s, _ in stack]
+        if "do_syscall_64" in syms:
+            entry = syms[syms.index("do_syscall_64") + 1 :][:1]
+            m = _SYSCALL.match(entry[0]) if entry else None
+            return f"kernel: {m['name'] if m else 'system call'}"
+        return "kernel: interrupts, scheduling"
+    name = Path(dso).name
+    if name.startswith("libpython"):
+        return "CPython"
+    if (known := _compiled_function(sym)) is not None:
         return f"{known[1]} (compiled)"
-    if file.startswith("proxy/"):
-        return file
-    if file.startswith("libc") and func in _SYSCALLS:
-        return _SYSCALLS[func]
-    if file.startswith(("__native", "CPy", "mypyc", "proxy/_native__mypyc")) or file.endswith(
-        ("_ops.c", "getargs.c", "getargsfast.c", "pythonsupport.h")
+    if name.startswith("_native__mypyc") or (
+        name.split(".", 1)[0] in _COMPILED and "cpython" in name
     ):
         return "mypyc runtime"
-    if file.startswith(("object.h", "libpython", "Objects/", "Python/", "pythoncapi")):
-        return "CPython"
-    if file == "<string>":
-        return "generated __init__ (dataclasses)"
-    if file == "loop.c":
-        return "uvloop"
-    if file == "_asynciomodule.c":
-        return "asyncio"
-    head = file.split("/", 1)[0]
-    return head.removesuffix(".py").removeprefix("<frozen ").removesuffix(">")
+    stem = name.split(".", 1)[0]
+    return _LIBRARIES.get(stem, stem or sym)
 
 
-def summarise(collapsed: str) -> Profile:
+def summarise(script: str) -> Profile:
+    """`perf script` output (with call graphs) of the sidecar's processes, summarised."""
     self_by_place: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in collapsed.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
+    for block in script.split("\n\n"):
+        frames = [m for line in block.splitlines() if (m := _FRAME.match(line))]
+        if not frames:
             continue
-        count = int(count_text)
-        frames = [m for f in stack.split(";") if (m := _FRAME.match(f))]
-        if not frames or any(m["func"].startswith(_WAITING) for m in frames[-4:]):
+        # Root first; an inlined function's frame is left out (its caller's frame follows, at the
+        # same address, with the library it is in).
+        stack = [(m["sym"], m["dso"]) for m in reversed(frames) if m["dso"] != "inlined"]
+        if not stack:
             continue
-        total += count
-        self_by_place[_place(frames[-1]["func"], frames[-1]["file"])] += count
-        # Frames below the event loop (the CLI calling `serve`) hold every sample that reached
-        # them; only what runs inside the loop says where the time goes.
-        loop = max((i for i, m in enumerate(frames) if m["file"].startswith(_LOOP)), default=-1)
-        own: set[str] = set()
-        for m in frames[loop + 1 :]:
-            if m["file"].startswith("proxy/"):
-                own.add(f"{m['func']} ({m['file']})")
-            elif (known := _compiled_function(m["func"])) is not None:
-                own.add(f"{known[0]} ({known[1]}, compiled)")
+        total += 1
+        self_by_place[_place(stack)] += 1
+        own = {f"{k[0]} ({k[1]}, compiled)" for s, _ in stack if (k := _compiled_function(s))}
         for func in own:
-            inclusive[func] += count
+            inclusive[func] += 1
     return Profile(total, self_by_place.most_common(), inclusive.most_common())
 
 
 def record(target: Target, seconds: int, connections: int, output: Path) -> Profile:
     """Load `target` with wrk and sample every process of its server meanwhile."""
-    spy = py_spy()
-    if spy is None:
-        raise RuntimeError("py-spy is not installed (the bench extra installs it)")
+    binary = perf()
+    if binary is None:
+        raise RuntimeError("perf is not installed (make bench-deps installs linux-perf)")
     load = subprocess.Popen(
         wrk_args(target.url, seconds + 2, connections, target.headers),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    data = output.with_suffix(".perf.data")
     try:
-        # One sampler per process (the sidecar's workers are separate interpreters).
-        spies: list[subprocess.Popen[str]] = []
-        for n, process in enumerate(target.server.processes()):
-            spies.append(
-                subprocess.Popen(
-                    [
-                        spy,
-                        "record",
-                        "--pid",
-                        str(process.pid),
-                        "--duration",
-                        str(seconds),
-                        "--rate",
-                        "400",
-                        "--native",
-                        "--format",
-                        "raw",
-                        "--output",
-                        str(output.with_suffix(f".{n}.txt")),
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-            )
-        errors = [sampler.communicate(timeout=seconds + 60)[1] for sampler in spies]
+        pids = ",".join(str(p.pid) for p in target.server.processes())
+        recorded = subprocess.run(
+            [
+                binary,
+                "record",
+                "-e",
+                "cpu-clock",
+                "-F",
+                str(RATE_HZ),
+                "--call-graph",
+                f"dwarf,{STACK_BYTES}",
+                "-p",
+                pids,
+                "-o",
+                str(data),
+                "--",
+                "sleep",
+                str(seconds),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+        )
     finally:
         load.wait(seconds + 30)
-    texts = [
-        output.with_suffix(f".{n}.txt").read_text()
-        for n in range(len(spies))
-        if output.with_suffix(f".{n}.txt").exists()
-    ]
-    if not texts:
-        raise RuntimeError(" ".join(e.strip() for e in errors)[-300:] or "py-spy wrote nothing")
-    return summarise("\n".join(texts))
+    if recorded.returncode != 0 or not data.exists():
+        raise RuntimeError((recorded.stderr or "perf record wrote nothing").strip()[-300:])
+    script = subprocess.run(
+        [binary, "script", "-i", str(data)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout
+    data.unlink()
+    return summarise(script)

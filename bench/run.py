@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-sockets", type=int, default=1000)
     parser.add_argument("--bulk-mib", type=int, default=100)
     parser.add_argument("--profile-seconds", type=int, default=3)
-    parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
+    parser.add_argument("--no-profile", action="store_true", help="skip the perf profile")
     parser.add_argument("--skip-verify", action="store_true", help="skip bench.verify")
     parser.add_argument("--keep", action="store_true", help="keep the run's directory (logs)")
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
@@ -401,8 +401,8 @@ def profile(run: Run, p: Plan) -> None:
     if found is not None:
         run.results.profile = found.markdown()
         run.results.profile_command = (
-            f"py-spy record --pid <each sidecar process> --duration {seconds} --rate 400 "
-            "--native --format raw, while "
+            hotspots.record_command(seconds)
+            + ", while "
             + http_load.command(jwt, seconds + 2, connections, p.secrets)
         )
 
