@@ -232,8 +232,11 @@ async def test_a_head_whose_body_does_not_follow_goes_out_on_the_next_iteration(
     [
         (b"x-evil", b"a\r\nset-cookie: session=attacker"),
         (b"x-evil", b"a\nb"),
+        (b"x-evil", b"a\rb"),
         (b"x-evil", b"a\x00b"),
+        (b"x-evil", b"a\x7fb"),
         (b"x-evil\r\nset-cookie", b"x"),
+        (b"x-evil\n", b"x"),
     ],
 )
 async def test_a_line_break_or_control_byte_in_a_response_header_never_reaches_the_client(
