@@ -262,6 +262,13 @@ def render(r: Results, meta: dict[str, str]) -> str:
             "",
             r.profile,
             "",
+            "How to read it: every sample is CPU the sidecar spent. `kernel: write` is more than "
+            "copying bytes: on loopback the writer's system call also delivers them to the "
+            "reading socket and wakes the process waiting on it (wrk, the upstream), which on "
+            "this virtual machine costs most of that share. `CPython` is the interpreter's C "
+            "code that compiled functions call (objects, dictionaries, method calls); Python "
+            "code that still runs interpreted counts there too.",
+            "",
         ]
 
     direct_p50 = _p50_1(r, DIRECT)

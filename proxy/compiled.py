@@ -40,6 +40,7 @@ MODULES = (
     "routing",
     "tracing",
     "wsframes",
+    "auth/api_key",
     "auth/chain",
     "auth/extractor",
     "auth/found",
