@@ -56,7 +56,13 @@ class Process:
     port: int
 
     def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """What it wrote so far, in whole lines while it runs: the file is read as the process
+        appends to it, and a batch of log lines caught mid-write would end in half a line
+        (a JSON line a test then fails to parse)."""
+        text = self.log_path.read_text(errors="replace")
+        if self.proc.poll() is None and not text.endswith("\n"):
+            return text[: text.rfind("\n") + 1]
+        return text
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
