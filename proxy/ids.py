@@ -1,9 +1,9 @@
 """Request ids: 32 hex digits, unique in practice, without a system call per request.
 
-A Mersenne Twister seeded from the OS once per process (and again in a forked child) is ~0.2 µs
-an id (`randbytes(16).hex()`; ~0.3 µs formatting `getrandbits(128)`) against ~0.7 µs for
-`os.urandom` under load; ids are correlation handles, not secrets, and
-unlike a counter they say nothing about how busy the sidecar is.
+A Mersenne Twister seeded from the OS once per process (and again in a forked child) costs a
+fraction of a microsecond an id (128 random bits as little-endian bytes, in hex: what
+`randbytes(16).hex()` gives) against ~0.7 µs for `os.urandom` under load; ids are correlation
+handles, not secrets, and unlike a counter they say nothing about how busy the sidecar is.
 """
 
 from __future__ import annotations
