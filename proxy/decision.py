@@ -342,13 +342,9 @@ class Decider:
                 raise NotFound(
                     "no route matches this path", details={"path": r.path, "method": r.method}
                 )
-            # The auth service's extractor and chain, called straight (its own methods are
-            # interpreted frames around them).
-            r.credentials = self.auth.extractor.extract(
-                r.headers, facts.query, websocket=facts.websocket
-            )
+            r.credentials = self.auth.extract(r.headers, facts.query, websocket=facts.websocket)
             r.auth_started = time.perf_counter()
-            r.identity = await self.auth.chain.run(r.route.settings, r.credentials, attempts)
+            r.identity = await self.auth.authenticate(r.route.settings, r.credentials, attempts)
             r.auth_ended = time.perf_counter()
             query = r.credentials.clean_query
             if facts.websocket:

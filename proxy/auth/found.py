@@ -36,17 +36,6 @@ class Found:
     def __repr__(self) -> str:
         return f"Found(source={self.source!r}, problem={self.problem!r}, note={self.note!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Found) and (
-            self.value,
-            self.source,
-            self.problem,
-            self.note,
-        ) == (other.value, other.source, other.problem, other.note)
-
-    def __hash__(self) -> int:
-        return hash((self.value, self.source, self.problem, self.note))
-
     @property
     def present(self) -> bool:
         """A credential of this kind is there, usable or not."""

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import aiohttp
 
-from ..config import JwtProviderSettings, RouteSettings, Settings
+from ..config import JwtProviderSettings, Settings
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
 from . import api_key, jwt
 from .apikeys import ApiKeyStore
-from .chain import Attempt, Chain
-from .extractor import Credentials, Extractor
+from .chain import Chain
+from .extractor import Extractor
 from .jwt import JwtVerifier
 from .method import Method
 from .registry import METHODS, locators
@@ -55,6 +55,14 @@ class AuthService:
             m.name: m.build(settings, metrics, session) for m in METHODS
         }
         self.chain = Chain(self.methods, metrics)
+        # The request path's two calls, bound once to the compiled extractor's and chain's own
+        # methods (a method of this interpreted class around them is a frame on every request).
+        # `extract(headers, query_string, *, websocket)`: the request's credentials.
+        # `authenticate(route, credentials, trace=None)`: the caller's identity, None when
+        # anonymous is allowed; raises 401/403 otherwise (and 400 for a query that hides a
+        # credential behind a `;`, on every route).
+        self.extract = self.extractor.extract
+        self.authenticate = self.chain.run
 
     @property
     def jwt(self) -> JwtVerifier:
@@ -83,19 +91,6 @@ class AuthService:
     def ready(self) -> bool:
         """Every method has its keys (every JWKS provider a usable key set)."""
         return all(method.ready for method in self.methods.values())
-
-    def extract(
-        self, headers: list[tuple[bytes, bytes]], query_string: bytes, *, websocket: bool
-    ) -> Credentials:
-        return self.extractor.extract(headers, query_string, websocket=websocket)
-
-    async def authenticate(
-        self, route: RouteSettings, credentials: Credentials, trace: list[Attempt] | None = None
-    ) -> Identity | None:
-        """The caller's identity, None when anonymous is allowed; raises 401/403 otherwise (and
-        400 for a query that hides a credential behind a `;`, on every route). The decision
-        calls `chain.run` itself, saving this interpreted frame."""
-        return await self.chain.run(route, credentials, trace)
 
     def reload_keys(self) -> None:
         """SIGHUP: re-read JWT key files and `keys_file`; a bad file keeps the old set."""

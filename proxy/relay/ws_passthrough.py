@@ -18,6 +18,7 @@ from typing import Any
 
 from websockets.protocol import State
 
+from ..telemetry.tally import Tally
 from ..wsframes import FrameSink, utf8_valid
 
 try:
@@ -48,15 +49,11 @@ def upstream_writable(upstream: Any) -> bool:
 
 
 class Counts:
-    """One direction's metrics (Prometheus children). Those that are plain numbers on the loop's
-    thread (telemetry/metrics.py `LoopCounter`, one process) are added to without a call."""
+    """One direction's metrics (Prometheus children)."""
 
     def __init__(self, messages: Any, payload_bytes: Any) -> None:
-        self.messages = messages
-        self.payload_bytes = payload_bytes
-        plain = hasattr(messages, "plain") and hasattr(payload_bytes, "plain")
-        self.messages_plain: Any = messages.plain() if plain else None
-        self.payload_bytes_plain: Any = payload_bytes.plain() if plain else None
+        self.messages = Tally(messages)
+        self.payload_bytes = Tally(payload_bytes)
 
 
 class ClientFrames(FrameSink):
@@ -170,10 +167,5 @@ def count(session: Any, counts: Counts, size: int, now: float, inbound: bool) ->
         session.bytes_out += size
         session.messages_out += 1
     session.last_activity = now
-    messages = counts.messages_plain
-    if messages is not None:
-        messages.value += 1
-        counts.payload_bytes_plain.value += size
-    else:
-        counts.messages.inc(1)
-        counts.payload_bytes.inc(size)
+    counts.messages.add(1.0)
+    counts.payload_bytes.add(size)
