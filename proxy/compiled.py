@@ -35,6 +35,7 @@ MODULES = (
     "grammar",
     "http11",
     "ids",
+    "outbox",
     "paths",
     "pipeline",
     "routing",

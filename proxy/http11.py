@@ -14,7 +14,9 @@ a third of the sidecar's time per proxied request. What it does differently:
 - the response head is checked for line breaks and control bytes with one scan, not two regular
   expressions per header;
 - a request's body is handed over without copies, and `receive` waits on a future made only
-  when there is nothing to hand over.
+  when there is nothing to hand over;
+- a small answer that ends while other requests are in flight is written at the end of the
+  loop's round of callbacks, with the others finished in that round (outbox.py).
 
 The limits it keeps on the request (uvicorn sets none of them): a head larger than
 `server.max_header_bytes` closes the connection with a 400; the fields of a chunked body's trailer
@@ -39,6 +41,7 @@ from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from .authority import absolute_form_problem
 from .errors import BadRequest, InternalError, render
 from .ids import new_request_id
+from .outbox import MAX_WAITING_BYTES, outbox_of
 from .types import BODY_FOLLOWS
 
 log = logging.getLogger("uvicorn.error")  # written as authproxy.server (telemetry/logs.py)
@@ -135,19 +138,19 @@ class Cycle:
                 else:
                     log.debug("the response was cut: %r", exc)
                     self.head = None
-                    self.transport.close()
+                    self.conn.close()
                     if not isinstance(exc, Exception):
                         raise
             else:
                 if result is not None:
                     log.error("ASGI callable should return None, but returned %r.", result)
-                    self.transport.close()
+                    self.conn.close()
                 elif not self.started and not self.disconnected:
                     log.error("ASGI callable returned without starting response.")
                     await self._send_500()
                 elif not self.complete and not self.disconnected:
                     log.error("ASGI callable returned without completing response.")
-                    self.transport.close()
+                    self.conn.close()
         finally:
             # What uvicorn's graceful shutdown waits for (a done callback per task would cost
             # a callback per request; a task cancelled before it ever ran is only cancelled at
@@ -166,7 +169,7 @@ class Cycle:
         if self.expect_continue:
             self.expect_continue = False
             if not self.transport.is_closing():
-                self.transport.write(_CONTINUE)
+                self.conn.write(_CONTINUE)
         if not self.chunks and (not self.body_done or self.final_given):
             if not self.disconnected and not self.complete:
                 conn = self.conn
@@ -236,16 +239,24 @@ class Cycle:
             if len(data) <= _CORK_BYTES:
                 data = head + data
             else:
-                self.transport.write(head)
+                conn.write(head)
         if data:
-            self.transport.write(data)
+            if (
+                not more
+                and self.keep_alive
+                and len(data) <= MAX_WAITING_BYTES
+                and len(conn.tasks) > 1  # other requests in flight (outbox.py)
+            ):
+                conn.outbox.add(self.transport, data)
+            else:
+                conn.write(data)
         if not more:
             if self.remaining:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.complete = True
             self.wake()
             if not self.keep_alive:
-                self.transport.close()
+                conn.close()
             conn.response_complete(self)
 
     def _start(self, status: int, headers: Any) -> None:
@@ -287,7 +298,7 @@ class Cycle:
         if head is not None:
             self.head = None
             if not self.disconnected and not self.transport.is_closing():
-                self.transport.write(head)
+                self.conn.write(head)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -315,6 +326,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server_state = server_state
         self.connections = server_state.connections
         self.tasks = server_state.tasks
+        self.outbox = outbox_of(self.loop)
         self.app_state = app_state
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
@@ -366,6 +378,18 @@ class HttpProtocol(asyncio.Protocol):
 
     def eof_received(self) -> None:
         pass
+
+    def write(self, data: bytes) -> None:
+        """Write now, after what waits in the outbox (a connection's bytes keep their order)."""
+        if self.outbox.pending:
+            self.outbox.flush()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        """Close after what waits in the outbox is written (a close would drop it)."""
+        if self.outbox.pending:
+            self.outbox.flush()
+        self.transport.close()
 
     def pause_writing(self) -> None:
         self.writing_paused = True
@@ -534,7 +558,7 @@ class HttpProtocol(asyncio.Protocol):
         answer."""
         cycle = self.cycle
         if cycle is None or cycle.complete:
-            self.transport.close()
+            self.close()
         else:
             cycle.keep_alive = False
 
@@ -564,13 +588,13 @@ class HttpProtocol(asyncio.Protocol):
         if self.in_head:
             deadline = self.head_started + self.head_timeout_s
             if now >= deadline:
-                self.transport.close()  # the head did not arrive in time
+                self.close()  # the head did not arrive in time
                 return
             deadlines.append(deadline)
         if self.idle_since is not None:
             deadline = self.idle_since + self.keep_alive_s
             if now >= deadline:
-                self.transport.close()  # keep-alive over
+                self.close()  # keep-alive over
                 return
             deadlines.append(deadline)
         if deadlines:
@@ -592,6 +616,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _upgrade(self) -> None:
         """The connection is the WebSocket protocol's from here (it parses the head again)."""
+        self.outbox.flush()  # an answer before the upgrade goes first
         self.connections.discard(self)
         self._stop_timer()
         head = [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n"]
@@ -618,8 +643,8 @@ class HttpProtocol(asyncio.Protocol):
         head = b"HTTP/1.1 400 Bad Request\r\n" + b"".join(
             name + b": " + value + b"\r\n" for name, value in headers
         )
-        self.transport.write(head + b"connection: close\r\n\r\n" + body)
-        self.transport.close()
+        self.write(head + b"connection: close\r\n\r\n" + body)
+        self.close()
 
 
 def http_protocol(max_head_bytes: int, head_timeout_s: float) -> type[HttpProtocol]:

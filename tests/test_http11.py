@@ -97,13 +97,18 @@ async def _no_content(scope: Any, receive: Any, send: Any) -> None:
 
 
 def connect(
-    app: Any = _no_content, *, keep_alive_s: float = 5.0, head_timeout_s: float = 10.0
+    app: Any = _no_content,
+    *,
+    keep_alive_s: float = 5.0,
+    head_timeout_s: float = 10.0,
+    state: ServerState | None = None,
 ) -> tuple[HttpProtocol, FakeTransport]:
+    """A connection to a fresh server (or to `state`'s, beside its other connections)."""
     cls = http_protocol(64 * 1024, head_timeout_s)
     config = uvicorn.Config(
         app, http=cls, lifespan="off", log_config=None, ws="none", timeout_keep_alive=keep_alive_s
     )
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    protocol = cls(config=config, server_state=state or ServerState(), app_state={})
     transport = FakeTransport()
     protocol.connection_made(transport)
     return protocol, transport
@@ -516,3 +521,84 @@ async def test_an_answer_cut_before_its_head_went_out_closes_without_a_head() ->
     protocol.data_received(GET)
     await settle()
     assert transport.closed and transport.written == b""
+
+
+# --- answers written at the end of the loop round (proxy/outbox.py) -------------------------------
+
+
+def holding(release: asyncio.Event) -> Any:
+    """An app whose request stays in flight until `release` is set, then answers "held"."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await answering(b"held")(scope, receive, send)
+
+    return app
+
+
+async def test_an_answer_ending_while_others_are_in_flight_waits_for_the_end_of_the_round() -> None:
+    state = ServerState()
+    release = asyncio.Event()
+    seen: dict[str, bytes] = {}
+
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await answering(b"quick")(scope, receive, send)
+        seen["quick"] = bytes(quick_transport.written)  # right after its last send
+
+    async def last(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await answering(b"last")(scope, receive, send)
+        seen["last"] = bytes(last_transport.written)
+
+    held, _ = connect(holding(release), state=state)
+    last_conn, last_transport = connect(last, state=state)
+    quick_conn, quick_transport = connect(quick, state=state)
+    for conn in (held, last_conn, quick_conn):
+        conn.data_received(GET)
+    await settle()
+    assert seen["quick"] == b""  # others were in flight: it waited for the round's end
+    assert quick_transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nquick"]
+    release.set()
+    await settle()
+    # Both woke in one round: `held` answered first, with `last` in flight (it waited); `last`
+    # was then alone on the loop, and an answer alone goes at once (no latency added at c1).
+    assert seen["last"] == b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlast"
+    assert not state.tasks
+
+
+async def test_a_close_writes_the_answer_waiting_for_the_round_first() -> None:
+    state = ServerState()
+    release = asyncio.Event()
+    seen: list[bytes] = []
+
+    async def quick(scope: Any, receive: Any, send: Any) -> None:
+        await answering(b"quick")(scope, receive, send)
+        seen.append(bytes(transport.written))
+        protocol.shutdown()  # uvicorn's graceful shutdown reaches the connection, now idle
+
+    connect(holding(release), state=state)[0].data_received(GET)
+    protocol, transport = connect(quick, state=state)
+    protocol.data_received(GET)
+    await settle()
+    assert seen == [b""]  # it had waited
+    assert transport.written.endswith(b"quick") and transport.closed
+    assert transport.writes[-1].endswith(b"quick")
+
+
+async def test_pipelined_answers_keep_their_order_when_they_wait_for_the_round() -> None:
+    state = ServerState()
+    release = asyncio.Event()
+    connect(holding(release), state=state)[0].data_received(GET)
+    bodies = iter([b"first", b"second", b"third"])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await answering(next(bodies))(scope, receive, send)
+
+    protocol, transport = connect(app, state=state)
+    protocol.data_received(GET * 3)
+    await settle(40)
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 3
+    first, second, third = (transport.written.index(b) for b in (b"first", b"second", b"third"))
+    assert first < second < third
+    release.set()
+    await settle()

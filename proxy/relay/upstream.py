@@ -4,7 +4,8 @@ keep-alive pool, timeouts kept by one lazily moved `call_at` timer per connectio
 Why not a general client: on this hop httpx cost ~1,300 µs of CPU per request and aiohttp ~240 µs,
 most of it in building requests we already hold as bytes, per-read timeout contexts and pool
 bookkeeping. The sidecar speaks to one origin with requests it has already parsed and judged, so
-the head is written as bytes in one `write`, the response head is parsed by llhttp and the body
+the head is written as bytes in one `write` (joining the loop round's other writes when some
+wait: outbox.py), the response head is parsed by llhttp and the body
 flows as the chunks the socket delivered, with flow control both ways.
 
 What it guarantees:
@@ -34,6 +35,7 @@ import httptools
 
 from ..config import UpstreamSettings
 from ..errors import BadGateway, GatewayTimeout, ProxyError
+from ..outbox import MAX_WAITING_BYTES, outbox_of
 from ..tls import upstream_context
 
 # RFC 9110 9.2.2: a method whose request may be sent twice with the effect of once.
@@ -121,6 +123,7 @@ class Connection(asyncio.Protocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
         self._loop = pool.loop
+        self._outbox = outbox_of(pool.loop)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.reused = False
@@ -328,7 +331,13 @@ class Connection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
-        self.transport.write(data)
+        outbox = self._outbox
+        if outbox.scheduled and len(data) <= MAX_WAITING_BYTES:
+            outbox.add(self.transport, data)  # joins the writes of this round (outbox.py)
+        else:
+            if outbox.pending:
+                outbox.flush()
+            self.transport.write(data)
         self._last = self._loop.time()
 
     async def drain(self) -> None:
@@ -398,6 +407,8 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
+            if self._outbox.pending:
+                self._outbox.flush()  # what this connection was sent goes before its close
             self.transport.close()
         if not self.closed:
             self.closed = True

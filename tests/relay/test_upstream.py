@@ -512,3 +512,31 @@ async def test_with_preserve_host_a_request_without_host_still_names_one() -> No
     async with upstream(handler) as up, forwarder(up, preserve_host=True) as fw:
         await call(fw)  # an HTTP/1.0 client sent no Host: the upstream's own goes
         assert f"host: 127.0.0.1:{up.port}\r\n".encode() in up.requests[0]
+
+
+async def test_a_request_joins_writes_waiting_for_the_round_and_a_close_sends_them_first() -> None:
+    from proxy.outbox import outbox_of
+
+    arrived = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        while True:  # until our close
+            await up.read_request(r)
+            arrived.set()
+
+    async with upstream(handler) as up, forwarder(up) as fw:
+        conn = await fw.pool.acquire()
+        assert conn.transport is not None
+        outbox = outbox_of(asyncio.get_running_loop())
+        request = b"GET /a HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
+        conn.write(request)  # no round is writing: at once
+        assert not outbox.pending
+        await asyncio.wait_for(arrived.wait(), 5)
+        arrived.clear()
+        outbox.add(conn.transport, b"")  # this round has a write waiting (an answer's, say)
+        conn.write(request.replace(b"/a", b"/b"))
+        assert outbox.pending[-1] == (conn.transport, request.replace(b"/a", b"/b"))
+        conn.close()  # writes what waits first: a close never drops it
+        assert not outbox.pending
+        await asyncio.wait_for(arrived.wait(), 5)
+    assert [r.split(b" ")[1] for r in up.requests] == [b"/a", b"/b"]
