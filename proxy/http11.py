@@ -260,24 +260,32 @@ class Cycle:
             conn.response_complete(self)
 
     def _start(self, status: int, headers: Any) -> None:
-        parts = [_STATUS_LINES.get(status) or _status_line(status)]
+        parts: list[bytes] = [_STATUS_LINES.get(status) or _status_line(status)]
         closing = False
         lines = 1
-        for name, value in headers:
-            name = name.lower()
-            if name == b"content-length":
+        fields: list[Any] = headers if type(headers) is list else list(headers)
+        for field in fields:  # (pairs: tuples or lists)
+            name: bytes = field[0]
+            value: bytes = field[1]
+            if not name.islower():  # (no copy for the usual, already lower-case name)
+                name = name.lower()
+            size = len(name)
+            if size == 14 and name == b"content-length":
                 if self.chunked is None:
                     self.remaining = int(value)
                     self.chunked = False
-            elif name == b"transfer-encoding":
+            elif size == 17 and name == b"transfer-encoding":
                 if value.lower() == b"chunked":
                     self.remaining = 0
                     self.chunked = True
-            elif name == b"connection":
+            elif size == 10 and name == b"connection":
                 if b"close" in [t.strip() for t in value.lower().split(b",")]:
                     self.keep_alive = False
                     closing = True
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
             lines += 1
         if not self.keep_alive and not closing:
             parts.append(b"connection: close\r\n")
