@@ -121,10 +121,10 @@ class Goal:
         if self.compare == "<=":
             if value <= bound:
                 return "**met**"
-            return f"missed: over by {self._show(value - bound)} (×{value / bound:.1f} the goal)"
+            return f"missed: over by {self._show(value - bound)} (×{value / bound:.2f} the goal)"
         if value > bound or (self.compare == ">=" and value == bound):
             return "**met**"
-        return f"missed: short by {self._show(bound - value)} (needs ×{bound / value:.1f})"
+        return f"missed: short by {self._show(bound - value)} (needs ×{bound / value:.2f})"
 
     def row(self) -> str:
         return (

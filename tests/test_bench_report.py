@@ -28,3 +28,14 @@ def test_a_rerun_replaces_its_own_sections_and_keeps_the_others(
     assert text.count("## Targets (issue 9)") == 1
     report.write(path, None, {})  # type: ignore[arg-type]
     assert path.read_text() == text  # stable: nothing doubles on a second run
+
+
+def test_a_goal_says_whether_it_holds_and_by_how_much_it_misses() -> None:
+    share = report.Goal("JWT share", ">=", 0.45, 0.43, 0.94)
+    # 0.45 / 0.43 = 1.047: one decimal would read "needs ×1.0", which says nothing.
+    assert share.verdict == "missed: short by 0.02 (needs ×1.05)"
+    assert report.Goal("JWT share", ">=", 0.45, 0.45, 0.94).verdict == "**met**"
+    latency = report.Goal("latency", "<=", 0.150, 0.1504, 0.03, " ms", ".3f")
+    assert latency.verdict == "**met**"  # judged as shown: 0.150 ms
+    over = report.Goal("latency", "<=", 0.150, 0.160, 0.03, " ms", ".3f")
+    assert over.verdict == "missed: over by 0.010 ms (×1.07 the goal)"
