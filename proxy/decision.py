@@ -128,7 +128,7 @@ class Request:
             http_version = str(scope.get("http_version"))
         request_id = None
         traceparent = tracestate = None
-        r = cls(method=method, headers=headers, request_id="")
+        r = Request(method, headers, "")  # (not `cls(...)`: mypyc calls its own class directly)
         size = 0
         for name, value in headers:
             size += len(name) + len(value) + 4
