@@ -156,6 +156,7 @@ class Cycle:
             # a callback per request; a task cancelled before it ever ran is only cancelled at
             # the end of that wait, when nothing reads the set any more).
             self.conn.tasks.discard(self.task)
+            self.conn.outbox.requests -= 1
 
     async def _send_500(self) -> None:
         self.keep_alive = False
@@ -245,7 +246,7 @@ class Cycle:
                 not more
                 and self.keep_alive
                 and len(data) <= MAX_WAITING_BYTES
-                and len(conn.tasks) > 1  # other requests in flight (outbox.py)
+                and conn.outbox.requests > 1  # other requests in flight (outbox.py)
             ):
                 conn.outbox.add(self.transport, data)
             else:
@@ -549,6 +550,7 @@ class HttpProtocol(asyncio.Protocol):
     def _start(self, cycle: Cycle) -> None:
         cycle.task = task = self.loop.create_task(cycle.run(self.app))
         self.tasks.add(task)
+        self.outbox.requests += 1
 
     def response_complete(self, cycle: Cycle) -> None:
         self.server_state.total_requests += 1

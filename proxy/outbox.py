@@ -22,7 +22,10 @@ A connection closed by the peer meanwhile is skipped: nobody is left to read it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
+
+log = logging.getLogger("authproxy.server")
 
 # The most a write may be to wait here: bigger ones are a body being streamed, whose flow control
 # (pause_writing, drain) must see the bytes in the transport's buffer.
@@ -36,6 +39,9 @@ class Outbox:
         self.loop = loop
         self.pending: list[tuple[asyncio.BaseTransport, bytes]] = []
         self.scheduled = False  # a round's end is awaited (writes wait, or did this round)
+        # HTTP requests being answered on this loop (http11.py counts them; a WebSocket session
+        # is none: hours open, it must not make every answer wait).
+        self.requests = 0
 
     def add(self, transport: asyncio.BaseTransport, data: bytes) -> None:
         self.pending.append((transport, data))
@@ -52,8 +58,13 @@ class Outbox:
         if pending:
             self.pending = []
             for transport, data in pending:
-                if not transport.is_closing():
+                if transport.is_closing():
+                    continue
+                try:
                     transport.write(data)  # type: ignore[attr-defined]
+                except Exception as exc:  # that connection is broken: the others still get theirs
+                    log.debug("a waiting write failed: %r", exc)
+                    transport.abort()  # type: ignore[attr-defined]
 
 
 _OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (

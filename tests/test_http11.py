@@ -566,6 +566,23 @@ async def test_an_answer_ending_while_others_are_in_flight_waits_for_the_end_of_
     assert not state.tasks
 
 
+async def test_an_open_websocket_session_does_not_make_answers_wait() -> None:
+    state = ServerState()
+    session = asyncio.ensure_future(asyncio.sleep(3600))  # uvicorn counts a session's task too
+    state.tasks.add(session)
+    seen: list[bytes] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await answering(b"alone")(scope, receive, send)
+        seen.append(bytes(transport.written))
+
+    protocol, transport = connect(app, state=state)
+    protocol.data_received(GET)
+    await settle()
+    assert seen[0].endswith(b"alone")  # the only request in flight: written at once
+    session.cancel()
+
+
 async def test_a_close_writes_the_answer_waiting_for_the_round_first() -> None:
     state = ServerState()
     release = asyncio.Event()

@@ -90,3 +90,32 @@ async def test_each_loop_has_its_own_outbox() -> None:
         assert theirs.loop is other
     finally:
         other.close()
+
+
+class Broken:
+    """A transport whose write fails (no real socket fails on demand)."""
+
+    def __init__(self) -> None:
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("broken")
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+async def test_a_write_that_fails_aborts_its_connection_and_the_others_are_written() -> None:
+    (a,), arrived, server = await pairs(1)
+    outbox = outbox_of(asyncio.get_running_loop())
+    broken = Broken()
+    outbox.add(broken, b"lost")  # type: ignore[arg-type]
+    outbox.add(a, b"kept")
+    await asyncio.sleep(0)
+    assert broken.aborted and not outbox.pending
+    await arrive(arrived, [b"kept"])
+    a.close()
+    server.close()
