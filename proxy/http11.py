@@ -152,9 +152,9 @@ class Cycle:
                     log.error("ASGI callable returned without completing response.")
                     self.conn.close()
         finally:
-            # What uvicorn's graceful shutdown waits for (a done callback per task would cost
-            # a callback per request; a task cancelled before it ever ran is only cancelled at
-            # the end of that wait, when nothing reads the set any more).
+            # What uvicorn's graceful shutdown waits for, and the outbox's count (a done
+            # callback per task would cost a callback per request; a task cancelled before it
+            # ever ran is only cancelled at the end of that wait, when nothing reads either).
             self.conn.tasks.discard(self.task)
             self.conn.outbox.requests -= 1
 
@@ -390,14 +390,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Write now, after what waits in the outbox (a connection's bytes keep their order)."""
-        if self.outbox.pending:
-            self.outbox.flush()
+        self.outbox.flush()
         self.transport.write(data)
 
     def close(self) -> None:
         """Close after what waits in the outbox is written (a close would drop it)."""
-        if self.outbox.pending:
-            self.outbox.flush()
+        self.outbox.flush()
         self.transport.close()
 
     def pause_writing(self) -> None:

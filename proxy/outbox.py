@@ -37,13 +37,13 @@ class Outbox:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pending: list[tuple[asyncio.BaseTransport, bytes]] = []
+        self.pending: list[tuple[asyncio.Transport, bytes]] = []
         self.scheduled = False  # a round's end is awaited (writes wait, or did this round)
         # HTTP requests being answered on this loop (http11.py counts them; a WebSocket session
         # is none: hours open, it must not make every answer wait).
         self.requests = 0
 
-    def add(self, transport: asyncio.BaseTransport, data: bytes) -> None:
+    def add(self, transport: asyncio.Transport, data: bytes) -> None:
         self.pending.append((transport, data))
         if not self.scheduled:
             self.scheduled = True
@@ -54,6 +54,7 @@ class Outbox:
         self.flush()
 
     def flush(self) -> None:
+        """Write what waits, now (nothing to do, the usual case, is one test)."""
         pending = self.pending
         if pending:
             self.pending = []
@@ -61,10 +62,10 @@ class Outbox:
                 if transport.is_closing():
                     continue
                 try:
-                    transport.write(data)  # type: ignore[attr-defined]
+                    transport.write(data)
                 except Exception as exc:  # that connection is broken: the others still get theirs
                     log.debug("a waiting write failed: %r", exc)
-                    transport.abort()  # type: ignore[attr-defined]
+                    transport.abort()
 
 
 _OUTBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Outbox] = (

@@ -335,8 +335,7 @@ class Connection(asyncio.Protocol):
         if outbox.scheduled and len(data) <= MAX_WAITING_BYTES:
             outbox.add(self.transport, data)  # joins the writes of this round (outbox.py)
         else:
-            if outbox.pending:
-                outbox.flush()
+            outbox.flush()  # what waits goes first: the connection's bytes keep their order
             self.transport.write(data)
         self._last = self._loop.time()
 
@@ -407,8 +406,7 @@ class Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            if self._outbox.pending:
-                self._outbox.flush()  # what this connection was sent goes before its close
+            self._outbox.flush()  # what this connection was sent goes before its close
             self.transport.close()
         if not self.closed:
             self.closed = True
