@@ -340,7 +340,7 @@ class App:
         policy in effect has it) would judge it on a new handshake: the identity, or why not."""
         assert self.auth is not None
         route = self.routes.match(path, "GET")
-        if route is None or route.settings.public:
+        if route is None or route.public:
             raise ReauthRefused("no_route")
         rs = route.settings
         try:

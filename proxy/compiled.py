@@ -52,6 +52,8 @@ MODULES = (
     "relay/upstream",
     "relay/ws_passthrough",
     "telemetry/access",
+    "telemetry/lines",
+    "telemetry/number",
     "telemetry/tally",
 )
 

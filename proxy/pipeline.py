@@ -170,7 +170,7 @@ class Pipeline:
         parent = trace.traceparent if trace is not None and not trace.started else None
         span = otel.request_span(f"{r.method} {record.route}", parent, r.started)
         record.trace_id = otel.traceparent(span)[0]
-        if r.auth_ended and r.route is not None and not r.route.settings.public:
+        if r.auth_ended and r.route is not None and not r.route.public:
             auth = otel.child_span(span, "authproxy.auth", r.auth_started)
             identity = r.identity
             otel.end(

@@ -17,6 +17,7 @@ class Route:
     exact: str | None
     methods: frozenset[str]  # empty: every method
     name: str  # `name`, default the path: the label in logs and metrics (never the position)
+    public: bool  # `settings.public`, read here without the model's interpreted property
 
     def matches(self, path: str, method: str) -> bool:
         if self.methods and method not in self.methods:
@@ -48,6 +49,7 @@ class RouteTable:
                     None if prefix is not None else r.path,
                     frozenset(methods),
                     names[i],
+                    r.public,
                 )
             )
         self.routes: tuple[Route, ...] = tuple(compiled)

@@ -100,3 +100,21 @@ def test_the_segment_shortcut_agrees_with_the_segment_by_segment_rule(tail: str)
         assert ";" in path or _segments_refused(path)
     else:
         assert ";" not in path and not _segments_refused(path)
+
+
+def test_the_canonical_byte_set_is_rfc_3986s_pchar_and_slash_without_percent() -> None:
+    """`judge_path` tests a raw path against a byte set (`bytes.translate`), not the grammar:
+    the two must agree on every byte, one at a time, and a path of them only is sent as it came."""
+    import re
+
+    from proxy.paths import _CANONICAL_BYTES
+
+    # RFC 3986 3.3: pchar = unreserved / pct-encoded / sub-delims / ":" / "@"; the path adds "/".
+    pchar = re.compile(rb"[A-Za-z0-9\-._~!$&'()*+,;=:@/]")
+    for byte in range(256):
+        one = bytes([byte])
+        assert (one in _CANONICAL_BYTES) == bool(pchar.fullmatch(one)), one
+    assert judge_path(b"/api/v1/models:run@x") == ("/api/v1/models:run@x", b"/api/v1/models:run@x")
+    # Outside the set (a space, a non-ASCII byte, a percent-escape): decoded and sent re-encoded.
+    assert judge_path(b"/a%20b") == ("/a b", b"/a%20b")
+    assert judge_path(b"/caf\xc3\xa9") == ("/café", b"/caf%C3%A9")

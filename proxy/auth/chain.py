@@ -27,6 +27,8 @@ from .scopes import require_scopes
 
 log = logging.getLogger("authproxy.auth")
 
+PUBLIC = ("public",)  # a public route's `auth` (config.RouteSettings.public)
+
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
@@ -63,10 +65,11 @@ class Chain:
         400 for a query that hides a credential behind a `;`, on every route)."""
         if credentials.query_refusal is not None:
             raise BadRequest(credentials.query_refusal, details={"reason": "credential_in_query"})
-        if route.public:
+        auth = route.auth  # (a pydantic model's attributes are slow to read: once each)
+        if auth == PUBLIC:  # `route.public`, without its interpreted property
             return None
-        bearer = not self._bearer.isdisjoint(route.auth)
-        for name in route.auth:
+        bearer = not self._bearer.isdisjoint(auth)
+        for name in auth:
             method = self._methods[name]
             credential = credentials.of(name)
             if trace is None:

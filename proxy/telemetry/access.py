@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from . import clock, logs
+from .lines import LineBatch
 from .metrics import Metrics
 from .tally import Observer, Tally
 
@@ -211,20 +212,38 @@ def access_line(line: dict[str, Any]) -> None:
     """Write one access-log line, given whole: `time` (stamped here), `level`, `logger` and
     `message` first, as `AccessLog.emit` builds it.
 
-    Straight to the configured handler: per request, the logging module's record machinery
-    (record, caller lookup, locks) cost more CPU than everything else in the line. orjson:
-    0.4 µs a line against 3.8 µs for the standard encoder, measured here.
+    Straight to the configured handler's batch (telemetry/lines.py), all compiled: per request,
+    the logging module's record machinery (record, caller lookup, locks) cost more CPU than
+    everything else in the line, and even its one-line calls (`isEnabledFor`, the handler's
+    `add_line`), interpreted, cost a request 0.7 µs in a profile under load. orjson: 0.4 µs a
+    line against 3.8 µs for the standard encoder, and the bytes it makes are written as they are.
     """
-    if not logs.ACCESS.isEnabledFor(logging.INFO):
+    logger = logs.ACCESS
+    if not _info_enabled(logger):
         return
-    handler = logs.handler_of(logs.ACCESS)
+    handlers = logger.handlers
+    handler = handlers[0] if handlers else logs.handler_of(logger)
     if not isinstance(handler, logs.JsonLinesHandler):
         fields = dict(itertools.islice(line.items(), 4, None))
-        logs.ACCESS.info(line["message"], extra={"fields": fields})
+        logger.info(line["message"], extra={"fields": fields})
         return
     line["time"] = _STAMP.now()
     try:
-        text = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE).decode()
+        data = orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:  # e.g. a lone surrogate: the standard encoder escapes it
-        text = logs.encode(line) + "\n"
-    handler.add_line(text)
+        data = (logs.encode(line) + "\n").encode()
+    batch: LineBatch = handler.batch
+    batch.add(data)
+
+
+def _info_enabled(logger: logging.Logger) -> bool:
+    """`logger.isEnabledFor(logging.INFO)`, from the answer the logging module keeps for it
+    (`Logger._cache`, cleared by `setLevel` and `logging.disable`); the method itself, which
+    fills it, when there is none."""
+    if logger.disabled:
+        return False
+    cache: Any = getattr(logger, "_cache", None)
+    known = cache.get(logging.INFO) if cache is not None else None
+    if known is None:
+        return logger.isEnabledFor(logging.INFO)
+    return bool(known)
