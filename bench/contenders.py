@@ -382,5 +382,17 @@ def fastapi_proxy_lib(tmp: Path, upstream_port: int) -> Server:
     )
 
 
+def byte_relay(tmp: Path, upstream_port: int) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "bench.byte_relay", "--port", str(port)]
+    process = spawn([*args, "--upstream-port", str(upstream_port)], tmp / "byte-relay.log", port)
+    return _process_server(
+        "byte relay",
+        process,
+        "bench/byte_relay.py: bytes copied both ways by asyncio protocols on uvloop, nothing "
+        "parsed (the floor of a relay in one Python process)",
+    )
+
+
 def missing_tools(names: Sequence[str]) -> list[str]:
     return [n for n in names if shutil.which(n) is None]

@@ -38,6 +38,7 @@ from . import bulk, contenders, hotspots, http_load, report, tokens, ws_echo, ws
 from .contenders import Server
 from .http_load import Target
 from .report import (
+    BYTE_RELAY,
     DIRECT,
     FPL,
     JWT_W1,
@@ -177,6 +178,7 @@ def start_contenders(run: Run) -> dict[str, Server]:
     else:
         run.note("Caddy: not installed (make bench-deps installs it)")
     add(FPL, lambda: contenders.fastapi_proxy_lib(tmp, up.port))
+    add(BYTE_RELAY, lambda: contenders.byte_relay(tmp, up.port))
     for server in started.values():
         count = len(server.processes())
         run.results.details.append(
@@ -231,6 +233,7 @@ def ws_targets(run: Run, s: dict[str, Server]) -> list[tuple[str, Server, str, d
         (SIDECAR_W1, SIDECAR_W1, rs),
         (NGINX, NGINX, {}),
         ("Caddy", "Caddy", {}),
+        (BYTE_RELAY, BYTE_RELAY, {}),
     ]
     found = []
     for label, name, headers in wanted:

@@ -39,3 +39,24 @@ def test_a_goal_says_whether_it_holds_and_by_how_much_it_misses() -> None:
     assert latency.verdict == "**met**"  # judged as shown: 0.150 ms
     over = report.Goal("latency", "<=", 0.150, 0.160, 0.03, " ms", ".3f")
     assert over.verdict == "missed: over by 0.010 ms (×1.07 the goal)"
+
+
+def test_the_websocket_goal_is_read_against_the_byte_relays_floor() -> None:
+    r = report.Results()
+    r.ws_echo = {
+        report.DIRECT: [60000.0, 62000.0, 61000.0],
+        report.SIDECAR_W1: [27000.0, 28000.0, 27500.0],
+        report.BYTE_RELAY: [29000.0, 29500.0, 30000.0],
+    }
+    (sentence, blank) = report.ws_floor(r)
+    assert blank == ""
+    # Medians: 61000 direct, 27500 sidecar, 29500 relay.
+    assert (
+        "reached 0.48 of direct" in sentence
+        and "the sidecar, which checks every frame, 0.45" in sentence
+    )
+    assert "0.93 of the floor" in sentence and "no relay written in Python" in sentence
+    r.ws_echo[report.BYTE_RELAY] = [33000.0]
+    assert "within the floor's reach" in report.ws_floor(r)[0]
+    del r.ws_echo[report.BYTE_RELAY]
+    assert report.ws_floor(r) == []  # not measured: nothing said
