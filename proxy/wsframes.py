@@ -86,6 +86,34 @@ class FrameSink:
         raise NotImplementedError
 
 
+class FrameFeed:
+    """A hop's protocol as its transport sees it once a splitter has its bytes for good: each read
+    goes straight to the splitter (compiled) instead of through the protocol's `data_received`,
+    an interpreted method of the library's class (wssplit.py), and the rest of the protocol's
+    callbacks to the protocol itself. uvloop binds `data_received` once, when the protocol is set
+    (`transport.set_protocol`): this object is set in the protocol's place."""
+
+    def __init__(self, protocol: Any, splitter: FrameSplitter) -> None:
+        self.protocol = protocol
+        self.splitter = splitter
+
+    def data_received(self, data: bytes) -> None:
+        self.splitter.feed(data)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.protocol.eof_received()
+        return result
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.protocol.resume_writing()
+
+
 class FrameSplitter:
     """One hop's inbound bytes, at frame boundaries: whole data frames to the sink's `take`, the
     rest to its `parse`. `masked`: the frames this hop receives are masked (the client's hop)."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .wsframes import FrameSink, FrameSplitter, splitter_at_boundary
+from .wsframes import FrameFeed, FrameSink, FrameSplitter, splitter_at_boundary
 
 
 class SplitsFrames:
@@ -35,6 +35,7 @@ class SplitsFrames:
             self.splitter.sink = sink
         else:
             self.splitter = splitter_at_boundary(sink, self._ws(), masked=self._MASKED)
+            self._feed_splitter()
 
     def data_received(self, data: bytes) -> None:
         splitter = self.splitter
@@ -44,6 +45,15 @@ class SplitsFrames:
         super().data_received(data)  # type: ignore[misc]
         if self.frame_sink is not None:  # waiting for the parser to finish a frame
             self.splitter = splitter_at_boundary(self.frame_sink, self._ws(), masked=self._MASKED)
+            self._feed_splitter()
+
+    def _feed_splitter(self) -> None:
+        """The transport's reads to the splitter directly from now on (wsframes.FrameFeed): this
+        method stays the way in only for bytes handed to it by hand."""
+        splitter = self.splitter
+        transport: Any = getattr(self, "transport", None)
+        if splitter is not None and transport is not None and not transport.is_closing():
+            transport.set_protocol(FrameFeed(self, splitter))
 
     def parse_frames(self, data: bytes) -> None:
         """What the splitter leaves to the hop's parser (the library's `data_received`)."""

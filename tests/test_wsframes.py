@@ -215,3 +215,90 @@ def test_utf8_valid() -> None:
     assert utf8_valid("caf\u00e9 \u2603".encode())
     assert not utf8_valid(b"\xff\xfe")
     assert not utf8_valid(b"\xed\xa0\x80")  # a surrogate: not UTF-8
+
+
+def test_once_a_splitter_takes_over_the_transport_reads_into_it_directly() -> None:
+    """On a real uvloop socket: the hop's transport gets a FrameFeed in the protocol's place, so a
+    read reaches the (compiled) splitter without the protocol's interpreted `data_received`; the
+    frames are taken whole and in order, a ping still reaches the hop's parser, and the end of the
+    connection still reaches the protocol."""
+    import asyncio
+
+    import uvloop
+    from websockets.protocol import Protocol, Side, State
+
+    from proxy.wsframes import FrameFeed
+    from proxy.wssplit import SplitsFrames
+
+    class Base(asyncio.Protocol):
+        def __init__(self) -> None:
+            self.parsed = b""
+            self.lost = asyncio.get_running_loop().create_future()
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:  # the library's parser, as far as it goes
+            self.parsed += data
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.lost.set_result(exc)
+
+    class Hop(SplitsFrames, Base):
+        _MASKED = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.ws = Protocol(Side.SERVER, state=State.OPEN)
+
+        def _ws(self) -> Protocol:
+            return self.ws
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            self.relay_frames(sink)
+
+    class Sink(FrameSink):
+        def __init__(self) -> None:
+            self.taken: list[bytes] = []
+            self.hop: Hop | None = None
+
+        def ready(self) -> bool:
+            return True
+
+        def take(self, frame: bytes, head: int, text: bool) -> bool:
+            self.taken.append(frame)
+            return True
+
+        def parse(self, data: bytes) -> None:
+            assert self.hop is not None
+            self.hop.parse_frames(data)
+
+    sink = Sink()
+    texts = [frame(0x1, f"message {n}".encode()).raw for n in range(3)]
+    ping = frame(0x9, b"p").raw
+
+    async def main() -> None:
+        hops: list[Hop] = []
+
+        def made() -> Hop:
+            hop = Hop()
+            sink.hop = hop
+            hops.append(hop)
+            return hop
+
+        server = await asyncio.get_running_loop().create_server(made, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(texts[0] + ping + texts[1][:3])
+        await asyncio.sleep(0.05)
+        writer.write(texts[1][3:] + texts[2])
+        await asyncio.sleep(0.05)
+        (hop,) = hops
+        assert isinstance(hop.transport.get_protocol(), FrameFeed)  # type: ignore[attr-defined]
+        assert sink.taken == texts and hop.parsed == ping
+        writer.close()
+        assert await asyncio.wait_for(hop.lost, 5) is None
+        server.close()
+
+    uvloop.run(main())
