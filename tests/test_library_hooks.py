@@ -182,3 +182,18 @@ def test_websockets_parser_waits_in_at_eof_between_frames_only() -> None:
         protocol.receive_data(wire[-1:])
         assert at_frame_boundary(protocol)
         assert [bytes(e.data) for e in protocol.events_received()] == [b"hello"]
+
+
+def test_websockets_protocol_state_is_what_it_keeps_in_state() -> None:
+    """relay/ws_passthrough.py reads `_state` where `state` would cost an interpreted property
+    call on every relayed frame."""
+    from websockets.protocol import Protocol, Side, State
+
+    from proxy.relay.ws_passthrough import state_of
+
+    protocol = Protocol(Side.CLIENT, state=State.OPEN)
+    for state in State:
+        protocol.state = state
+        assert state_of(protocol) is protocol.state is state
+    source = inspect.getsource(Protocol.state.fget)  # type: ignore[attr-defined]
+    assert "return self._state" in source

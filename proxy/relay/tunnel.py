@@ -114,9 +114,9 @@ def _send_now(upstream: ClientConnection, data: bytes, text: bool) -> bool:
     and a state check each): framed and written at once while the connection is open, its write
     buffer under the limit and no fragmented send in progress. False: `send` it (it waits for
     the buffer to drain, or raises the ConnectionClosed that ends the session)."""
-    if not upstream_writable(upstream):
-        return False
     protocol = upstream.protocol
+    if not upstream_writable(upstream, protocol):
+        return False
     if protocol.extensions or protocol.writes or protocol.debug:
         if text:
             protocol.send_text(data)

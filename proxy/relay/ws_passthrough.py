@@ -37,12 +37,21 @@ def may_be_reauth(data: bytes) -> bool:
     return REAUTH_MARK in data or (b"\\u" in data and data.lstrip()[:1] == b"{")
 
 
-def upstream_writable(upstream: Any) -> bool:
-    """Whether a frame may be written to the upstream hop (relay/tunnel.py's connection) now,
-    past websockets' `send`: open, its write buffer under the limit, no fragmented send in
-    progress. Otherwise `send` waits for the buffer, or raises the close that ends the session."""
+def state_of(protocol: Any) -> State:
+    """A websockets sans-I/O protocol's `state`, read where that property keeps it (`_state`):
+    the property is an interpreted frame, and each relayed frame asks (tests/test_library_hooks.py
+    fails if websockets moves it)."""
+    state: State = protocol._state
+    return state
+
+
+def upstream_writable(upstream: Any, protocol: Any) -> bool:
+    """Whether a frame may be written to the upstream hop (relay/tunnel.py's connection; its
+    websockets `protocol`) now, past websockets' `send`: open, its write buffer under the limit,
+    no fragmented send in progress. Otherwise `send` waits for the buffer, or raises the close
+    that ends the session."""
     return (
-        upstream.protocol.state is State.OPEN
+        state_of(protocol) is State.OPEN
         and not upstream.paused
         and upstream.send_in_progress is None
     )
@@ -67,6 +76,8 @@ class ClientFrames(FrameSink):
         self.upstream = upstream
         self.protocol = upstream.protocol
         self.transport = upstream.transport
+        self.debug: bool = self.protocol.debug  # (set when websockets' protocol is made)
+        self.time: Callable[[], float] = upstream.loop.time
         self.session = session
         self.counts = counts
         self.reauth = reauth  # `websocket.reauth`: text that may be one takes the parser's way
@@ -99,14 +110,14 @@ class ClientFrames(FrameSink):
                 return False
         upstream = self.upstream
         protocol = self.protocol
-        if not upstream_writable(upstream) or protocol.writes or protocol.debug:
+        if not upstream_writable(upstream, protocol) or protocol.writes or self.debug:
             return False  # the relay task waits for the buffer, or meets the close
         try:
             self.transport.write(frame)
         except Exception as exc:  # as websockets' send: the connection is cut, the session ends
             upstream.set_connection_exc(exc)
             self.transport.abort()
-        count(self.session, self.counts, size, upstream.loop.time(), True)
+        count(self.session, self.counts, size, self.time(), True)
         return True
 
     def parse(self, data: bytes) -> None:
@@ -127,6 +138,8 @@ class UpstreamFrames(FrameSink):
         self.client = client
         self.upstream = upstream
         self.protocol = upstream.protocol
+        self.client_conn = client.conn  # the client hop's websockets protocol, for its state
+        self.time: Callable[[], float] = upstream.loop.time
         self.session = session
         self.counts = counts
         self.failed = failed  # a write to the client raised (logged and ended by the tunnel)
@@ -136,7 +149,7 @@ class UpstreamFrames(FrameSink):
         self.on = False
 
     def ready(self) -> bool:
-        return self.on and self.protocol.state is State.OPEN
+        return self.on and state_of(self.protocol) is State.OPEN
 
     def take(self, frame: bytes, head: int, text: bool) -> bool:
         if self.session.outcome is not None:
@@ -144,14 +157,14 @@ class UpstreamFrames(FrameSink):
         if text and not utf8_valid(frame[head:]):
             return False  # websockets' parser refuses it, and the session ends as it says
         client = self.client
-        if client.close_sent or client.disconnected or client.conn.state is not State.OPEN:
+        if client.close_sent or client.disconnected or state_of(self.client_conn) is not State.OPEN:
             return True  # the client is leaving: its disconnect ends the session
         try:
             client.transport.write(frame)
         except Exception:
             self.failed()
             return True
-        count(self.session, self.counts, len(frame) - head, self.upstream.loop.time(), False)
+        count(self.session, self.counts, len(frame) - head, self.time(), False)
         return True
 
     def parse(self, data: bytes) -> None:
