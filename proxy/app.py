@@ -35,7 +35,7 @@ from .relay.ws_outcomes import (
     SIGNING_KEY_WITHDRAWN,
     Outcome,
 )
-from .relay.ws_registry import Session
+from .relay.ws_session import Session
 from .routing import RouteTable
 from .state import Limiter, Revocation, Revocations, Store, open_store
 from .telemetry import logs

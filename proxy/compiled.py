@@ -23,7 +23,8 @@ from pathlib import Path
 # - the WebSocket modules (wsprotocol, relay/tunnel, relay/ws_registry, relay/ws_outcomes):
 #   compiled, the suite crashed in the garbage collector (wsprotocol's class extends uvicorn's,
 #   an interpreted class). What a relayed frame runs through is compiled (wsframes,
-#   relay/ws_passthrough): classes of their own, extending nothing interpreted;
+#   relay/ws_passthrough, and relay/ws_session, whose counters each frame adds to): classes of
+#   their own, extending nothing interpreted;
 # - modules that run per reload, per key fetch or per start;
 # - the rest of the HTTP path (telemetry/clock and metrics, auth/service and method,
 #   authority, relay/streams, breaker and shedding): compiled too, they saved ~1 µs a request.
@@ -51,6 +52,7 @@ MODULES = (
     "relay/http",
     "relay/upstream",
     "relay/ws_passthrough",
+    "relay/ws_session",
     "telemetry/access",
     "telemetry/lines",
     "telemetry/number",

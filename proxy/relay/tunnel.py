@@ -71,7 +71,8 @@ from .ws_passthrough import (
     may_be_reauth,
     upstream_writable,
 )
-from .ws_registry import Session, SessionRegistry
+from .ws_registry import SessionRegistry
+from .ws_session import Session
 
 log = logging.getLogger("authproxy.websocket")
 

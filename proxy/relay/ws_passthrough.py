@@ -20,6 +20,7 @@ from websockets.protocol import State
 
 from ..telemetry.tally import Tally
 from ..wsframes import FrameSink, utf8_valid
+from .ws_session import Session
 
 try:
     from websockets.speedups import apply_mask
@@ -70,7 +71,7 @@ class ClientFrames(FrameSink):
     `upstream`: the upstream hop's connection (relay/tunnel.py); `session`: the registry's."""
 
     def __init__(
-        self, client: Any, upstream: Any, session: Any, counts: Counts, reauth: bool
+        self, client: Any, upstream: Any, session: Session, counts: Counts, reauth: bool
     ) -> None:
         self.client = client
         self.upstream = upstream
@@ -131,7 +132,7 @@ class UpstreamFrames(FrameSink):
         self,
         client: Any,
         upstream: Any,
-        session: Any,
+        session: Session,
         counts: Counts,
         failed: Callable[[], None],
     ) -> None:
@@ -171,7 +172,7 @@ class UpstreamFrames(FrameSink):
         self.upstream.parse_frames(data)
 
 
-def count(session: Any, counts: Counts, size: int, now: float, inbound: bool) -> None:
+def count(session: Session, counts: Counts, size: int, now: float, inbound: bool) -> None:
     """One message relayed: the session's counts and activity, and the metrics."""
     if inbound:
         session.bytes_in += size

@@ -14,8 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -34,6 +33,7 @@ from .ws_outcomes import (
     Outcome,
     credential_expired,
 )
+from .ws_session import Session
 
 log = logging.getLogger("authproxy.websocket")
 
@@ -52,42 +52,6 @@ class UpstreamHop(Protocol):
 
     @property
     def transport(self) -> Abortable: ...
-
-
-@dataclass(eq=False, slots=True)
-class Session:
-    """One tunnelled connection: who opened it, its counters, how it ended, its timers."""
-
-    identity: Identity | None
-    upstream: UpstreamHop
-    last_activity: float  # loop time of the last message either way
-    path: str = ""  # as routed: a reload judges the session again against its new route
-    messages_in: int = 0  # client -> upstream
-    bytes_in: int = 0
-    messages_out: int = 0  # upstream -> client
-    bytes_out: int = 0
-    outcome: Outcome | None = None
-    # The task relaying upstream -> client while the relay runs; ending the session stops it.
-    relay: asyncio.Task[Any] | None = None
-    expiry: asyncio.TimerHandle | None = None  # the credential's end (moved by a reauth)
-    lifetime: asyncio.TimerHandle | None = None  # websocket.max_connection_lifetime_s
-    idle_timer: asyncio.TimerHandle | None = None
-    wheel_slot: int | None = None  # where the keepalive wheel holds it
-    ping_task: asyncio.Future[None] | None = None  # only while a ping waits for its pong
-
-    def has_ended(self) -> bool:
-        """Whether its end is decided. Code that awaits between two looks asks this, not
-        `outcome is None` (nor a property): mypy narrows those across an await as if nothing
-        else could set them, and compiled (mypyc) the second look then fails its type check."""
-        return self.outcome is not None
-
-    def end(self, outcome: Outcome) -> None:
-        """Decide how the session ends; the first decision wins."""
-        if self.outcome is None:
-            self.outcome = outcome
-            relay = self.relay
-            if relay is not None and relay is not asyncio.current_task():
-                relay.cancel()
 
 
 IdentityKey = tuple[str, str | None, str]

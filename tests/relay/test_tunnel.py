@@ -18,7 +18,7 @@ from proxy.errors import BadGateway, ProxyError, ServiceUnavailable
 from proxy.identity import Identity
 from proxy.relay.tunnel import Handshake, Tunnel, Unsubscribe, utf8_len
 from proxy.relay.ws_outcomes import KEY_REVOKED, SIGNING_KEY_WITHDRAWN
-from proxy.relay.ws_registry import Session
+from proxy.relay.ws_session import Session
 from proxy.telemetry.access import AccessRecord
 from proxy.telemetry.metrics import Metrics
 from proxy.types import Message

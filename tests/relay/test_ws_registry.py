@@ -24,7 +24,8 @@ from proxy.relay.ws_outcomes import (
     UPSTREAM_PING_TIMEOUT,
     Outcome,
 )
-from proxy.relay.ws_registry import Session, SessionRegistry
+from proxy.relay.ws_registry import SessionRegistry
+from proxy.relay.ws_session import Session
 
 
 class FakeUpstream:
