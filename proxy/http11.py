@@ -220,8 +220,23 @@ class Cycle:
             raise RuntimeError(f"{message['type']!r} sent after the response completed")
         if message["type"] != "http.response.body":
             raise RuntimeError(f"expected http.response.body, got {message['type']!r}")
-        body: bytes = message.get("body", b"")
-        more: bool = message.get("more_body", False)
+        self._body(message.get("body", b""), message.get("more_body", False))
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """A whole answer at once: `send`'s start (with `BODY_FOLLOWS`) and its one, last body
+        message, without the two awaits and their messages (relay/http.py's small answer, found
+        as `send.__self__`). False, having done nothing, when `send` must do it: the answer has
+        begun, the client is gone, or writing waits for it to read."""
+        if self.started or self.disconnected or self.conn.writing_paused:
+            return False
+        self.started = True
+        self.expect_continue = False
+        self._start(status, headers)
+        self._body(body, False)
+        return True
+
+    def _body(self, body: bytes, more: bool) -> None:
+        conn = self.conn
         if self.head_only:
             self.remaining = 0
             data = b""

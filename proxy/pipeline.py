@@ -224,7 +224,7 @@ class Pipeline:
         admission: Admission | None = None
         upstream_span = None
         assert r.route is not None
-        route = r.route.settings
+        route = r.route
         try:
             if self._limits is not None or self.revocations.active:
                 admission = await self._admit(scope, r, record)

@@ -18,6 +18,10 @@ class Route:
     methods: frozenset[str]  # empty: every method
     name: str  # `name`, default the path: the label in logs and metrics (never the position)
     public: bool  # `settings.public`, read here without the model's interpreted property
+    # The route's own upstream timeouts (settings' `read_timeout_s`, `timeout_s`): a pydantic
+    # model's attribute costs a `__getattr__` hook a read, and every forwarded request reads both.
+    read_timeout_s: float | None
+    timeout_s: float | None
 
     def matches(self, path: str, method: str) -> bool:
         if self.methods and method not in self.methods:
@@ -50,6 +54,8 @@ class RouteTable:
                     frozenset(methods),
                     names[i],
                     r.public,
+                    r.read_timeout_s,
+                    r.timeout_s,
                 )
             )
         self.routes: tuple[Route, ...] = tuple(compiled)

@@ -619,3 +619,64 @@ async def test_pipelined_answers_keep_their_order_when_they_wait_for_the_round()
     assert first < second < third
     release.set()
     await settle()
+
+
+async def test_respond_writes_what_the_two_sends_write_and_only_when_it_may() -> None:
+    """`Cycle.respond` (relay/http.py's small answer, found as `send.__self__`) writes exactly
+    what a start with BODY_FOLLOWS and one last body write; once an answer began, it does
+    nothing and says so, and the ASGI way still works."""
+    from proxy.relay.http import whole_answer
+    from proxy.types import BODY_FOLLOWS
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"2")]
+    results: list[bool] = []
+
+    async def by_respond(scope: Any, receive: Any, send: Any) -> None:
+        respond = whole_answer(send)
+        assert respond is not None
+        results.append(respond(200, list(headers), b"{}"))
+        results.append(respond(200, list(headers), b"{}"))  # begun: refused, nothing written
+        if not results[0]:
+            await by_sends(scope, receive, send)
+
+    async def by_sends(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": list(headers),
+                    BODY_FOLLOWS: True})  # fmt: skip
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    protocol, fast = connect(by_respond)
+    protocol.data_received(GET)
+    await settle()
+    _, slow = connect(by_sends)
+    _.data_received(GET)
+    await settle()
+    assert results == [True, False]
+    assert (
+        fast.writes
+        == slow.writes
+        == [b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"]
+    )
+    assert not protocol.tasks and not fast.closed  # complete, kept alive
+
+    # A client that is not reading (writing paused): the ASGI way, which waits for it.
+    protocol, paused = connect(by_respond)
+    protocol.pause_writing()
+    results.clear()
+    protocol.data_received(GET)
+    await settle()
+    assert results == [False, False] and paused.writes == []
+    protocol.resume_writing()
+    await settle()
+    assert paused.writes == slow.writes and not protocol.tasks
+
+
+def test_under_another_asgi_server_there_is_no_whole_answer() -> None:
+    from proxy.relay.http import whole_answer
+
+    async def plain_send(message: Any) -> None: ...
+
+    class Server:
+        async def send(self, message: Any) -> None: ...
+
+    assert whole_answer(plain_send) is None
+    assert whole_answer(Server().send) is None

@@ -280,6 +280,15 @@ class _Upload:
             self.task.cancel()
 
 
+def whole_answer(send: Send) -> Callable[[int, Headers, bytes], bool] | None:
+    """The server's way to write a whole answer at once, if the one behind `send` has it
+    (proxy/http11.py's `Cycle.respond`): two awaits and two messages fewer for a small answer.
+    Under any other ASGI server, None: the answer is sent as ASGI says."""
+    owner = getattr(send, "__self__", None)
+    respond: Callable[[int, Headers, bytes], bool] | None = getattr(owner, "respond", None)
+    return respond
+
+
 # Tests subclass it to play a bug inside the sidecar: allowed of the compiled class (mypyc).
 @mypyc_attr(allow_interpreted_subclasses=True)
 class Forwarder:
@@ -656,6 +665,11 @@ class Forwarder:
             body = conn.take()
             exchange.status = status
             headers = response_headers(self._headers.downstream_response(conn.headers))
+            respond = whole_answer(send)
+            if respond is not None and respond(status, headers, body):
+                exchange.response_started = True
+                exchange.bytes_out += len(body)
+                return
             await send(
                 {
                     "type": "http.response.start",
