@@ -23,9 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .number import Number
-
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+from .number import MULTIPROCESS_ENV as MULTIPROCESS_ENV  # (also read by workers.py)
+from .number import InFlight, Number
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -89,33 +88,6 @@ class LoopHistogram(Histogram):
         # The first bucket whose upper bound is >= amount (the last bound is +Inf).
         bucket = self._buckets[bisect_left(self._upper_bounds, amount)]
         bucket.value += 1
-
-
-class InFlight:
-    """Requests being answered. In one process a plain int the gauge reads when scraped (no lock
-    per request); under `server.workers` the gauge itself, since prometheus' multiprocess files
-    cannot call back into a process."""
-
-    __slots__ = ("now", "_gauge", "_shared")
-
-    def __init__(self, gauge: Gauge) -> None:
-        self.now = 0
-        self._gauge = gauge
-        self._shared = MULTIPROCESS_ENV in os.environ
-        if not self._shared:
-            gauge.set_function(lambda: self.now)
-
-    def enter(self) -> None:
-        if self._shared:
-            self._gauge.inc()
-        else:
-            self.now += 1
-
-    def leave(self) -> None:
-        if self._shared:
-            self._gauge.dec()
-        else:
-            self.now -= 1
 
 
 class Metrics:

@@ -8,7 +8,11 @@ interpreted object's attribute cost a lookup and a new float each time.
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Set (by the supervisor) when prometheus_client's multiprocess mode is on: `server.workers`.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Number:
@@ -32,3 +36,32 @@ class Number:
 
     def get_exemplar(self) -> Any:
         return self.exemplar
+
+
+class InFlight:
+    """Requests being answered (entered and left by every request, compiled here with `Number`).
+    In one process a plain int the gauge reads when scraped (no lock per request); under
+    `server.workers` the gauge itself, since prometheus' multiprocess files cannot call back into
+    a process."""
+
+    def __init__(self, gauge: Any) -> None:
+        self.now = 0
+        self._gauge = gauge
+        self._shared = MULTIPROCESS_ENV in os.environ
+        if not self._shared:
+            gauge.set_function(self.read)
+
+    def read(self) -> int:
+        return self.now
+
+    def enter(self) -> None:
+        if self._shared:
+            self._gauge.inc()
+        else:
+            self.now += 1
+
+    def leave(self) -> None:
+        if self._shared:
+            self._gauge.dec()
+        else:
+            self.now -= 1
