@@ -614,6 +614,10 @@ class AuthSettings(_Frozen):
     token_cookie: str | None = None
 
 
+# A public route's `auth`, as validated (`RouteSettings.public`; auth/chain.py tests it directly).
+PUBLIC_AUTH: tuple[str, ...] = ("public",)
+
+
 class RouteSettings(_Frozen):
     """One `[[routes]]` entry: first match wins."""
 
@@ -664,7 +668,7 @@ class RouteSettings(_Frozen):
     @classmethod
     def _auth(cls, value: Any) -> tuple[str, ...]:
         if value == "public" or (isinstance(value, list | tuple) and list(value) == ["public"]):
-            return ("public",)
+            return PUBLIC_AUTH
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple) or not value:
@@ -687,7 +691,7 @@ class RouteSettings(_Frozen):
 
     @property
     def public(self) -> bool:
-        return self.auth == ("public",)
+        return self.auth == PUBLIC_AUTH
 
     @property
     def anonymous_ok(self) -> bool:

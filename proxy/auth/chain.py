@@ -14,7 +14,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..config import RouteSettings
+from ..config import PUBLIC_AUTH, RouteSettings
 from ..errors import BadRequest, ProxyError, Unauthorized
 from ..identity import Identity
 from ..telemetry.metrics import Metrics
@@ -26,8 +26,6 @@ from .rejected import Rejected
 from .scopes import require_scopes
 
 log = logging.getLogger("authproxy.auth")
-
-PUBLIC = ("public",)  # a public route's `auth` (config.RouteSettings.public)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +64,7 @@ class Chain:
         if credentials.query_refusal is not None:
             raise BadRequest(credentials.query_refusal, details={"reason": "credential_in_query"})
         auth = route.auth  # (a pydantic model's attributes are slow to read: once each)
-        if auth == PUBLIC:  # `route.public`, without its interpreted property
+        if auth == PUBLIC_AUTH:  # `route.public`, without its interpreted property
             return None
         bearer = not self._bearer.isdisjoint(auth)
         for name in auth:

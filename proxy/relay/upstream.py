@@ -5,8 +5,8 @@ Why not a general client: on this hop httpx cost ~1,300 µs of CPU per request a
 most of it in building requests we already hold as bytes, per-read timeout contexts and pool
 bookkeeping. The sidecar speaks to one origin with requests it has already parsed and judged, so
 the head is written as bytes in one `write` (joining the loop round's other writes when some
-wait: outbox.py), the response head is parsed by llhttp and the body
-flows as the chunks the socket delivered, with flow control both ways.
+wait: outbox.py), the response head is parsed by llhttp and the body flows as the chunks the
+socket delivered, with flow control both ways.
 
 What it guarantees:
 - a connection goes back to the pool only after a complete response to a completely sent

@@ -3,7 +3,8 @@ per identity), each session's deadlines, the indexes that end sessions when an A
 or a JWT signing key withdrawn, the drain, and the upstream keepalive wheel.
 
 Nothing here reads or writes a socket. A session's upstream is anything that can be pinged and
-cut (`UpstreamHop`; websockets' `ClientConnection` is one), so the registry is tested with a fake.
+cut (`ws_session.UpstreamHop`; websockets' `ClientConnection` is one), so the registry is tested
+with a fake.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Protocol, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from websockets.exceptions import ConnectionClosed
 
@@ -36,22 +37,6 @@ from .ws_outcomes import (
 from .ws_session import Session
 
 log = logging.getLogger("authproxy.websocket")
-
-
-class Abortable(Protocol):
-    """A transport that can be cut without a closing handshake."""
-
-    def abort(self) -> None: ...
-
-
-class UpstreamHop(Protocol):
-    """What the registry needs of a session's upstream connection: a ping for the keepalive, and
-    its transport to cut when a shutdown's closing handshake takes too long."""
-
-    async def ping(self) -> Awaitable[float]: ...
-
-    @property
-    def transport(self) -> Abortable: ...
 
 
 IdentityKey = tuple[str, str | None, str]

@@ -6,10 +6,27 @@ lookup each, four a frame."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from ..identity import Identity
 from .ws_outcomes import Outcome
+
+
+class Abortable(Protocol):
+    """A transport that can be cut without a closing handshake."""
+
+    def abort(self) -> None: ...
+
+
+class UpstreamHop(Protocol):
+    """What the registry needs of a session's upstream connection: a ping for the keepalive, and
+    its transport to cut when a shutdown's closing handshake takes too long."""
+
+    async def ping(self) -> Awaitable[float]: ...
+
+    @property
+    def transport(self) -> Abortable: ...
 
 
 class Session:
@@ -18,7 +35,7 @@ class Session:
     def __init__(
         self,
         identity: Identity | None,
-        upstream: Any,  # ws_registry.UpstreamHop
+        upstream: UpstreamHop,
         last_activity: float,  # loop time of the last message either way
         path: str = "",  # as routed: a reload judges the session again against its new route
     ) -> None:

@@ -212,7 +212,7 @@ _STAMP = _Stamp()
 _ACCESS: Final = logs.ACCESS
 _ACCESS_LOGGER: Final = logs.ACCESS_LOGGER
 _INFO: Final = logging.INFO
-_dumps: Final = orjson.dumps
+_DUMPS: Final = orjson.dumps
 _APPEND_NEWLINE: Final = orjson.OPT_APPEND_NEWLINE
 
 
@@ -237,7 +237,7 @@ def access_line(line: dict[str, Any]) -> None:
         return
     line["time"] = _STAMP.now()
     try:
-        data = _dumps(line, default=str, option=_APPEND_NEWLINE)
+        data = _DUMPS(line, default=str, option=_APPEND_NEWLINE)
     except orjson.JSONEncodeError:  # e.g. a lone surrogate: the standard encoder escapes it
         data = (logs.encode(line) + "\n").encode()
     batch: LineBatch = handler.batch
@@ -253,5 +253,5 @@ def _info_enabled(logger: logging.Logger) -> bool:
     cache: Any = getattr(logger, "_cache", None)
     known = cache.get(_INFO) if cache is not None else None
     if known is None:
-        return logger.isEnabledFor(logging.INFO)
+        return logger.isEnabledFor(_INFO)
     return bool(known)

@@ -23,8 +23,9 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .number import MULTIPROCESS_ENV as MULTIPROCESS_ENV  # (also read by workers.py)
 from .number import InFlight, Number
+
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -131,7 +132,7 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.in_flight = InFlight(self.in_flight_gauge)
+        self.in_flight = InFlight(self.in_flight_gauge, shared)
         self.websocket_reauths = Counter(
             "authproxy_websocket_reauths",
             "In-band WebSocket re-authentications, by result: ok, refused, subject_changed.",

@@ -8,11 +8,7 @@ interpreted object's attribute cost a lookup and a new float each time.
 
 from __future__ import annotations
 
-import os
 from typing import Any
-
-# Set (by the supervisor) when prometheus_client's multiprocess mode is on: `server.workers`.
-MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Number:
@@ -44,11 +40,11 @@ class InFlight:
     `server.workers` the gauge itself, since prometheus' multiprocess files cannot call back into
     a process."""
 
-    def __init__(self, gauge: Any) -> None:
+    def __init__(self, gauge: Any, shared: bool) -> None:
         self.now = 0
         self._gauge = gauge
-        self._shared = MULTIPROCESS_ENV in os.environ
-        if not self._shared:
+        self._shared = shared  # metrics.py: prometheus_client's multiprocess mode
+        if not shared:
             gauge.set_function(self.read)
 
     def read(self) -> int:
