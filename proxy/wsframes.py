@@ -19,16 +19,19 @@ is full, it may be a re-authentication, it is not valid UTF-8) goes to the parse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
 # The biggest frame relayed whole: it waits in memory until its last byte has arrived.
-FAST_MAX = 64 * 1024
+FAST_MAX: Final = 64 * 1024
 
-OP_CONT, OP_TEXT, OP_BINARY = 0x0, 0x1, 0x2
-_FIN = 0x80
-_MASKED = 0x80
+# Final: compiled, each is a constant in the code, not a look-up in the module's dict a frame.
+OP_CONT: Final = 0x0
+OP_TEXT: Final = 0x1
+OP_BINARY: Final = 0x2
+_FIN: Final = 0x80
+_MASKED: Final = 0x80
 
 
 def utf8_valid(data: bytes) -> bool:

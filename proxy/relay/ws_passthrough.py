@@ -14,7 +14,7 @@ compiled, and a type from those libraries would tie it to them at build time for
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from websockets.protocol import State
 
@@ -27,7 +27,12 @@ try:
 except ImportError:  # pragma: no cover - websockets without its C extension
     from websockets.utils import apply_mask
 
-REAUTH_MARK = b'"authproxy.reauth"'
+REAUTH_MARK: Final = b'"authproxy.reauth"'
+
+# Final: compiled, each is read from a C static. `State.OPEN` is an attribute of an enum class:
+# some 60 ns a look-up (the metaclass's and the class's dictionaries), three a round trip.
+_OPEN: Final = State.OPEN
+_unmask: Final = apply_mask
 
 
 def may_be_reauth(data: bytes) -> bool:
@@ -51,11 +56,7 @@ def upstream_writable(upstream: Any, protocol: Any) -> bool:
     websockets `protocol`) now, past websockets' `send`: open, its write buffer under the limit,
     no fragmented send in progress. Otherwise `send` waits for the buffer, or raises the close
     that ends the session."""
-    return (
-        state_of(protocol) is State.OPEN
-        and not upstream.paused
-        and upstream.send_in_progress is None
-    )
+    return state_of(protocol) is _OPEN and not upstream.paused and upstream.send_in_progress is None
 
 
 class Counts:
@@ -74,6 +75,8 @@ class ClientFrames(FrameSink):
         self, client: Any, upstream: Any, session: Session, counts: Counts, reauth: bool
     ) -> None:
         self.client = client
+        # The client's inbound ASGI messages (wsprotocol.Inbox: its list is never replaced).
+        self.inbox: list[Any] = client.queue.items
         self.upstream = upstream
         self.protocol = upstream.protocol
         self.transport = upstream.transport
@@ -92,19 +95,14 @@ class ClientFrames(FrameSink):
         # As the client hop hands a parsed message to the relay: the session takes messages,
         # none waits for ASGI `receive` ahead of this one, the hop is not closing.
         client = self.client
-        return (
-            self.on
-            and client.relay is not None
-            and not client.close_sent
-            and not client.queue.items
-        )
+        return self.on and client.relay is not None and not client.close_sent and not self.inbox
 
     def take(self, frame: bytes, head: int, text: bool) -> bool:
         if self.session.outcome is not None:
             return True  # decided: nothing more is relayed
         size = len(frame) - head
         if text:
-            payload: bytes = apply_mask(frame[head:], frame[head - 4 : head])
+            payload: bytes = _unmask(frame[head:], frame[head - 4 : head])
             if not utf8_valid(payload):
                 return False  # the parser closes with 1007
             if self.reauth and may_be_reauth(payload):
@@ -140,6 +138,7 @@ class UpstreamFrames(FrameSink):
         self.upstream = upstream
         self.protocol = upstream.protocol
         self.client_conn = client.conn  # the client hop's websockets protocol, for its state
+        self.client_transport = client.transport  # (uvicorn's, set once the connection is made)
         self.time: Callable[[], float] = upstream.loop.time
         self.session = session
         self.counts = counts
@@ -150,7 +149,7 @@ class UpstreamFrames(FrameSink):
         self.on = False
 
     def ready(self) -> bool:
-        return self.on and state_of(self.protocol) is State.OPEN
+        return self.on and state_of(self.protocol) is _OPEN
 
     def take(self, frame: bytes, head: int, text: bool) -> bool:
         if self.session.outcome is not None:
@@ -158,10 +157,10 @@ class UpstreamFrames(FrameSink):
         if text and not utf8_valid(frame[head:]):
             return False  # websockets' parser refuses it, and the session ends as it says
         client = self.client
-        if client.close_sent or client.disconnected or state_of(self.client_conn) is not State.OPEN:
+        if client.close_sent or client.disconnected or state_of(self.client_conn) is not _OPEN:
             return True  # the client is leaving: its disconnect ends the session
         try:
-            client.transport.write(frame)
+            self.client_transport.write(frame)
         except Exception:
             self.failed()
             return True
