@@ -624,7 +624,7 @@ class Tunnel:
         except Exception:
             _write_failed(s)
             return
-        count(s, self._counts_out, len(data), upstream.loop.time(), False)
+        count(s, self._counts_out, len(data), False)
 
     def _forward(self, s: Session, upstream: ClientConnection, data: bytes, text: bool) -> bool:
         """One client message, to the upstream at once (called from the client's
@@ -642,7 +642,7 @@ class Tunnel:
             log.exception("websocket: relaying to the upstream failed")
             s.end(INTERNAL)
             return True
-        count(s, self._counts_in, len(data), upstream.loop.time(), True)
+        count(s, self._counts_in, len(data), True)
         return True
 
     async def _client_to_upstream(
@@ -681,7 +681,7 @@ class Tunnel:
                         data = message.get("bytes") or b""
                         if not _send_now(upstream, data, False):
                             await upstream.send(data)
-                    count(s, self._counts_in, len(data), loop.time(), True)
+                    count(s, self._counts_in, len(data), True)
                 elif message["type"] == "websocket.disconnect":
                     s.end(client_left(message))
                     return
@@ -732,7 +732,6 @@ class Tunnel:
         return True
 
     async def _upstream_to_client(self, s: Session, upstream: ClientConnection, send: Send) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 data = await upstream.recv()
@@ -742,7 +741,7 @@ class Tunnel:
                 else:
                     await send({"type": "websocket.send", "bytes": data})
                     size = len(data)
-                count(s, self._counts_out, size, loop.time(), False)
+                count(s, self._counts_out, size, False)
         except ConnectionClosed as exc:
             s.end(upstream_left(exc))
         except OSError:  # uvicorn's ClientDisconnected: the client is gone mid-send

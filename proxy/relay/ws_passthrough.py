@@ -81,7 +81,6 @@ class ClientFrames(FrameSink):
         self.protocol = upstream.protocol
         self.transport = upstream.transport
         self.debug: bool = self.protocol.debug  # (set when websockets' protocol is made)
-        self.time: Callable[[], float] = upstream.loop.time
         self.session = session
         self.counts = counts
         self.reauth = reauth  # `websocket.reauth`: text that may be one takes the parser's way
@@ -116,7 +115,7 @@ class ClientFrames(FrameSink):
         except Exception as exc:  # as websockets' send: the connection is cut, the session ends
             upstream.set_connection_exc(exc)
             self.transport.abort()
-        count(self.session, self.counts, size, self.time(), True)
+        count(self.session, self.counts, size, True)
         return True
 
     def parse(self, data: bytes) -> None:
@@ -139,7 +138,6 @@ class UpstreamFrames(FrameSink):
         self.protocol = upstream.protocol
         self.client_conn = client.conn  # the client hop's websockets protocol, for its state
         self.client_transport = client.transport  # (uvicorn's, set once the connection is made)
-        self.time: Callable[[], float] = upstream.loop.time
         self.session = session
         self.counts = counts
         self.failed = failed  # a write to the client raised (logged and ended by the tunnel)
@@ -164,14 +162,14 @@ class UpstreamFrames(FrameSink):
         except Exception:
             self.failed()
             return True
-        count(self.session, self.counts, len(frame) - head, self.time(), False)
+        count(self.session, self.counts, len(frame) - head, False)
         return True
 
     def parse(self, data: bytes) -> None:
         self.upstream.parse_frames(data)
 
 
-def count(session: Session, counts: Counts, size: int, now: float, inbound: bool) -> None:
+def count(session: Session, counts: Counts, size: int, inbound: bool) -> None:
     """One message relayed: the session's counts and activity, and the metrics."""
     if inbound:
         session.bytes_in += size
@@ -179,6 +177,8 @@ def count(session: Session, counts: Counts, size: int, now: float, inbound: bool
     else:
         session.bytes_out += size
         session.messages_out += 1
-    session.last_activity = now
+    clock = session.idle_clock
+    if clock is not None:
+        session.last_activity = clock()
     counts.messages.add(1.0)
     counts.payload_bytes.add(size)

@@ -182,6 +182,7 @@ class SessionRegistry:
         if ws.max_connection_lifetime_s:
             s.lifetime = loop.call_later(ws.max_connection_lifetime_s, s.end, LIFETIME)
         if ws.idle_timeout_s:
+            s.idle_clock = loop.time
             s.idle_timer = loop.call_later(ws.idle_timeout_s, self._idle_check, s, loop)
 
     def _idle_check(self, s: Session, loop: asyncio.AbstractEventLoop) -> None:

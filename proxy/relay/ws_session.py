@@ -6,7 +6,7 @@ lookup each, four a frame."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from ..identity import Identity
@@ -42,6 +42,9 @@ class Session:
         self.identity = identity
         self.upstream = upstream
         self.last_activity = last_activity
+        # The loop's clock while an idle timeout watches the session (the registry sets it): a
+        # relayed message then notes its time. Without one (the default), none asks the clock.
+        self.idle_clock: Callable[[], float] | None = None
         self.path = path
         self.messages_in = 0  # client -> upstream
         self.bytes_in = 0

@@ -405,3 +405,25 @@ async def test_the_upstream_reads_only_while_the_client_can_be_written() -> None
     protocol.pause_writing()
     protocol.pair(late)  # type: ignore[arg-type]
     assert late.calls == ["pause"]  # paired while the client's buffer is full
+
+
+def test_a_relayed_message_counts_and_notes_its_time_only_when_watched() -> None:
+    from prometheus_client import CollectorRegistry, Counter
+
+    from proxy.relay.ws_passthrough import Counts, count
+    from proxy.relay.ws_session import Session
+
+    metrics = CollectorRegistry()
+    counts = Counts(
+        Counter("m", "messages", registry=metrics), Counter("b", "bytes", registry=metrics)
+    )
+    s = Session(None, None, 1.0)  # type: ignore[arg-type]  (no upstream is asked here)
+    count(s, counts, 5, True)
+    count(s, counts, 7, False)
+    assert (s.messages_in, s.bytes_in, s.messages_out, s.bytes_out) == (1, 5, 1, 7)
+    assert s.last_activity == 1.0  # no idle timeout: the clock is not asked
+    assert metrics.get_sample_value("m_total") == 2
+    assert metrics.get_sample_value("b_total") == 12
+    s.idle_clock = lambda: 42.0
+    count(s, counts, 1, True)
+    assert s.last_activity == 42.0

@@ -252,6 +252,17 @@ async def test_an_idle_session_ends_and_activity_postpones_it() -> None:
     r.unregister(s)
 
 
+async def test_only_a_watched_session_asks_the_clock_for_its_activity() -> None:
+    # Without an idle timeout (the default) a relayed message leaves the clock alone.
+    quiet = opened(registry())
+    assert quiet.idle_clock is None
+    watched = opened(registry(idle_timeout_s=5))
+    assert watched.idle_clock is not None
+    before = watched.last_activity
+    await asyncio.sleep(0.01)
+    assert watched.idle_clock() > before
+
+
 async def test_no_timer_outlives_its_session() -> None:
     r = registry(idle_timeout_s=0.1, max_connection_lifetime_s=0.1)
     s = opened(r, Identity("api_key", "k1", expires_at=time.time() + 0.1))
