@@ -299,6 +299,7 @@ def test_masking_keys_are_fresh_and_pooled() -> None:
 
 async def test_the_inbox_is_a_fifo_whose_get_waits_and_survives_cancellation() -> None:
     inbox = Inbox()
+    items = inbox.items  # the frame relay keeps this list and asks it "empty?" each frame
     assert inbox.empty()
     inbox.put_nowait(1)
     inbox.put_nowait(2)
@@ -321,6 +322,7 @@ async def test_the_inbox_is_a_fifo_whose_get_waits_and_survives_cancellation() -
     with pytest.raises(asyncio.CancelledError):
         await woken
     assert await asyncio.wait_for(inbox.get(), 1) == 4
+    assert inbox.items is items  # never replaced: what is queued is always in the kept list
     # ... and with another getter waiting, that one is woken for it.
     first, second = asyncio.ensure_future(inbox.get()), asyncio.ensure_future(inbox.get())
     await asyncio.sleep(0)
