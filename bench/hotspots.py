@@ -27,8 +27,10 @@ from pathlib import Path
 
 from proxy import compiled
 
+from .contenders import Server
 from .http_load import Target, wrk_args
 
+_ROOT = Path(__file__).resolve().parent.parent  # a load may be `python -m bench.<tool>`
 RATE_HZ = 700
 # Enough of each sample's stack for DWARF unwinding through the interpreter and the extensions.
 STACK_BYTES = 32768
@@ -58,7 +60,8 @@ class Profile:
     self_by_place: list[tuple[str, int]]
     inclusive_sidecar: list[tuple[str, int]]
 
-    def markdown(self, top: int = 12) -> str:
+    def markdown(self, top: int = 12, inclusive: bool = True) -> str:
+        """The two views as tables (`inclusive`: the sidecar's functions too, when it has any)."""
         if not self.samples:
             return "(no samples)"
         lines = [
@@ -68,6 +71,8 @@ class Profile:
             "| --- | ---: |",
         ]
         lines += [f"| {place} | {n / self.samples:.0%} |" for place, n in self.self_by_place[:top]]
+        if not inclusive:
+            return "\n".join(lines)
         lines += ["", "| the sidecar's function, inclusive | share |", "| --- | ---: |"]
         lines += [
             f"| `{func}` | {n / self.samples:.0%} |" for func, n in self.inclusive_sidecar[:top]
@@ -152,17 +157,25 @@ def summarise(script: str) -> Profile:
 
 def record(target: Target, seconds: int, connections: int, output: Path) -> Profile:
     """Load `target` with wrk and sample every process of its server meanwhile."""
+    load = wrk_args(target.url, seconds + 2, connections, target.headers)
+    return record_under(load, target.server, seconds, output)
+
+
+def record_under(load: list[str], server: Server, seconds: int, output: Path) -> Profile:
+    """Run `load` (a command that keeps the server busy for `seconds` and a little more) and
+    sample every process of `server` meanwhile."""
     binary = perf()
     if binary is None:
         raise RuntimeError("perf is not installed (make bench-deps installs linux-perf)")
-    load = subprocess.Popen(
-        wrk_args(target.url, seconds + 2, connections, target.headers),
+    load_process = subprocess.Popen(
+        load,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        cwd=_ROOT,
     )
     data = output.with_suffix(".perf.data")
     try:
-        pids = ",".join(str(p.pid) for p in target.server.processes())
+        pids = ",".join(str(p.pid) for p in server.processes())
         recorded = subprocess.run(
             [
                 binary,
@@ -186,7 +199,7 @@ def record(target: Target, seconds: int, connections: int, output: Path) -> Prof
             timeout=seconds + 60,
         )
     finally:
-        load.wait(seconds + 30)
+        load_process.wait(seconds + 30)
     if recorded.returncode != 0 or not data.exists():
         raise RuntimeError((recorded.stderr or "perf record wrote nothing").strip()[-300:])
     script = subprocess.run(

@@ -45,6 +45,9 @@ class Results:
     notes: list[str] = field(default_factory=list)  # what could not run, and why
     profile: str = ""  # Markdown from bench.hotspots
     profile_command: str = ""
+    ws_profile: str = ""  # the same, relaying the WebSocket echo
+    ws_profile_command: str = ""
+    ws_floor_profile: str = ""  # the byte relay's, under the same load
     verify: str = ""
 
 
@@ -342,6 +345,28 @@ def render(r: Results, meta: dict[str, str]) -> str:
             f"| {' / '.join(f'{x:.0f}' for x in rates)} |"
         )
     lines.append("")
+    if r.ws_profile:
+        lines += [
+            "### Where the sidecar's time goes (WebSocket echo, one worker)",
+            "",
+            f"`{r.ws_profile_command}`",
+            "",
+            r.ws_profile,
+            "",
+            "Each round trip through the sidecar is two reads and two writes (one of each a hop "
+            "and a direction) and, shared with the frames around it, part of an `epoll_pwait`: "
+            "the kernel's share is those system calls, the delivery and wake-up in each write, "
+            "and the sleep and wake-up in each `epoll_pwait`. The byte relay pays the same calls; "
+            "what the sidecar adds is in its compiled functions and the `CPython` they call.",
+            "",
+        ]
+        if r.ws_floor_profile:
+            lines += [
+                "The byte relay, sampled the same way under the same load:",
+                "",
+                r.ws_floor_profile,
+                "",
+            ]
 
     lines += [
         "## Idle WebSockets",

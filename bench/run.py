@@ -395,19 +395,39 @@ def one_round(run: Run, p: Plan) -> None:
 
 
 def profile(run: Run, p: Plan) -> None:
-    jwt = next((t for t in p.many if t.name == JWT_W1), None)
-    if jwt is None or run.args.no_profile:
+    """perf profiles of the sidecar (one worker): on the JWT route, and relaying the WebSocket
+    echo (frames passing whole), each while its load runs."""
+    if run.args.no_profile:
         return
     seconds, connections = run.args.profile_seconds, run.args.connections
-    job = partial(hotspots.record, jwt, seconds, connections, run.tmp / "prof")
-    found = run.measure("profile", JWT_W1, job)
-    if found is not None:
-        run.results.profile = found.markdown()
-        run.results.profile_command = (
-            hotspots.record_command(seconds)
-            + ", while "
-            + http_load.command(jwt, seconds + 2, connections, p.secrets)
-        )
+    jwt = next((t for t in p.many if t.name == JWT_W1), None)
+    if jwt is not None:
+        job = partial(hotspots.record, jwt, seconds, connections, run.tmp / "prof")
+        found = run.measure("profile", JWT_W1, job)
+        if found is not None:
+            run.results.profile = found.markdown()
+            run.results.profile_command = (
+                hotspots.record_command(seconds)
+                + ", while "
+                + http_load.command(jwt, seconds + 2, connections, p.secrets)
+            )
+    # The WebSocket echo through the sidecar, and through the byte relay (its floor) alike.
+    longer = argparse.Namespace(**{**vars(run.args), "ws_seconds": float(seconds + 2)})
+    for label, server, url, headers in p.ws:
+        if label not in (SIDECAR_W1, BYTE_RELAY):
+            continue
+        load = ws_echo_command(url, headers, longer)
+        job = partial(hotspots.record_under, load, server, seconds, run.tmp / "ws_prof")
+        found = run.measure("profile", f"{label}, WebSocket echo", job)
+        if found is None:
+            continue
+        if label == SIDECAR_W1:
+            run.results.ws_profile = found.markdown()
+            run.results.ws_profile_command = (
+                hotspots.record_command(seconds) + ", while " + shown(load, p.secrets)
+            )
+        else:
+            run.results.ws_floor_profile = found.markdown(inclusive=False)
 
 
 def commands(args: argparse.Namespace, p: Plan) -> dict[str, list[str]]:

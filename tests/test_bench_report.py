@@ -60,3 +60,29 @@ def test_the_websocket_goal_is_read_against_the_byte_relays_floor() -> None:
     assert "within the floor's reach" in report.ws_floor(r)[0]
     del r.ws_echo[report.BYTE_RELAY]
     assert report.ws_floor(r) == []  # not measured: nothing said
+
+
+def test_the_websocket_profile_follows_the_echo_table_only_when_taken() -> None:
+    r = report.Results()
+    r.ws_echo = {report.DIRECT: [60000.0], report.SIDECAR_W1: [28000.0]}
+    meta = {
+        "bulk_mib": "100",
+        "connections": "32",
+        "invocation": "python -m bench.run",
+        "rounds": "1",
+        "ws_connections": "8",
+    }
+    assert "WebSocket echo, one worker" not in report.render(r, meta)
+    r.ws_profile = "| self time in | share |\n| --- | ---: |\n| kernel: write | 35% |"
+    r.ws_profile_command = "perf record ..., while python -m bench.ws_echo ws://x/ws"
+    text = report.render(r, meta)
+    echo = text.index("## WebSocket echo, 8 connections")
+    section = text.index("### Where the sidecar's time goes (WebSocket echo, one worker)")
+    assert echo < section < text.index("## Idle WebSockets")
+    assert "| kernel: write | 35% |" in text[section:]
+    assert "`perf record ..., while python -m bench.ws_echo ws://x/ws`" in text[section:]
+    assert "The byte relay, sampled" not in text
+    r.ws_floor_profile = "| self time in | share |\n| --- | ---: |\n| kernel: write | 40% |"
+    text = report.render(r, meta)
+    floor = text.index("The byte relay, sampled the same way under the same load:")
+    assert text.index("| kernel: write | 35% |") < floor < text.index("| kernel: write | 40% |")
