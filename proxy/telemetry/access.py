@@ -230,6 +230,8 @@ def access_line(line: dict[str, Any]) -> None:
     if not _info_enabled(logger):
         return
     handlers = logger.handlers
+    # handler_of's first step inline: it is interpreted (logs.py), and the access logger has its
+    # handler once logging is configured; otherwise it walks up to the one that logs.
     handler = handlers[0] if handlers else logs.handler_of(logger)
     if not isinstance(handler, logs.JsonLinesHandler):
         fields = dict(itertools.islice(line.items(), 4, None))
