@@ -300,8 +300,9 @@ class Decider:
             # needs the headers that failed); a plain request's gets none.
             unread = self.cors.policy(None) if facts.websocket else None
             return Decision("refuse", r, unread, error=exc, trace=trace)
-        # From here on every log line of this request (a CORS refusal, an auth failure) names it;
-        # the request runs in a task of its own, so nothing leaks into the next.
+        # From here on every log line of this request (a CORS refusal, an auth failure) names it.
+        # A keep-alive connection's requests may run one after another in one task (http11.py):
+        # each sets its id here, before anything of it logs, so none is logged under another's.
         logs.request_id_var.set(r.request_id)
         policy: CorsPolicy = self.cors.policy(None)  # until a route is known: the global one
         preflight = not facts.websocket and r.preflight

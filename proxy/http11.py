@@ -16,7 +16,9 @@ a third of the sidecar's time per proxied request. What it does differently:
 - a request's body is handed over without copies, and `receive` waits on a future made only
   when there is nothing to hand over;
 - a small answer that ends while other requests are in flight is written at the end of the
-  loop's round of callbacks, with the others finished in that round (outbox.py).
+  loop's round of callbacks, with the others finished in that round (outbox.py);
+- a keep-alive connection's requests run one after another in one task, which waits on a future
+  between them, rather than in a task each (`HttpProtocol._serve`).
 
 The limits it keeps on the request (uvicorn sets none of them): a head larger than
 `server.max_header_bytes` closes the connection with a 400; the fields of a chunked body's trailer
@@ -124,39 +126,31 @@ class Cycle:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def run(self, app: Any) -> None:
-        try:
-            try:
-                result = await app(self.scope, self.receive, self.send)
-            except BaseException as exc:
-                # The pipeline answers its own failures; what reaches here after the response
-                # began means "cut the connection" (an upstream that died mid-body): never a
-                # truncated answer passed off as whole.
-                if not self.started:
-                    log.error("Exception in ASGI application", exc_info=exc)
-                    await self._send_500()
-                else:
-                    log.debug("the response was cut: %r", exc)
-                    self.head = None
-                    self.conn.close()
-                    if not isinstance(exc, Exception):
-                        raise
-            else:
-                if result is not None:
-                    log.error("ASGI callable should return None, but returned %r.", result)
-                    self.conn.close()
-                elif not self.started and not self.disconnected:
-                    log.error("ASGI callable returned without starting response.")
-                    await self._send_500()
-                elif not self.complete and not self.disconnected:
-                    log.error("ASGI callable returned without completing response.")
-                    self.conn.close()
-        finally:
-            # What uvicorn's graceful shutdown waits for, and the outbox's count (a done
-            # callback per task would cost a callback per request; a task cancelled before it
-            # ever ran is only cancelled at the end of that wait, when nothing reads either).
-            self.conn.tasks.discard(self.task)
-            self.conn.outbox.requests -= 1
+    async def failed(self, exc: BaseException) -> None:
+        """The app raised `exc`. The pipeline answers its own failures; what reaches here after
+        the response began means "cut the connection" (an upstream that died mid-body): never a
+        truncated answer passed off as whole. Re-raises what is not an `Exception`."""
+        if not self.started:
+            log.error("Exception in ASGI application", exc_info=exc)
+            await self._send_500()
+        else:
+            log.debug("the response was cut: %r", exc)
+            self.head = None
+            self.conn.close()
+            if not isinstance(exc, Exception):
+                raise exc
+
+    async def returned(self, result: object) -> None:
+        """The app returned without raising: an answer it left unfinished is made good."""
+        if result is not None:
+            log.error("ASGI callable should return None, but returned %r.", result)
+            self.conn.close()
+        elif not self.started and not self.disconnected:
+            log.error("ASGI callable returned without starting response.")
+            await self._send_500()
+        elif not self.complete and not self.disconnected:
+            log.error("ASGI callable returned without completing response.")
+            self.conn.close()
 
     async def _send_500(self) -> None:
         self.keep_alive = False
@@ -373,6 +367,9 @@ class HttpProtocol(asyncio.Protocol):
         self.idle_since: float | None = None  # loop time the last response completed, if idle
         self._timer: asyncio.TimerHandle | None = None
         self._refusal: BadRequest | None = None
+        # The connection's task, while it waits for its next request (see `_serve`).
+        self._runner: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[Cycle | None] | None = None
 
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
@@ -396,6 +393,7 @@ class HttpProtocol(asyncio.Protocol):
                 cycle.wake()
         self.queued.clear()
         self._release_writers()
+        self._dismiss_runner()
         if exc is None:
             self.transport.close()
         self.parser = None  # type: ignore[assignment]
@@ -561,9 +559,60 @@ class HttpProtocol(asyncio.Protocol):
     # --- requests and responses ------------------------------------------------------------------
 
     def _start(self, cycle: Cycle) -> None:
-        cycle.task = task = self.loop.create_task(cycle.run(self.app))
-        self.tasks.add(task)
         self.outbox.requests += 1
+        waiting, self._next = self._next, None
+        if waiting is not None and not waiting.done():
+            # The connection's task waits for this request: it runs it (see `_serve`).
+            cycle.task = runner = self._runner
+            self.tasks.add(runner)
+            waiting.set_result(cycle)
+            return
+        cycle.task = task = self.loop.create_task(self._serve(cycle))
+        self.tasks.add(task)
+
+    async def _serve(self, cycle: Cycle | None) -> None:
+        """Run `cycle`, then the connection's next requests as they come, in this one task.
+
+        A task a request cost its creation, the copy of the context, the registration in
+        asyncio's set of all tasks (interpreted Python on 3.11, twice) and its teardown; a
+        keep-alive connection's task waits on a future for its next request instead. It is in
+        uvicorn's `tasks` (what a graceful shutdown waits for) only while it runs a request.
+        A request started while this task still finishes the one before (a pipelined request,
+        or a head arriving as the answer before it ends) gets a task of its own, as before, and
+        the first of the two to finish is the one that waits for the next."""
+        app = self.app
+        while cycle is not None:
+            runner = cycle.task
+            # (The app is awaited here, not in a method of the cycle: a coroutine between the
+            # task and the app would be one more frame to pass through at every suspension.)
+            try:
+                try:
+                    result = await app(cycle.scope, cycle.receive, cycle.send)
+                except BaseException as exc:
+                    await cycle.failed(exc)
+                else:
+                    if result is not None or not (cycle.complete or cycle.disconnected):
+                        await cycle.returned(result)
+            finally:
+                # What uvicorn's graceful shutdown waits for, and the outbox's count (a done
+                # callback per task would cost a callback per request; a task cancelled before
+                # it ever ran is only cancelled at the end of that wait, when nothing reads
+                # either).
+                self.tasks.discard(runner)
+                self.outbox.requests -= 1
+            if self._next is not None or self.parser is None or self.transport.is_closing():
+                return  # another task waits already, or the connection is over
+            self._runner = runner
+            self._next = waiting = self.loop.create_future()
+            cycle = None  # (the answered request is not kept while the connection idles)
+            cycle = await waiting
+
+    def _dismiss_runner(self) -> None:
+        """The connection's waiting task ends: no request will come to it."""
+        waiting, self._next = self._next, None
+        self._runner = None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
 
     def response_complete(self, cycle: Cycle) -> None:
         self.server_state.total_requests += 1
@@ -642,6 +691,7 @@ class HttpProtocol(asyncio.Protocol):
         self.outbox.flush()  # an answer before the upgrade goes first
         self.connections.discard(self)
         self._stop_timer()
+        self._dismiss_runner()
         head = [self.parser.get_method(), b" ", self.url, b" HTTP/1.1\r\n"]
         for name, value in self.headers:
             head += (name, b": ", value, b"\r\n")

@@ -680,3 +680,152 @@ def test_under_another_asgi_server_there_is_no_whole_answer() -> None:
 
     assert whole_answer(plain_send) is None
     assert whole_answer(Server().send) is None
+
+
+# --- the connection's task: a keep-alive connection's requests run in one task -------------------
+
+
+def recording(tasks: list[asyncio.Task[Any]], app: Any = None) -> Any:
+    """`app` (an answer of b"ok" by default), noting the task each request runs in."""
+    inner = app or answering(b"ok")
+
+    async def record(scope: Any, receive: Any, send: Any) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        await inner(scope, receive, send)
+
+    return record
+
+
+async def test_a_keep_alive_connections_requests_run_one_after_another_in_one_task() -> None:
+    tasks: list[asyncio.Task[Any]] = []
+    protocol, transport = connect(recording(tasks))
+    for _ in range(3):
+        protocol.data_received(GET)
+        await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 3
+    assert len(tasks) == 3 and tasks[0] is tasks[1] is tasks[2]
+    # Between requests it waits, and is not what a graceful shutdown waits for.
+    assert not tasks[0].done() and not protocol.tasks
+    protocol.connection_lost(None)
+    await settle()
+    assert tasks[0].done() and tasks[0].exception() is None  # ended with the connection
+
+
+async def test_the_waiting_task_is_what_a_shutdown_waits_for_only_while_it_runs_a_request() -> None:
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def held(scope: Any, receive: Any, send: Any) -> None:
+        if len(tasks) == 2:
+            await release.wait()
+        await answering(b"ok")(scope, receive, send)
+
+    protocol, transport = connect(recording(tasks, held))
+    protocol.data_received(GET)
+    await settle()
+    assert not protocol.tasks
+    protocol.data_received(GET)
+    await settle()
+    assert protocol.tasks == {tasks[0]} and tasks[1] is tasks[0]
+    protocol.shutdown()  # busy: the answer finishes, then the connection closes
+    assert not transport.closed
+    release.set()
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 2 and transport.closed
+    assert not protocol.tasks and tasks[0].done()
+
+
+async def test_a_head_arriving_while_the_task_finishes_the_answer_before_it_gets_its_own() -> None:
+    # The answer is complete but the app still runs (an access line, a span): the next request
+    # does not wait for it, and once both are over one task waits for the connection's next.
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def lingering(scope: Any, receive: Any, send: Any) -> None:
+        await answering(b"ok")(scope, receive, send)
+        if len(tasks) == 1:
+            await release.wait()
+
+    protocol, transport = connect(recording(tasks, lingering))
+    protocol.data_received(GET)
+    await settle()
+    protocol.data_received(GET)
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 2
+    assert len(tasks) == 2 and tasks[0] is not tasks[1]
+    release.set()
+    await settle()
+    assert tasks[1].done() != tasks[0].done()  # one of the two ended, the other waits
+    protocol.data_received(GET)
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 3
+    assert tasks[2] in tasks[:2] and not tasks[2].done()
+    protocol.connection_lost(None)
+    await settle()
+    assert all(t.done() for t in tasks)
+
+
+async def test_a_cancelled_waiting_task_leaves_the_next_request_a_task_of_its_own() -> None:
+    tasks: list[asyncio.Task[Any]] = []
+    protocol, transport = connect(recording(tasks))
+    protocol.data_received(GET)
+    await settle()
+    tasks[0].cancel()
+    await settle()
+    assert tasks[0].cancelled()
+    protocol.data_received(GET)
+    await settle()
+    assert transport.written.count(b"HTTP/1.1 200 OK") == 2 and tasks[1] is not tasks[0]
+
+
+async def test_an_app_failing_after_its_answer_began_ends_the_task_with_the_connection() -> None:
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def cut(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"par", "more_body": True})
+        raise ConnectionError("upstream gone")
+
+    protocol, transport = connect(recording(tasks, cut))
+    protocol.data_received(GET)
+    await settle()
+    assert transport.closed and not transport.written.endswith(b"0\r\n\r\n")
+    assert tasks[0].done() and tasks[0].exception() is None and not protocol.tasks
+
+
+async def test_a_websocket_upgrade_on_a_keep_alive_connection_ends_its_waiting_task() -> None:
+    from proxy.wsprotocol import LeanWebSocketProtocol
+
+    tasks: list[asyncio.Task[Any]] = []
+    done = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await recording(tasks)(scope, receive, send)
+            return
+        await receive()
+        await send({"type": "websocket.accept"})
+        await done.wait()
+
+    cls = http_protocol(64 * 1024, 10.0)
+    config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None)
+    config.ws = LeanWebSocketProtocol
+    protocol = cls(config=config, server_state=ServerState(), app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(GET)
+    await settle()
+    assert not tasks[0].done()
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
+        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    await settle()
+    assert isinstance(transport.protocol, LeanWebSocketProtocol)
+    assert tasks[0].done()  # the upgraded connection's requests are no longer its
+    assert b"HTTP/1.1 101 " in transport.written
+    done.set()
+    await settle()
