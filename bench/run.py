@@ -1,6 +1,6 @@
 """Runs every figure with every contender in one go and rewrites BENCHMARKS.md.
 
-    python -m bench.run            # the full run (`make bench`), about five minutes
+    python -m bench.run            # the full run (`make bench`), about eight minutes
     python -m bench.run --quick    # one short round of everything: a smoke test of the harness
 
 Contenders: the upstream served directly, the sidecar (public, JWT and API-key routes; one worker
@@ -8,9 +8,10 @@ and, when the sidecar knows `server.workers`, two), nginx, Caddy, nginx `auth_re
 JWT service, fastapi-proxy-lib, and the sidecar's app under granian. Figures (one module each):
 `http_load` (wrk, 32 and 1 connections, CPU per request), `ws_echo`, `ws_idle`, `bulk`; `report`
 writes the file. The machine is shared and noisy, so every round runs every scenario of every
-figure in turn and each figure is the median of the rounds. Load goes to loopback only, bounded in
-time. A contender that cannot start, or answers wrongly, is left out with a note in the report;
-the rest still run.
+figure in turn and each figure is the median of the rounds (five by default: with three, one slow
+minute of the host's moved a median by more than the gaps the targets are judged by). Load goes
+to loopback only, bounded in time. A contender that cannot start, or answers wrongly, is left out
+with a note in the report; the rest still run.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ QUICK = {
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round (a smoke test)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=int, default=3, help="wrk run at --connections")
     parser.add_argument("--latency-seconds", type=int, default=2, help="wrk run at 1 connection")
     parser.add_argument("--connections", type=int, default=32)
