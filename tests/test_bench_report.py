@@ -3,7 +3,9 @@ wrote (`python -m bench.state`, `bench.compression`): their figures are not lost
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +88,25 @@ def test_the_websocket_profile_follows_the_echo_table_only_when_taken() -> None:
     text = report.render(r, meta)
     floor = text.index("The byte relay, sampled the same way under the same load:")
     assert text.index("| kernel: write | 35% |") < floor < text.index("| kernel: write | 40% |")
+
+
+def test_the_report_says_the_hosts_pace_beside_the_absolute_goals() -> None:
+    from bench.http_load import Sample
+
+    def samples(cpu_us: float) -> tuple[Any, list[Sample]]:
+        return (None, [Sample(1000.0, 1.0, 2.0, cpu_us, 1000, 0)])
+
+    r = report.Results()
+    assert report.host_pace(r) == []  # not measured: nothing said
+    r.http32 = {
+        report.NGINX: samples(43.0),
+        report.DIRECT: samples(63.0),
+        report.JWT_W1: samples(145.0),
+    }
+    (sentence, blank) = report.host_pace(r)
+    assert blank == ""
+    assert "nginx spent 43 µs of CPU a request and the upstream 63 µs" in sentence
+    assert "had nginx at 20–30 µs" in sentence
+    assert "3.4× nginx's and 2.3× the upstream's own" in sentence
+    r.http32[report.NGINX] = samples(math.nan)
+    assert report.host_pace(r) == []
