@@ -4,6 +4,7 @@ client gets back."""
 from __future__ import annotations
 
 import hashlib
+import http.client
 import signal
 import threading
 import time
@@ -460,6 +461,32 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
     assert result["response"].status_code == 200
     assert result["response"].json() == {"slow": True}
     s.process.proc.wait(10)
+
+
+def test_sigterm_stops_at_once_with_an_idle_keep_alive_connection_open(
+    tmp_path: Path, upstream: Process
+) -> None:
+    # A keep-alive connection's requests run in one task that waits for the next between them
+    # (http11.py): an idle one must neither hold the shutdown back nor be left pending.
+    s = start_sidecar(tmp_path, upstream.port)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+    try:
+        conn.request("GET", "/echo/a")
+        assert conn.getresponse().read() and conn.sock is not None
+        sock = conn.sock
+        conn.request("GET", "/echo/b")
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        assert conn.sock is sock  # both on one connection, which stays open
+        started = time.monotonic()
+        s.process.signal(signal.SIGTERM)
+        assert s.process.proc.wait(10) == 0
+        assert time.monotonic() - started < 5  # not the keep-alive timeout, nor a hang
+    finally:
+        conn.close()
+    log = s.output()
+    assert "Task was destroyed but it is pending" not in log
+    assert "Task exception was never retrieved" not in log
 
 
 def test_admin_endpoints_live_on_the_admin_listener_only(sidecar: Sidecar) -> None:
