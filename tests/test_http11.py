@@ -419,6 +419,29 @@ async def test_shutdown_closes_an_idle_connection_and_lets_a_busy_one_finish() -
     assert busy_transport.written.endswith(b"ok") and busy_transport.closed
 
 
+def connect_upgradable(
+    app: Any, head_timeout_s: float = 10.0
+) -> tuple[HttpProtocol, FakeTransport, ServerState]:
+    """A connection whose upgrades go to the sidecar's WebSocket protocol."""
+    from proxy.wsprotocol import LeanWebSocketProtocol
+
+    cls = http_protocol(64 * 1024, head_timeout_s)
+    config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None)
+    config.ws = LeanWebSocketProtocol
+    state = ServerState()
+    protocol = cls(config=config, server_state=state, app_state={})
+    transport = FakeTransport()
+    protocol.connection_made(transport)
+    return protocol, transport, state
+
+
+UPGRADE = (
+    b"GET /ws?x=1 HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
+    b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
+
+
 async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns_protocol() -> None:
     from proxy.wsprotocol import LeanWebSocketProtocol
 
@@ -431,18 +454,8 @@ async def test_a_websocket_upgrade_hands_the_connection_and_its_head_to_uvicorns
         await send({"type": "websocket.accept"})
         await done.wait()
 
-    cls = http_protocol(64 * 1024, 0.05)
-    config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None)
-    config.ws = LeanWebSocketProtocol
-    state = ServerState()
-    protocol = cls(config=config, server_state=state, app_state={})
-    transport = FakeTransport()
-    protocol.connection_made(transport)
-    protocol.data_received(
-        b"GET /ws?x=1 HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
-        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
+    protocol, transport, state = connect_upgradable(app, head_timeout_s=0.05)
+    protocol.data_received(UPGRADE)
     assert isinstance(transport.protocol, LeanWebSocketProtocol)
     assert protocol not in state.connections and protocol._timer is None  # nothing holds it
     assert protocol.parser is None  # nor a reference cycle with its parser
@@ -809,20 +822,11 @@ async def test_a_websocket_upgrade_on_a_keep_alive_connection_ends_its_waiting_t
         await send({"type": "websocket.accept"})
         await done.wait()
 
-    cls = http_protocol(64 * 1024, 10.0)
-    config = uvicorn.Config(app, http=cls, lifespan="off", log_config=None)
-    config.ws = LeanWebSocketProtocol
-    protocol = cls(config=config, server_state=ServerState(), app_state={})
-    transport = FakeTransport()
-    protocol.connection_made(transport)
+    protocol, transport, _ = connect_upgradable(app)
     protocol.data_received(GET)
     await settle()
     assert not tasks[0].done()
-    protocol.data_received(
-        b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\n"
-        b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
-    )
+    protocol.data_received(UPGRADE)
     await settle()
     assert isinstance(transport.protocol, LeanWebSocketProtocol)
     assert tasks[0].done()  # the upgraded connection's requests are no longer its
