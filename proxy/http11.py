@@ -96,7 +96,6 @@ class Cycle:
         "remaining",
         "head",
         "head_only",
-        "task",
     )
 
     def __init__(
@@ -119,7 +118,6 @@ class Cycle:
         self.remaining = 0
         self.head: bytes | None = None  # a response head waiting for its body
         self.head_only = scope["method"] == "HEAD"
-        self.task: asyncio.Task[None] | None = None
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -561,14 +559,13 @@ class HttpProtocol(asyncio.Protocol):
     def _start(self, cycle: Cycle) -> None:
         self.outbox.requests += 1
         waiting, self._next = self._next, None
-        if waiting is not None and not waiting.done():
+        runner = self._runner
+        if waiting is not None and not waiting.done() and runner is not None:
             # The connection's task waits for this request: it runs it (see `_serve`).
-            cycle.task = runner = self._runner
             self.tasks.add(runner)
             waiting.set_result(cycle)
             return
-        cycle.task = task = self.loop.create_task(self._serve(cycle))
-        self.tasks.add(task)
+        self.tasks.add(self.loop.create_task(self._serve(cycle)))
 
     async def _serve(self, cycle: Cycle | None) -> None:
         """Run `cycle`, then the connection's next requests as they come, in this one task.
@@ -581,8 +578,8 @@ class HttpProtocol(asyncio.Protocol):
         or a head arriving as the answer before it ends) gets a task of its own, as before, and
         the first of the two to finish is the one that waits for the next."""
         app = self.app
+        runner = asyncio.current_task()  # (this task, in `tasks` from `_start` on)
         while cycle is not None:
-            runner = cycle.task
             # (The app is awaited here, not in a method of the cycle: a coroutine between the
             # task and the app would be one more frame to pass through at every suspension.)
             try:
