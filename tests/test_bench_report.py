@@ -103,10 +103,15 @@ def test_the_report_says_the_hosts_pace_beside_the_absolute_goals() -> None:
         report.DIRECT: samples(63.0),
         report.JWT_W1: samples(145.0),
     }
-    (sentence, blank) = report.host_pace(r)
-    assert blank == ""
+    (sentence, blank, share, blank2) = report.host_pace(r)
+    assert blank == blank2 == ""
     assert "nginx spent 43 µs of CPU a request and the upstream 63 µs" in sentence
     assert "had nginx at 20–30 µs" in sentence
     assert "3.4× nginx's and 2.3× the upstream's own" in sentence
+    # The share is read as the two processes' CPU: predicted beside measured (both 1000 req/s).
+    assert "the upstream's CPU a request over the sidecar's: 63 / 145 = 0.43 (measured: 1.00)" in (
+        share
+    )
+    assert "at most 2.22× the CPU the upstream" in share
     r.http32[report.NGINX] = samples(math.nan)
     assert report.host_pace(r) == []
