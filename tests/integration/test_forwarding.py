@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ import httpx
 import psutil
 import pytest
 
+from proxy.auth.apikeys import hash_key
 from tests.support.rawhttp import raw_request
 from tests.support.servers import Process, Sidecar, free_port, start_sidecar
 from tests.support.upstreams import _pattern
@@ -489,6 +491,46 @@ def test_sigterm_stops_at_once_with_an_idle_keep_alive_connection_open(
     assert "Task exception was never retrieved" not in log
 
 
+def test_each_request_on_a_keep_alive_connection_logs_under_its_own_request_id(
+    tmp_path: Path, upstream: Process
+) -> None:
+    # The connection's requests share one task, and so one log context (http11.py): the second
+    # request's refusal must be logged under its own id, never under the first's.
+    key = "ak_keep_alive_0123456789"
+    body = f"""
+    [auth.api_keys]
+    [[auth.api_keys.keys]]
+    id = "bot"
+    sha256 = "{hash_key(key)}"
+    [[routes]]
+    path = "/*"
+    auth = ["api_key"]
+    """
+    s = start_sidecar(tmp_path, upstream.port, body)
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=5)
+    try:
+        conn.request("GET", "/echo/a", headers={"X-API-Key": key})
+        first = conn.getresponse()
+        assert first.status == 200 and first.read() and conn.sock is not None
+        sock = conn.sock
+        conn.request("GET", "/echo/b", headers={"X-API-Key": key + "x"})
+        second = conn.getresponse()
+        assert second.status == 401 and second.read()
+        assert conn.sock is sock  # one connection
+        ids = first.headers["x-request-id"], second.headers["x-request-id"]
+        assert ids[0] != ids[1]
+        lines = []
+        for _ in range(50):
+            lines = [json.loads(line) for line in s.output().splitlines() if "auth_refused" in line]
+            if lines:
+                break
+            time.sleep(0.05)
+        assert [line.get("request_id") for line in lines] == [ids[1]]
+    finally:
+        conn.close()
+        s.stop()
+
+
 def test_admin_endpoints_live_on_the_admin_listener_only(sidecar: Sidecar) -> None:
     assert httpx.get(f"{sidecar.admin_url}/healthz").status_code == 200
     ready = httpx.get(f"{sidecar.admin_url}/readyz")
@@ -504,8 +546,6 @@ def test_admin_endpoints_live_on_the_admin_listener_only(sidecar: Sidecar) -> No
 def test_access_lines_are_batched_but_written_within_the_flush_interval(
     tmp_path: Path, upstream: Process
 ) -> None:
-    import json
-
     s = start_sidecar(tmp_path, upstream.port, env={"AUTHPROXY__LOGGING__FLUSH_INTERVAL_S": "0.3"})
     try:
         with httpx.Client() as client:
@@ -527,8 +567,6 @@ def test_access_lines_are_batched_but_written_within_the_flush_interval(
 
 
 def test_one_json_access_line_per_request_without_credentials(sidecar: Sidecar) -> None:
-    import json
-
     httpx.get(
         f"{sidecar.url}/echo/log?token=supersecret&x=1",
         headers={"X-Request-ID": "log-check-1", "Authorization": "Bearer sekret.tok.en"},
